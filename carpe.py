@@ -1,0 +1,574 @@
+"""
+carpe.py: CARPE (Context-Aware Image Representation Prioritization via Ensemble) wrapped
+around a Hugging Face LLaVA-1.5 (`LlavaForConditionalGeneration`, transformers 5.x).
+
+    model = CARPE(llava, CarpeConfig())
+    out = model(input_ids=..., attention_mask=..., pixel_values=..., labels=...)
+    out.loss / out.logits (B, T, V) / out.context_weights (B, 2) as (vision, language)
+    ids = model.generate(input_ids, attention_mask, pixel_values, max_new_tokens=32, eos_token_id=2)
+
+A forward pass (see ../shared/DESIGN.md section 1):
+ 1. Context pass, text only: the prompt tokens (before the first supervised token; image and
+    pad tokens removed) plus the learnable context prompt go through the LM. The context
+    prompt's final hidden state h_ctx (B, d) gives (alpha, beta) = softmax(W_ctx h_ctx).
+    A separate pass, so the weights depend on the instruction only (never on the image, never
+    on the answer), and so CARPE-MoE's router can read h_ctx before any image is encoded.
+ 2. Main pass: the ordinary LLaVA forward. Keep H_llm (after the final norm) and H_pen (the
+    output of decoder layer `query_layer`, -2 = second-to-last) through a forward hook.
+ 3. Vision integrator: raw vision features F (same tower layer the projector reads, CLS
+    dropped) -> new 2-layer MLP adapter -> memory M (B, P, d). One pre-norm block with
+    queries H_pen: cross-attention to M, *causal* self-attention, MLP. The block's output
+    projections start at zero, so at step 0 it is the identity. The LM's own final norm
+    (frozen) maps the result into the head's input space: H_vision (B, T, d).
+ 4. Mix: Z = (alpha H_vision + beta H_llm) W^T, which equals the paper's
+    alpha H_vision W^T + beta H_llm W^T exactly; the loss goes through kernels.py's fused path.
+
+Choices the paper leaves open (also in the README):
+ - The context encoder Linear(d, 2) starts at zero, so (alpha, beta) = (0.5, 0.5) while it is
+   frozen in epoch 1.
+ - The context prompt starts as a random vector with the token embeddings' scale.
+ - A tied lm_head is untied (cloned) so that training the head leaves the frozen embeddings.
+"""
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, asdict, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels import attention, fused_mixed_cross_entropy, IGNORE_INDEX
+
+
+@dataclass
+class CarpeConfig:
+    integrator_heads: int = 32  # heads of the integrator's attentions (d must divide)
+    mlp_ratio: float = 4.0  # integrator MLP width = mlp_ratio * d
+    chunk_size: int = 1024  # tokens per chunk in the fused linear cross-entropy
+    fixed_weights: tuple | None = None  # (vision, language): bypass the context encoder (ablation; (0, 1) = vanilla LLaVA)
+    query_layer: int = -2  # LM decoder layer whose output gives the integrator's queries (-2 = paper, -1 = ablation)
+    integrator_self_attn: bool = True  # False = ablation without the integrator's self-attention
+    gradient_checkpointing: bool = False  # checkpoint the frozen LM's decoder layers (use at 7B)
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        d = dict(d)
+        if d.get("fixed_weights") is not None:
+            d["fixed_weights"] = tuple(d["fixed_weights"])
+        return cls(**d)
+
+
+@dataclass
+class CarpeOutput:
+    loss: torch.Tensor | None = None  # lm loss (+ MoE balance loss, weighted)
+    logits: torch.Tensor | None = None  # (B, T, V), only without labels
+    context_weights: torch.Tensor | None = None  # (B, 2) as (vision, language)
+    lm_loss: torch.Tensor | None = None
+    balance_loss: torch.Tensor | None = None  # CARPE-MoE only
+    route: torch.Tensor | None = None  # (B,) chosen expert, -1 for samples without image; MoE only
+
+
+# -----------------------------------------------------------------------------
+# the vision integrator
+
+class MLP(nn.Module):
+    def __init__(self, d_in, d_hidden, d_out):
+        super().__init__()
+        self.fc = nn.Linear(d_in, d_hidden)
+        self.act = nn.GELU()
+        self.proj = nn.Linear(d_hidden, d_out)
+
+    def forward(self, x):
+        return self.proj(self.act(self.fc(x)))
+
+
+class MultiHeadAttention(nn.Module):
+    """Queries from x; keys/values from whatever `project_kv` was given (x itself, or M)."""
+
+    def __init__(self, d, n_head):
+        super().__init__()
+        assert d % n_head == 0, f"integrator width {d} is not divisible by integrator_heads={n_head}"
+        self.n_head = n_head
+        self.q = nn.Linear(d, d)
+        self.k = nn.Linear(d, d)
+        self.v = nn.Linear(d, d)
+        self.o = nn.Linear(d, d)
+
+    def split_heads(self, x):  # (B, T, d) -> (B, h, T, hd)
+        B, T, d = x.shape
+        return x.view(B, T, self.n_head, d // self.n_head).transpose(1, 2)
+
+    def project_kv(self, source):  # (B, S, d) -> 2 x (B, h, S, hd)
+        return self.split_heads(self.k(source)), self.split_heads(self.v(source))
+
+    def forward(self, x, k, v, causal=False, mask=None):
+        q = self.split_heads(self.q(x))  # (B, h, T, hd)
+        y = attention(q, k, v, causal=causal, mask=mask)  # (B, h, T, hd)
+        B, h, T, hd = y.shape
+        return self.o(y.transpose(1, 2).reshape(B, T, h * hd))
+
+
+class IntegratorBlock(nn.Module):
+    """x = x + CrossAttn(norm(x), M); x = x + CausalSelfAttn(norm(x)); x = x + MLP(norm(x)).
+    Used by CARPE (one block) and by the LEVI baseline (five blocks)."""
+
+    def __init__(self, d, n_head, mlp_ratio=4.0, self_attn=True):
+        super().__init__()
+        self.norm_cross = nn.RMSNorm(d)
+        self.cross_attn = MultiHeadAttention(d, n_head)
+        self.norm_self = nn.RMSNorm(d) if self_attn else None
+        self.self_attn = MultiHeadAttention(d, n_head) if self_attn else None
+        self.norm_mlp = nn.RMSNorm(d)
+        self.mlp = MLP(d, int(mlp_ratio * d), d)
+        # residual branches start at zero: the block is the identity at step 0
+        for proj in [self.cross_attn.o, self.mlp.proj] + ([self.self_attn.o] if self_attn else []):
+            nn.init.zeros_(proj.weight)
+            nn.init.zeros_(proj.bias)
+
+    def memory_kv(self, memory):
+        """Cross-attention K/V over the image memory M (B, P, d), computed once per prompt."""
+        return self.cross_attn.project_kv(memory)
+
+    def forward(self, x, memory_kv, has_image, key_valid=None, cache=None, cache_len=0):
+        """x (B, T, d) queries. memory_kv from memory_kv(). has_image (B,) bool.
+        key_valid (B, T_total) bool: which self-attention positions are real tokens
+        (None = no padding). cache: dict with preallocated 'k', 'v' (B, h, T_max, hd) for
+        incremental decoding; positions [cache_len, cache_len + T) are written."""
+        if memory_kv is not None:
+            cross = self.cross_attn(self.norm_cross(x), *memory_kv)  # (B, T, d)
+            x = x + cross * has_image[:, None, None].to(cross.dtype)  # no image: no cross term
+        if self.self_attn is not None:
+            h = self.norm_self(x)
+            k, v = self.self_attn.project_kv(h)  # (B, h, T, hd)
+            T = x.size(1)
+            if cache is not None:
+                cache["k"][:, :, cache_len:cache_len + T] = k
+                cache["v"][:, :, cache_len:cache_len + T] = v
+                k = cache["k"][:, :, :cache_len + T]
+                v = cache["v"][:, :, :cache_len + T]
+            mask = None
+            if key_valid is not None:
+                Tk = k.size(2)
+                mask = key_valid[:, None, None, :Tk].clone()  # (B, 1, 1, Tk)
+                mask = mask.expand(-1, 1, T, -1).clone()  # (B, 1, T, Tk)
+                # a query may always see itself: left-pad rows would otherwise be all -inf (NaN)
+                own = torch.arange(T, device=x.device) + (Tk - T)
+                mask[:, 0, torch.arange(T, device=x.device), own] = True
+            x = x + self.self_attn(h, k, v, causal=True, mask=mask)
+        x = x + self.mlp(self.norm_mlp(x))
+        return x
+
+
+class VisionIntegrator(nn.Module):
+    def __init__(self, d_vision, d, config: CarpeConfig):
+        super().__init__()
+        self.raw_adapter = MLP(d_vision, d, d)  # new 2-layer adapter for raw vision features
+        self.block = IntegratorBlock(d, config.integrator_heads, config.mlp_ratio, config.integrator_self_attn)
+
+
+# -----------------------------------------------------------------------------
+# CARPE
+
+class CARPE(nn.Module):
+    def __init__(self, llava, config: CarpeConfig = None, vision_moe=None):
+        super().__init__()
+        config = config or CarpeConfig()
+        self.config = config
+        self.llava = llava
+        text_config = llava.config.text_config
+        d = text_config.hidden_size
+        d_vision = llava.config.vision_config.hidden_size
+        n_layers = text_config.num_hidden_layers
+        assert -n_layers <= config.query_layer < n_layers, \
+            f"query_layer={config.query_layer} is outside the LM's {n_layers} layers"
+        if llava.lm_head.weight is self.language_model.embed_tokens.weight:
+            # training the head must not move the frozen input embeddings
+            llava.lm_head.weight = nn.Parameter(llava.lm_head.weight.detach().clone())
+        self.vision_integrator = VisionIntegrator(d_vision, d, config)
+        embed_std = self.language_model.embed_tokens.weight.detach().float().std().item()
+        self.context_prompt = nn.Parameter(torch.randn(1, d) * embed_std)  # (1, d)
+        self.context_encoder = nn.Linear(d, 2)
+        nn.init.zeros_(self.context_encoder.weight)
+        nn.init.zeros_(self.context_encoder.bias)
+        self.vision_moe = vision_moe  # moe.VisionMoE or None
+        self.to(device=llava.lm_head.weight.device)
+        self.apply_freezing()
+        if config.gradient_checkpointing:
+            self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # --- parts of the wrapped LLaVA --------------------------------------------------------
+    @property
+    def language_model(self):
+        return self.llava.model.language_model
+
+    @property
+    def image_token_id(self):
+        return self.llava.config.image_token_id
+
+    # --- trainable set (paper section 4.1) -------------------------------------------------
+    def is_trainable_name(self, name):
+        """The paper's trainable set: adapter (projector), head, integrator, context prompt and
+        encoder (+ MoE adapters and router). Independent of the epoch-1 freeze."""
+        if name.startswith("vision_moe."):
+            return self.vision_moe.is_trainable_name(name[len("vision_moe."):])
+        return name.startswith(("llava.model.multi_modal_projector.", "llava.lm_head.", "vision_integrator.",
+                                "context_prompt", "context_encoder."))
+
+    @staticmethod
+    def is_adapter_name(name):
+        """Parameters trained at the adapter learning rate (2e-5)."""
+        return "multi_modal_projector." in name or ".llm_adapters." in name
+
+    def is_context_name(self, name):
+        return name == "context_prompt" or name.startswith("context_encoder.")
+
+    def apply_freezing(self):
+        for name, p in self.named_parameters():
+            p.requires_grad_(self.is_trainable_name(name))
+
+    def set_context_trainable(self, trainable: bool):
+        """Freeze / unfreeze the context prompt and encoder (frozen for the whole first epoch)."""
+        for name, p in self.named_parameters():
+            if self.is_context_name(name):
+                p.requires_grad_(trainable)
+
+    def param_groups(self, lr_adapter=2e-5, lr=2e-4, weight_decay=0.0):
+        """Two AdamW groups: the adapter(s) at lr_adapter, every other trainable tensor at lr.
+        Frozen-for-now context parameters are included (they get no grad, so AdamW skips them)."""
+        adapter, rest = [], []
+        for name, p in self.named_parameters():
+            if self.is_trainable_name(name):
+                (adapter if self.is_adapter_name(name) else rest).append(p)
+        return [dict(params=adapter, lr=lr_adapter, weight_decay=weight_decay, name="adapter"),
+                dict(params=rest, lr=lr, weight_decay=weight_decay, name="rest")]
+
+    def trainable_state_dict(self):
+        return {name: p.detach() for name, p in self.named_parameters() if self.is_trainable_name(name)}
+
+    def load_trainable_state_dict(self, state):
+        expected = set(self.trainable_state_dict())
+        missing = sorted(expected - set(state))
+        extra = sorted(set(state) - expected)
+        if missing or extra:
+            raise ValueError(f"checkpoint does not fit this model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                             f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}")
+        params = dict(self.named_parameters())
+        for name, tensor in state.items():
+            if params[name].shape != tensor.shape:
+                raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, "
+                                 f"this model has {tuple(params[name].shape)} (another base or config?)")
+            with torch.no_grad():
+                params[name].copy_(tensor)
+
+    # --- 1. context pass -------------------------------------------------------------------
+    def prompt_mask(self, input_ids, attention_mask, labels=None):
+        """(B, T) bool: the tokens the context pass reads. Prompt = before the first supervised
+        token (with labels) or every non-pad token (without); image tokens excluded."""
+        keep = attention_mask.bool() & (input_ids != self.image_token_id)
+        if labels is not None:
+            supervised = labels != IGNORE_INDEX  # (B, T)
+            T = labels.size(1)
+            first = torch.where(supervised.any(1), supervised.float().argmax(1), torch.full_like(supervised[:, 0], T, dtype=torch.long))
+            keep &= torch.arange(T, device=labels.device)[None, :] < first[:, None]
+        return keep
+
+    def context_hidden(self, input_ids, attention_mask, labels=None):
+        """Run the text-only context pass. Returns h_ctx (B, d)."""
+        keep = self.prompt_mask(input_ids, attention_mask, labels)  # (B, T)
+        lengths = keep.sum(1)  # (B,)
+        L = int(lengths.max()) + 1  # + the context prompt
+        B = input_ids.size(0)
+        embed = self.language_model.embed_tokens
+        # left-pad the kept tokens so the context prompt sits at the last position of every row
+        ids = torch.zeros(B, L, dtype=input_ids.dtype, device=input_ids.device)
+        mask = torch.zeros(B, L, dtype=torch.long, device=input_ids.device)
+        for b in range(B):
+            n = int(lengths[b])
+            ids[b, L - 1 - n:L - 1] = input_ids[b][keep[b]]
+            mask[b, L - 1 - n:] = 1
+        embeds = embed(ids)  # (B, L, d)
+        ctx = self.context_prompt.to(embeds.dtype).expand(B, 1, -1)  # (B, 1, d)
+        embeds = torch.cat([embeds[:, :-1], ctx], dim=1)  # (B, L, d)
+        position_ids = positions_from_mask(mask)
+        out = self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=False)
+        return out.last_hidden_state[:, -1]  # (B, d)
+
+    def context(self, input_ids, attention_mask, labels=None):
+        """Returns (context_weights (B, 2), h_ctx (B, d) or None)."""
+        B = input_ids.size(0)
+        need_hidden = self.config.fixed_weights is None or self.vision_moe is not None
+        h_ctx = None
+        if need_hidden:
+            # nothing upstream of h_ctx trains while the context prompt is frozen (epoch 1)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.context_prompt.requires_grad):
+                h_ctx = self.context_hidden(input_ids, attention_mask, labels)
+        if self.config.fixed_weights is not None:
+            weights = torch.tensor(self.config.fixed_weights, dtype=torch.float32, device=input_ids.device).expand(B, 2)
+        else:
+            weights = torch.softmax(self.context_encoder(h_ctx).float(), dim=-1)  # (B, 2)
+        return weights, h_ctx
+
+    # --- image encoding --------------------------------------------------------------------
+    def raw_vision_features(self, pixel_values):
+        """Raw features from the layer the projector reads: (n_img, P, Dv)."""
+        cfg = self.llava.config
+        out = self.llava.model.vision_tower(pixel_values, output_hidden_states=True)
+        feats = out.hidden_states[cfg.vision_feature_layer]
+        if cfg.vision_feature_select_strategy == "default":
+            feats = feats[:, 1:]  # drop CLS
+        return feats
+
+    def encode_images(self, pixel_values, h_ctx_images):
+        """-> image_embeds (n_img, P, d) for the LM, memory (n_img, P, d) for the integrator,
+        balance_loss, route (n_img,)."""
+        if self.vision_moe is not None:
+            return self.vision_moe(pixel_values, h_ctx_images)
+        feats = self.raw_vision_features(pixel_values)  # (n_img, P, Dv)
+        image_embeds = self.llava.model.multi_modal_projector(feats)  # (n_img, P, d)
+        memory = self.vision_integrator.raw_adapter(feats)  # (n_img, P, d)
+        return image_embeds, memory, None, None
+
+    def prepare(self, input_ids, attention_mask, pixel_values, labels=None):
+        """Everything before the LM main pass: weights, input embeddings with the image
+        embeddings scattered in, the integrator memory. Shared by forward and generate."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        weights, h_ctx = self.context(input_ids, attention_mask, labels)
+        inputs_embeds = self.language_model.embed_tokens(input_ids)  # (B, T, d)
+        is_image_token = input_ids == self.image_token_id  # (B, T)
+        has_image = is_image_token.any(1)  # (B,)
+        B = input_ids.size(0)
+        memory, balance_loss, route = None, None, None
+        if pixel_values is not None and has_image.any():
+            n_img = int(has_image.sum())
+            n_pix = pixel_values.size(0) if torch.is_tensor(pixel_values) else next(iter(pixel_values.values())).size(0)
+            if n_pix != n_img:
+                raise ValueError(f"{n_img} samples have image tokens but {n_pix} images were given")
+            image_embeds, image_memory, balance_loss, image_route = self.encode_images(
+                pixel_values, h_ctx[has_image] if h_ctx is not None else None)
+            P = image_embeds.size(1)
+            counts = is_image_token.sum(1)[has_image]
+            if (counts != P).any():
+                raise ValueError(f"each image needs exactly {P} image tokens; got counts {counts.tolist()}")
+            inputs_embeds = inputs_embeds.masked_scatter(is_image_token[..., None],
+                                                         image_embeds.to(inputs_embeds.dtype))
+            memory = image_memory.new_zeros(B, P, image_memory.size(-1))  # (B, P, d)
+            memory[has_image] = image_memory
+            if image_route is not None:
+                route = torch.full((B,), -1, dtype=torch.long, device=input_ids.device)
+                route[has_image] = image_route
+        elif has_image.any():
+            raise ValueError("input_ids contain image tokens but pixel_values is None")
+        return dict(attention_mask=attention_mask, weights=weights, inputs_embeds=inputs_embeds,
+                    has_image=has_image, memory=memory, balance_loss=balance_loss, route=route)
+
+    # --- 2. main pass + 3. integrator ------------------------------------------------------
+    @contextmanager
+    def capture_layer_outputs(self, layer_indices):
+        """Forward hooks that keep the outputs of the given decoder layers (cheaper than
+        output_hidden_states=True, which keeps all of them)."""
+        captured = {}
+        layers = self.language_model.layers
+        handles = []
+        for i in layer_indices:
+            def hook(module, args, output, i=i):
+                captured[i] = output[0] if isinstance(output, tuple) else output
+            handles.append(layers[i].register_forward_hook(hook))
+        try:
+            yield captured
+        finally:
+            for h in handles:
+                h.remove()
+
+    def run_language_model(self, inputs_embeds, attention_mask, position_ids, past_key_values=None):
+        """-> H_llm (B, T, d) after the final norm, H_query (B, T, d) from query_layer."""
+        with self.capture_layer_outputs([self.config.query_layer]) as captured:
+            out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                      position_ids=position_ids, past_key_values=past_key_values,
+                                      use_cache=past_key_values is not None)
+        return out.last_hidden_state, captured[self.config.query_layer]
+
+    def integrate(self, h_query, memory_kv, has_image, key_valid=None, cache=None, cache_len=0):
+        """H_vision = final_norm(block(H_query)): (B, T, d)."""
+        x = self.vision_integrator.block(h_query, memory_kv, has_image, key_valid, cache, cache_len)
+        return self.language_model.norm(x)
+
+    def memory_kv(self, memory):
+        return self.vision_integrator.block.memory_kv(memory) if memory is not None else None
+
+    def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None):
+        prep = self.prepare(input_ids, attention_mask, pixel_values, labels)
+        attention_mask = prep["attention_mask"]
+        position_ids = positions_from_mask(attention_mask)
+        h_llm, h_query = self.run_language_model(prep["inputs_embeds"], attention_mask, position_ids)
+        key_valid = None if bool(attention_mask.all()) else attention_mask.bool()
+        h_vision = self.integrate(h_query, self.memory_kv(prep["memory"]), prep["has_image"], key_valid)
+        weights = prep["weights"]
+        head = self.llava.lm_head
+        out = CarpeOutput(context_weights=weights, balance_loss=prep["balance_loss"], route=prep["route"])
+        if labels is None:
+            mixed = weights[:, 0, None, None].to(h_vision.dtype) * h_vision + weights[:, 1, None, None].to(h_llm.dtype) * h_llm
+            out.logits = head(mixed)  # (B, T, V)
+            return out
+        out.lm_loss = fused_mixed_cross_entropy(h_vision, h_llm, weights, labels, head.weight, head.bias,
+                                                chunk_size=self.config.chunk_size)
+        out.loss = out.lm_loss
+        if out.balance_loss is not None:
+            out.loss = out.loss + self.vision_moe.config.balance_weight * out.balance_loss
+        return out
+
+    # --- generation ------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, max_new_tokens=32,
+                 eos_token_id=None, pad_token_id=None, return_dict=False):
+        """Greedy decoding with KV caches for the LM and the integrator. Left-padded batches.
+        Returns (B, T + new) token ids like HF generate, or with return_dict=True a
+        GenerateOutput that also carries the context weights and the MoE route."""
+        from transformers import DynamicCache
+        prep = self.prepare(input_ids, attention_mask, pixel_values)
+        attention_mask = prep["attention_mask"].long()
+        B, T = input_ids.shape
+        if pad_token_id is None:
+            pad_token_id = self.llava.generation_config.pad_token_id
+        if pad_token_id is None:
+            pad_token_id = eos_token_id if eos_token_id is not None else 0
+        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []),
+                           device=input_ids.device)
+        weights = prep["weights"]
+        memory_kv = self.memory_kv(prep["memory"])
+        has_image = prep["has_image"]
+        block = self.vision_integrator.block
+        integrator_cache = None
+        if block.self_attn is not None:
+            d = self.language_model.config.hidden_size
+            h, hd = block.self_attn.n_head, d // block.self_attn.n_head
+            dtype = block.self_attn.k.weight.dtype
+            integrator_cache = dict(k=torch.empty(B, h, T + max_new_tokens, hd, dtype=dtype, device=input_ids.device),
+                                    v=torch.empty(B, h, T + max_new_tokens, hd, dtype=dtype, device=input_ids.device))
+        lm_cache = DynamicCache(config=self.language_model.config)
+        head = self.llava.lm_head
+
+        def next_token_logits(h_llm, h_query, mask, cache_len):
+            h_vision = self.integrate(h_query, memory_kv, has_image, mask.bool(), integrator_cache, cache_len)
+            mixed = weights[:, 0, None].to(h_vision.dtype) * h_vision[:, -1] + weights[:, 1, None].to(h_llm.dtype) * h_llm[:, -1]
+            return head(mixed)  # (B, V)
+
+        # prefill
+        position_ids = positions_from_mask(attention_mask)
+        h_llm, h_query = self.run_language_model(prep["inputs_embeds"], attention_mask, position_ids, lm_cache)
+        logits = next_token_logits(h_llm, h_query, attention_mask, 0)
+        unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)
+        sequences = input_ids
+        for step in range(max_new_tokens):
+            next_tokens = logits.argmax(-1)  # (B,)
+            next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_token_id))
+            sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
+            if eos.numel():
+                unfinished &= ~torch.isin(next_tokens, eos)
+            if step == max_new_tokens - 1 or not unfinished.any():
+                break
+            # decode step: one LM step and one integrator step
+            cache_len = attention_mask.size(1)
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
+            position_ids = position_ids[:, -1:] + 1
+            embeds = self.language_model.embed_tokens(next_tokens[:, None])  # (B, 1, d)
+            h_llm, h_query = self.run_language_model(embeds, attention_mask, position_ids, lm_cache)
+            logits = next_token_logits(h_llm, h_query, attention_mask, cache_len)
+        if return_dict:
+            return GenerateOutput(sequences=sequences, context_weights=weights, route=prep["route"])
+        return sequences
+
+
+@dataclass
+class GenerateOutput:
+    sequences: torch.Tensor  # (B, T + new)
+    context_weights: torch.Tensor  # (B, 2)
+    route: torch.Tensor | None = None  # (B,) MoE only
+
+
+def positions_from_mask(attention_mask):
+    """Position ids that skip left padding, as HF generate computes them: (B, T)."""
+    position_ids = attention_mask.long().cumsum(-1) - 1
+    return position_ids.masked_fill(attention_mask == 0, 0)
+
+
+# -----------------------------------------------------------------------------
+# a tiny offline LLaVA for tests and the --preset tiny default
+
+SYSTEM_PROMPT = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+
+_TOKENIZER_CORPUS = """USER: ASSISTANT: What is the colour of the shape? What color is it? How many shapes are there?
+Where is the shape? left right top bottom center middle upper lower corner one two three four five six seven eight nine ten
+0 1 2 3 4 5 6 7 8 9 red green blue yellow purple orange white black gray pink brown cyan magenta
+circle square triangle star cross ring diamond hexagon ellipse rectangle
+Identify the object in this image: What object can you spot in the picture? What type of object is in this photo?
+Choose one from the following. Answer with the option's letter from the given choices directly. The answer is
+Answer the question using a single word or phrase. Is there a in the image? Please answer yes or no. yes no
+Context: Options: Hint: Question: Reference OCR token: A. B. C. D. E. a an the of in on at is are this that picture photo
+image object class name label which what how many where there here it its and or not with from for to be""" + " " + SYSTEM_PROMPT
+
+
+def tiny_tokenizer(vocab_size=512):
+    """A byte-level BPE tokenizer trained in memory on a small built-in corpus (no network),
+    with LLaMA's special tokens and LLaVA's <image> token."""
+    from tokenizers import Tokenizer, models, trainers, pre_tokenizers, decoders, processors
+    from transformers import PreTrainedTokenizerFast
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([_TOKENIZER_CORPUS] * 4, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
+    fast.padding_side = "left"
+    return fast
+
+
+def tiny_llava(seed=0, **overrides):
+    """A randomly initialised tiny LLaVA-1.5 and its processor, built from configs, offline.
+    overrides: image_size, patch_size, vision_hidden, vision_layers, hidden, layers, heads,
+    kv_heads, intermediate, vocab_size, max_positions."""
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+                              LlavaProcessor)
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    o = dict(image_size=48, patch_size=8, vision_hidden=64, vision_layers=3, vision_heads=4,
+             hidden=64, layers=4, heads=4, kv_heads=2, intermediate=172, vocab_size=512, max_positions=1024)
+    unknown = set(overrides) - set(o)
+    if unknown:
+        raise TypeError(f"tiny_llava got unknown overrides {sorted(unknown)}; known: {sorted(o)}")
+    o.update(overrides)
+    tokenizer = tiny_tokenizer(o["vocab_size"])
+    vision_config = CLIPVisionConfig(hidden_size=o["vision_hidden"], intermediate_size=4 * o["vision_hidden"],
+                                     num_hidden_layers=o["vision_layers"], num_attention_heads=o["vision_heads"],
+                                     image_size=o["image_size"], patch_size=o["patch_size"], projection_dim=o["vision_hidden"])
+    text_config = LlamaConfig(hidden_size=o["hidden"], intermediate_size=o["intermediate"],
+                              num_hidden_layers=o["layers"], num_attention_heads=o["heads"],
+                              num_key_value_heads=o["kv_heads"], vocab_size=len(tokenizer),
+                              max_position_embeddings=o["max_positions"], tie_word_embeddings=False,
+                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id)
+    config = LlavaConfig(vision_config=vision_config, text_config=text_config,
+                         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                         vision_feature_layer=-2, vision_feature_select_strategy="default",
+                         projector_hidden_act="gelu", tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.eval()
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": o["image_size"]},
+                                            crop_size={"height": o["image_size"], "width": o["image_size"]},
+                                            do_center_crop=True, do_resize=True, do_normalize=True,
+                                            image_mean=[0.48145466, 0.4578275, 0.40821073],
+                                            image_std=[0.26862954, 0.26130258, 0.27577711])
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=o["patch_size"],
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    return model, processor

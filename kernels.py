@@ -1,0 +1,157 @@
+"""
+kernels.py: the two hot paths of CARPE, plus the reference forms the tests compare them with.
+
+1. `attention(q, k, v, causal, mask)`: multi-head attention on
+   `torch.nn.functional.scaled_dot_product_attention`, which dispatches to flash /
+   memory-efficient kernels on GPU. `eager_attention` is the softmax(QK^T/sqrt(d))V reference.
+
+2. The logit mix plus the loss. The paper (appendix A.1) computes
+       Z = alpha * H_vision W^T + beta * H_llm W^T
+   and a cross-entropy on Z. The head W is linear and shared and alpha + beta = 1, so
+       Z = (alpha * H_vision + beta * H_llm) W^T          (a bias b also carries over)
+   exactly. `fused_mixed_cross_entropy` therefore mixes the hidden states, keeps only the
+   supervised positions, and runs a chunked linear cross-entropy whose custom autograd never
+   holds more than one (chunk, V) block of logits (in the spirit of Liger-Kernel's
+   FusedLinearCrossEntropy: the gradient is computed chunk by chunk inside the forward).
+   With a trainable head this is 3 N x d x V matmuls (logits, dL/dH, dL/dW) against the
+   naive path's 6 (2 forward, 4 backward). `reference_mixed_cross_entropy` is the paper's
+   two-matmul form, kept for the tests and bench.py.
+
+Labels follow the Hugging Face convention: `labels` has the input's shape, -100 marks
+unsupervised positions, and position t's hidden state predicts labels[t + 1].
+"""
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+# -----------------------------------------------------------------------------
+# attention
+
+def attention(q, k, v, causal=False, mask=None):
+    """q (B, h, Tq, hd), k/v (B, h, Tk, hd); mask: bool, True = may attend, broadcastable
+    to (B, h, Tq, Tk). With causal and no mask this takes the fused causal kernel."""
+    if causal and mask is not None:
+        Tq, Tk = q.size(-2), k.size(-2)
+        # bottom-right aligned causal mask, so a query block that follows a cache is right too
+        tri = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
+        mask = mask & tri
+        causal = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+
+def eager_attention(q, k, v, causal=False, mask=None):
+    """The textbook formula, for tests."""
+    scores = (q @ k.transpose(-2, -1)) / q.size(-1) ** 0.5  # (B, h, Tq, Tk)
+    Tq, Tk = q.size(-2), k.size(-2)
+    allowed = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device)
+    if causal:
+        allowed = allowed.tril(diagonal=Tk - Tq)
+    if mask is not None:
+        allowed = allowed & mask
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+# -----------------------------------------------------------------------------
+# mix + linear cross-entropy
+
+def reference_mixed_cross_entropy(h_vision, h_llm, weights, labels, head_weight, head_bias=None):
+    """The paper's form: two full head matmuls, mix the logits, full cross-entropy.
+    h_vision, h_llm (B, T, d); weights (B, 2) as (alpha, beta); labels (B, T)."""
+    z_vision = F.linear(h_vision, head_weight, head_bias)  # (B, T, V)
+    z_llm = F.linear(h_llm, head_weight, head_bias)  # (B, T, V)
+    alpha = weights[:, 0, None, None]
+    beta = weights[:, 1, None, None]
+    logits = alpha * z_vision + beta * z_llm  # (B, T, V)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                           ignore_index=IGNORE_INDEX)
+
+
+def mix_supervised(h_vision, h_llm, weights, labels):
+    """Mix the hidden states at the supervised positions only.
+    Returns mixed (N, d) and targets (N,), N = number of supervised tokens."""
+    targets = labels[:, 1:]  # (B, T-1)
+    supervised = targets != IGNORE_INDEX  # (B, T-1)
+    batch_index = supervised.nonzero()[:, 0]  # (N,)
+    w = weights[batch_index]  # (N, 2)
+    mixed = w[:, :1] * h_vision[:, :-1][supervised] + w[:, 1:] * h_llm[:, :-1][supervised]  # (N, d)
+    return mixed, targets[supervised]
+
+
+def _compute_dtype(x):
+    # under autocast, run the chunk matmuls in the autocast dtype (bf16 on GPU), as F.linear would
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """mean_n CE(hidden[n] @ W^T + b, target[n]), computed chunk by chunk.
+
+    The forward computes the gradients as it goes (softmax - onehot is all the backward
+    needs), so at most one (chunk, V) logits block is alive at any time, and the backward
+    only rescales the stored gradients by grad_output."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size):
+        N, d = hidden.shape
+        dtype = _compute_dtype(hidden)
+        need_weight_grad = weight.requires_grad
+        need_bias_grad = bias is not None and bias.requires_grad
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            b = bias.to(dtype) if bias is not None else None
+            h_all = hidden.to(dtype)
+            grad_hidden = torch.empty(N, d, dtype=hidden.dtype, device=hidden.device)
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight_grad else None
+            grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias_grad else None
+            loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            for start in range(0, N, chunk_size):
+                h = h_all[start:start + chunk_size]  # (c, d)
+                t = targets[start:start + chunk_size]  # (c,)
+                logits = F.linear(h, w, b).float()  # (c, V), the only N x V-sized tensor alive
+                lse = torch.logsumexp(logits, dim=-1)  # (c,)
+                loss += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                # d(mean CE)/d(logits) = (softmax - onehot) / N, written over the logits in place
+                grad_logits = logits.sub_(lse[:, None]).exp_()
+                grad_logits[torch.arange(len(t), device=t.device), t] -= 1.0
+                grad_logits.div_(N)
+                grad_logits_c = grad_logits.to(dtype)
+                grad_hidden[start:start + chunk_size] = grad_logits_c @ w  # (c, d)
+                if need_weight_grad:
+                    grad_weight += (grad_logits_c.t() @ h).float()  # (V, d)
+                if need_bias_grad:
+                    grad_bias += grad_logits.sum(0)
+                del logits, grad_logits, grad_logits_c
+        ctx.save_for_backward(grad_hidden,
+                              grad_weight if grad_weight is not None else torch.empty(0),
+                              grad_bias if grad_bias is not None else torch.empty(0))
+        ctx.has_weight_grad = need_weight_grad
+        ctx.has_bias_grad = need_bias_grad
+        ctx.weight_dtype = weight.dtype
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return loss / N
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        grad_hidden = grad_hidden * grad_output
+        grad_weight = (grad_weight * grad_output).to(ctx.weight_dtype) if ctx.has_weight_grad else None
+        grad_bias = (grad_bias * grad_output).to(ctx.bias_dtype) if ctx.has_bias_grad else None
+        return grad_hidden, grad_weight, grad_bias, None, None
+
+
+def chunked_linear_cross_entropy(hidden, weight, bias, targets, chunk_size=1024):
+    """hidden (N, d), weight (V, d), bias (V,) or None, targets (N,) -> mean CE (scalar)."""
+    if hidden.size(0) == 0:  # no supervised token: a zero that still belongs to the graph
+        return hidden.sum() * 0.0 + weight.sum() * 0.0
+    return ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, chunk_size)
+
+
+def fused_mixed_cross_entropy(h_vision, h_llm, weights, labels, head_weight, head_bias=None,
+                              chunk_size=1024):
+    """Equal (loss and gradients) to reference_mixed_cross_entropy, without (N, V) logits."""
+    mixed, targets = mix_supervised(h_vision, h_llm, weights, labels)  # (N, d), (N,)
+    return chunked_linear_cross_entropy(mixed, head_weight, head_bias, targets, chunk_size)
