@@ -128,6 +128,16 @@ class IntegratorBlock(nn.Module):
             nn.init.zeros_(proj.weight)
             nn.init.zeros_(proj.bias)
 
+    def new_cache(self, batch_size, max_len):
+        """Preallocated self-attention KV cache, so a decode step copies nothing old."""
+        if self.self_attn is None:
+            return None
+        w = self.self_attn.k.weight
+        n_head, d = self.self_attn.n_head, w.size(0)
+        shape = (batch_size, n_head, max_len, d // n_head)
+        return dict(k=torch.empty(shape, dtype=w.dtype, device=w.device),
+                    v=torch.empty(shape, dtype=w.dtype, device=w.device))
+
     def memory_kv(self, memory):
         """Cross-attention K/V over the image memory M (B, P, d), computed once per prompt."""
         return self.cross_attn.project_kv(memory)
@@ -217,17 +227,11 @@ class CARPE(nn.Module):
         return name.startswith(("llava.model.multi_modal_projector.", "llava.lm_head.", "vision_integrator.",
                                 "context_prompt", "context_encoder."))
 
-    @staticmethod
-    def is_adapter_name(name):
-        """Parameters trained at the adapter learning rate (2e-5)."""
-        return "multi_modal_projector." in name or ".llm_adapters." in name
-
     def is_context_name(self, name):
         return name == "context_prompt" or name.startswith("context_encoder.")
 
     def apply_freezing(self):
-        for name, p in self.named_parameters():
-            p.requires_grad_(self.is_trainable_name(name))
+        apply_freezing(self)
 
     def set_context_trainable(self, trainable: bool):
         """Freeze / unfreeze the context prompt and encoder (frozen for the whole first epoch)."""
@@ -236,32 +240,13 @@ class CARPE(nn.Module):
                 p.requires_grad_(trainable)
 
     def param_groups(self, lr_adapter=2e-5, lr=2e-4, weight_decay=0.0):
-        """Two AdamW groups: the adapter(s) at lr_adapter, every other trainable tensor at lr.
-        Frozen-for-now context parameters are included (they get no grad, so AdamW skips them)."""
-        adapter, rest = [], []
-        for name, p in self.named_parameters():
-            if self.is_trainable_name(name):
-                (adapter if self.is_adapter_name(name) else rest).append(p)
-        return [dict(params=adapter, lr=lr_adapter, weight_decay=weight_decay, name="adapter"),
-                dict(params=rest, lr=lr, weight_decay=weight_decay, name="rest")]
+        return param_groups(self, lr_adapter, lr, weight_decay)
 
     def trainable_state_dict(self):
-        return {name: p.detach() for name, p in self.named_parameters() if self.is_trainable_name(name)}
+        return trainable_state_dict(self)
 
     def load_trainable_state_dict(self, state):
-        expected = set(self.trainable_state_dict())
-        missing = sorted(expected - set(state))
-        extra = sorted(set(state) - expected)
-        if missing or extra:
-            raise ValueError(f"checkpoint does not fit this model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                             f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}")
-        params = dict(self.named_parameters())
-        for name, tensor in state.items():
-            if params[name].shape != tensor.shape:
-                raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, "
-                                 f"this model has {tuple(params[name].shape)} (another base or config?)")
-            with torch.no_grad():
-                params[name].copy_(tensor)
+        load_trainable_state_dict(self, state)
 
     # --- 1. context pass -------------------------------------------------------------------
     def prompt_mask(self, input_ids, attention_mask, labels=None):
@@ -312,21 +297,12 @@ class CARPE(nn.Module):
         return weights, h_ctx
 
     # --- image encoding --------------------------------------------------------------------
-    def raw_vision_features(self, pixel_values):
-        """Raw features from the layer the projector reads: (n_img, P, Dv)."""
-        cfg = self.llava.config
-        out = self.llava.model.vision_tower(pixel_values, output_hidden_states=True)
-        feats = out.hidden_states[cfg.vision_feature_layer]
-        if cfg.vision_feature_select_strategy == "default":
-            feats = feats[:, 1:]  # drop CLS
-        return feats
-
     def encode_images(self, pixel_values, h_ctx_images):
         """-> image_embeds (n_img, P, d) for the LM, memory (n_img, P, d) for the integrator,
         balance_loss, route (n_img,)."""
         if self.vision_moe is not None:
             return self.vision_moe(pixel_values, h_ctx_images)
-        feats = self.raw_vision_features(pixel_values)  # (n_img, P, Dv)
+        feats = raw_vision_features(self.llava, pixel_values)  # (n_img, P, Dv)
         image_embeds = self.llava.model.multi_modal_projector(feats)  # (n_img, P, d)
         memory = self.vision_integrator.raw_adapter(feats)  # (n_img, P, d)
         return image_embeds, memory, None, None
@@ -337,59 +313,24 @@ class CARPE(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         weights, h_ctx = self.context(input_ids, attention_mask, labels)
-        inputs_embeds = self.language_model.embed_tokens(input_ids)  # (B, T, d)
-        is_image_token = input_ids == self.image_token_id  # (B, T)
-        has_image = is_image_token.any(1)  # (B,)
-        B = input_ids.size(0)
-        memory, balance_loss, route = None, None, None
-        if pixel_values is not None and has_image.any():
-            n_img = int(has_image.sum())
-            n_pix = pixel_values.size(0) if torch.is_tensor(pixel_values) else next(iter(pixel_values.values())).size(0)
-            if n_pix != n_img:
-                raise ValueError(f"{n_img} samples have image tokens but {n_pix} images were given")
+        has_image = check_images(self.llava, input_ids, pixel_values)  # (B,)
+        memory, balance_loss, route, image_embeds = None, None, None, None
+        if has_image.any():
             image_embeds, image_memory, balance_loss, image_route = self.encode_images(
                 pixel_values, h_ctx[has_image] if h_ctx is not None else None)
-            P = image_embeds.size(1)
-            counts = is_image_token.sum(1)[has_image]
-            if (counts != P).any():
-                raise ValueError(f"each image needs exactly {P} image tokens; got counts {counts.tolist()}")
-            inputs_embeds = inputs_embeds.masked_scatter(is_image_token[..., None],
-                                                         image_embeds.to(inputs_embeds.dtype))
-            memory = image_memory.new_zeros(B, P, image_memory.size(-1))  # (B, P, d)
-            memory[has_image] = image_memory
+            memory = per_sample(image_memory, has_image)  # (B, P, d)
             if image_route is not None:
-                route = torch.full((B,), -1, dtype=torch.long, device=input_ids.device)
-                route[has_image] = image_route
-        elif has_image.any():
-            raise ValueError("input_ids contain image tokens but pixel_values is None")
+                route = per_sample(image_route, has_image, fill=-1)  # (B,)
+        inputs_embeds = embed_inputs(self.llava, input_ids, image_embeds)  # (B, T, d)
         return dict(attention_mask=attention_mask, weights=weights, inputs_embeds=inputs_embeds,
                     has_image=has_image, memory=memory, balance_loss=balance_loss, route=route)
 
     # --- 2. main pass + 3. integrator ------------------------------------------------------
-    @contextmanager
-    def capture_layer_outputs(self, layer_indices):
-        """Forward hooks that keep the outputs of the given decoder layers (cheaper than
-        output_hidden_states=True, which keeps all of them)."""
-        captured = {}
-        layers = self.language_model.layers
-        handles = []
-        for i in layer_indices:
-            def hook(module, args, output, i=i):
-                captured[i] = output[0] if isinstance(output, tuple) else output
-            handles.append(layers[i].register_forward_hook(hook))
-        try:
-            yield captured
-        finally:
-            for h in handles:
-                h.remove()
-
     def run_language_model(self, inputs_embeds, attention_mask, position_ids, past_key_values=None):
         """-> H_llm (B, T, d) after the final norm, H_query (B, T, d) from query_layer."""
-        with self.capture_layer_outputs([self.config.query_layer]) as captured:
-            out = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                      position_ids=position_ids, past_key_values=past_key_values,
-                                      use_cache=past_key_values is not None)
-        return out.last_hidden_state, captured[self.config.query_layer]
+        h_llm, captured = run_language_model(self.language_model, inputs_embeds, attention_mask, position_ids,
+                                             [self.config.query_layer], past_key_values)
+        return h_llm, captured[self.config.query_layer]
 
     def integrate(self, h_query, memory_kv, has_image, key_valid=None, cache=None, cache_len=0):
         """H_vision = final_norm(block(H_query)): (B, T, d)."""
@@ -421,65 +362,197 @@ class CARPE(nn.Module):
         return out
 
     # --- generation ------------------------------------------------------------------------
+    def start_generation(self, input_ids, attention_mask, pixel_values, max_new_tokens):
+        """Prefill state for greedy_generate: everything computed once per prompt (the context
+        weights, the MoE route, the cross-attention K/V over the image, empty KV caches)."""
+        from transformers import DynamicCache
+        prep = self.prepare(input_ids, attention_mask, pixel_values)
+        B, T = input_ids.shape
+        integrator_cache = self.vision_integrator.block.new_cache(B, T + max_new_tokens)
+        return dict(prep, memory_kv=self.memory_kv(prep["memory"]), integrator_cache=integrator_cache,
+                    lm_cache=DynamicCache(config=self.language_model.config), cache_len=0)
+
+    def generation_step(self, state, inputs_embeds, attention_mask, position_ids):
+        """One LM step and one integrator step over the new tokens; the mixed logits of the
+        last position: (B, V)."""
+        h_llm, h_query = self.run_language_model(inputs_embeds, attention_mask, position_ids, state["lm_cache"])
+        h_vision = self.integrate(h_query, state["memory_kv"], state["has_image"], attention_mask.bool(),
+                                  state["integrator_cache"], state["cache_len"])
+        state["cache_len"] += inputs_embeds.size(1)
+        weights = state["weights"]
+        mixed = weights[:, 0, None].to(h_vision.dtype) * h_vision[:, -1] + weights[:, 1, None].to(h_llm.dtype) * h_llm[:, -1]
+        return self.llava.lm_head(mixed)  # (B, V)
+
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, pixel_values=None, max_new_tokens=32,
                  eos_token_id=None, pad_token_id=None, return_dict=False):
         """Greedy decoding with KV caches for the LM and the integrator. Left-padded batches.
         Returns (B, T + new) token ids like HF generate, or with return_dict=True a
         GenerateOutput that also carries the context weights and the MoE route."""
-        from transformers import DynamicCache
-        prep = self.prepare(input_ids, attention_mask, pixel_values)
-        attention_mask = prep["attention_mask"].long()
-        B, T = input_ids.shape
-        if pad_token_id is None:
-            pad_token_id = self.llava.generation_config.pad_token_id
-        if pad_token_id is None:
-            pad_token_id = eos_token_id if eos_token_id is not None else 0
-        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []),
-                           device=input_ids.device)
-        weights = prep["weights"]
-        memory_kv = self.memory_kv(prep["memory"])
-        has_image = prep["has_image"]
-        block = self.vision_integrator.block
-        integrator_cache = None
-        if block.self_attn is not None:
-            d = self.language_model.config.hidden_size
-            h, hd = block.self_attn.n_head, d // block.self_attn.n_head
-            dtype = block.self_attn.k.weight.dtype
-            integrator_cache = dict(k=torch.empty(B, h, T + max_new_tokens, hd, dtype=dtype, device=input_ids.device),
-                                    v=torch.empty(B, h, T + max_new_tokens, hd, dtype=dtype, device=input_ids.device))
-        lm_cache = DynamicCache(config=self.language_model.config)
-        head = self.llava.lm_head
+        return greedy_generate(self, input_ids, attention_mask, pixel_values, max_new_tokens,
+                               eos_token_id, pad_token_id, return_dict)
 
-        def next_token_logits(h_llm, h_query, mask, cache_len):
-            h_vision = self.integrate(h_query, memory_kv, has_image, mask.bool(), integrator_cache, cache_len)
-            mixed = weights[:, 0, None].to(h_vision.dtype) * h_vision[:, -1] + weights[:, 1, None].to(h_llm.dtype) * h_llm[:, -1]
-            return head(mixed)  # (B, V)
 
-        # prefill
-        position_ids = positions_from_mask(attention_mask)
-        h_llm, h_query = self.run_language_model(prep["inputs_embeds"], attention_mask, position_ids, lm_cache)
-        logits = next_token_logits(h_llm, h_query, attention_mask, 0)
-        unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)
-        sequences = input_ids
-        for step in range(max_new_tokens):
-            next_tokens = logits.argmax(-1)  # (B,)
-            next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_token_id))
-            sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
-            if eos.numel():
-                unfinished &= ~torch.isin(next_tokens, eos)
-            if step == max_new_tokens - 1 or not unfinished.any():
-                break
-            # decode step: one LM step and one integrator step
-            cache_len = attention_mask.size(1)
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
-            position_ids = position_ids[:, -1:] + 1
-            embeds = self.language_model.embed_tokens(next_tokens[:, None])  # (B, 1, d)
-            h_llm, h_query = self.run_language_model(embeds, attention_mask, position_ids, lm_cache)
-            logits = next_token_logits(h_llm, h_query, attention_mask, cache_len)
-        if return_dict:
-            return GenerateOutput(sequences=sequences, context_weights=weights, route=prep["route"])
-        return sequences
+# -----------------------------------------------------------------------------
+# pieces of the LLaVA forward, shared by CARPE and the baselines
+
+def raw_vision_features(llava, pixel_values):
+    """Raw features from the tower layer the projector reads, CLS dropped: (n_img, P, Dv)."""
+    cfg = llava.config
+    out = llava.model.vision_tower(pixel_values, output_hidden_states=True)
+    feats = out.hidden_states[cfg.vision_feature_layer]
+    if cfg.vision_feature_select_strategy == "default":
+        feats = feats[:, 1:]  # drop CLS
+    return feats
+
+
+def check_images(llava, input_ids, pixel_values):
+    """(B,) bool: which samples have an image. Their count must match pixel_values."""
+    has_image = (input_ids == llava.config.image_token_id).any(1)
+    n_img = int(has_image.sum())
+    if pixel_values is None:
+        n_pix = 0
+    else:
+        n_pix = pixel_values.size(0) if torch.is_tensor(pixel_values) else next(iter(pixel_values.values())).size(0)
+    if n_pix != n_img:
+        raise ValueError(f"{n_img} samples have image tokens but {n_pix} images were given in pixel_values")
+    return has_image
+
+
+def embed_inputs(llava, input_ids, image_embeds=None):
+    """Token embeddings with the image embeddings (n_img, P, d) scattered over the image
+    tokens, as HF LLaVA does: (B, T, d)."""
+    inputs_embeds = llava.model.language_model.embed_tokens(input_ids)  # (B, T, d)
+    if image_embeds is None:
+        return inputs_embeds
+    is_image_token = input_ids == llava.config.image_token_id  # (B, T)
+    counts = is_image_token.sum(1)
+    counts = counts[counts > 0]
+    if (counts != image_embeds.size(1)).any():
+        raise ValueError(f"each image needs exactly {image_embeds.size(1)} image tokens; got {counts.tolist()}")
+    return inputs_embeds.masked_scatter(is_image_token[..., None], image_embeds.to(inputs_embeds.dtype))
+
+
+def per_sample(image_rows, has_image, fill=0):
+    """Spread per-image rows (n_img, ...) over the batch (B, ...), `fill` where no image."""
+    out = image_rows.new_full((has_image.size(0),) + image_rows.shape[1:], fill)
+    out[has_image] = image_rows
+    return out
+
+
+@contextmanager
+def capture_layer_outputs(language_model, layer_indices):
+    """Forward hooks that keep the outputs of the given decoder layers (cheaper than
+    output_hidden_states=True, which keeps all of them)."""
+    captured = {}
+    handles = []
+    for i in layer_indices:
+        def hook(module, args, output, i=i):
+            captured[i] = output[0] if isinstance(output, tuple) else output
+        handles.append(language_model.layers[i].register_forward_hook(hook))
+    try:
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def run_language_model(language_model, inputs_embeds, attention_mask, position_ids, layer_indices,
+                       past_key_values=None):
+    """-> H_llm (B, T, d) after the final norm, {layer index: that layer's output (B, T, d)}."""
+    with capture_layer_outputs(language_model, layer_indices) as captured:
+        out = language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=past_key_values, use_cache=past_key_values is not None)
+    return out.last_hidden_state, captured
+
+
+def is_adapter_name(name):
+    """Parameters trained at the adapter learning rate (2e-5): LLaVA's projector and the MoE
+    experts' LLM adapters."""
+    return "multi_modal_projector." in name or ".llm_adapters." in name
+
+
+# -----------------------------------------------------------------------------
+# trainable-set helpers, shared by CARPE and the baselines (each defines is_trainable_name)
+
+def apply_freezing(model):
+    for name, p in model.named_parameters():
+        p.requires_grad_(model.is_trainable_name(name))
+
+
+def param_groups(model, lr_adapter=2e-5, lr=2e-4, weight_decay=0.0):
+    """Two AdamW groups: the adapter(s) at lr_adapter, every other trainable tensor at lr.
+    Frozen-for-now parameters (the context prompt in epoch 1) are included: without a grad,
+    AdamW skips them."""
+    adapter, rest = [], []
+    for name, p in model.named_parameters():
+        if model.is_trainable_name(name):
+            (adapter if is_adapter_name(name) else rest).append(p)
+    return [dict(params=adapter, lr=lr_adapter, weight_decay=weight_decay, name="adapter"),
+            dict(params=rest, lr=lr, weight_decay=weight_decay, name="rest")]
+
+
+def trainable_state_dict(model):
+    return {name: p.detach() for name, p in model.named_parameters() if model.is_trainable_name(name)}
+
+
+def load_trainable_state_dict(model, state):
+    """Copy a trainable_state_dict into model; a missing, unexpected or mis-shaped tensor is
+    an error that names it (a checkpoint of another base or config)."""
+    params = {name: p for name, p in model.named_parameters() if model.is_trainable_name(name)}
+    missing = sorted(set(params) - set(state))
+    extra = sorted(set(state) - set(params))
+    if missing or extra:
+        raise ValueError(f"checkpoint does not fit this model (another method, base or config?): "
+                         f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
+                         f"unexpected {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+    for name, tensor in state.items():
+        if params[name].shape != tensor.shape:
+            raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, this model has "
+                             f"{tuple(params[name].shape)} (another base or config?)")
+        with torch.no_grad():
+            params[name].copy_(tensor)
+
+
+# -----------------------------------------------------------------------------
+# greedy decoding, shared by CARPE and the baselines
+
+@torch.no_grad()
+def greedy_generate(model, input_ids, attention_mask=None, pixel_values=None, max_new_tokens=32,
+                    eos_token_id=None, pad_token_id=None, return_dict=False):
+    """model provides start_generation(...) -> state and generation_step(state, embeds, mask,
+    positions) -> (B, V) logits of the last position. Finished rows are filled with the pad
+    token, as HF generate does."""
+    B, T = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    attention_mask = attention_mask.long()
+    if pad_token_id is None:
+        pad_token_id = model.llava.generation_config.pad_token_id
+    if pad_token_id is None:
+        pad_token_id = eos_token_id if isinstance(eos_token_id, int) else 0
+    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
+                       dtype=torch.long, device=input_ids.device)
+    state = model.start_generation(input_ids, attention_mask, pixel_values, max_new_tokens)
+    position_ids = positions_from_mask(attention_mask)
+    logits = model.generation_step(state, state["inputs_embeds"], attention_mask, position_ids)  # prefill
+    unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)
+    sequences = input_ids
+    embed_tokens = model.llava.model.language_model.embed_tokens
+    for step in range(max_new_tokens):
+        next_tokens = logits.argmax(-1)  # (B,)
+        next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_token_id))
+        sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
+        if eos.numel():
+            unfinished &= ~torch.isin(next_tokens, eos)
+        if step == max_new_tokens - 1 or not unfinished.any():
+            break
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
+        position_ids = position_ids[:, -1:] + 1
+        logits = model.generation_step(state, embed_tokens(next_tokens[:, None]), attention_mask, position_ids)
+    if return_dict:
+        return GenerateOutput(sequences=sequences, context_weights=state["weights"], route=state.get("route"))
+    return sequences
 
 
 @dataclass
@@ -493,6 +566,283 @@ def positions_from_mask(attention_mask):
     """Position ids that skip left padding, as HF generate computes them: (B, T)."""
     position_ids = attention_mask.long().cumsum(-1) - 1
     return position_ids.masked_fill(attention_mask == 0, 0)
+
+
+# -----------------------------------------------------------------------------
+# baselines behind the same API (paper section 4.2)
+
+class LlavaBaseline(nn.Module):
+    """Vanilla LLaVA behind CARPE's API. `eval.py --method llava` uses it frozen; `train.py
+    --method imagenet-ft` trains its projector alone at the adapter lr, as Zhang et al. 2024."""
+
+    def __init__(self, llava):
+        super().__init__()
+        self.llava = llava
+        self.config = None
+        apply_freezing(self)
+
+    def is_trainable_name(self, name):
+        return name.startswith("llava.model.multi_modal_projector.")
+
+    def set_context_trainable(self, trainable):
+        pass  # no context modules
+
+    def param_groups(self, lr_adapter=2e-5, lr=2e-4, weight_decay=0.0):
+        return param_groups(self, lr_adapter, lr, weight_decay)
+
+    def trainable_state_dict(self):
+        return trainable_state_dict(self)
+
+    def load_trainable_state_dict(self, state):
+        load_trainable_state_dict(self, state)
+
+    def prepare(self, input_ids, attention_mask, pixel_values):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        has_image = check_images(self.llava, input_ids, pixel_values)
+        image_embeds = None
+        if has_image.any():
+            image_embeds = self.llava.model.multi_modal_projector(raw_vision_features(self.llava, pixel_values))
+        weights = torch.tensor([0.0, 1.0], device=input_ids.device).expand(input_ids.size(0), 2)
+        return dict(attention_mask=attention_mask, inputs_embeds=embed_inputs(self.llava, input_ids, image_embeds),
+                    weights=weights, has_image=has_image, route=None)
+
+    def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None):
+        prep = self.prepare(input_ids, attention_mask, pixel_values)
+        mask = prep["attention_mask"]
+        h_llm, _ = run_language_model(self.llava.model.language_model, prep["inputs_embeds"], mask,
+                                      positions_from_mask(mask), [])
+        out = CarpeOutput(context_weights=prep["weights"])
+        head = self.llava.lm_head
+        if labels is None:
+            out.logits = head(h_llm)
+        else:  # weights (0, 1): the mix is h_llm itself, through the same chunked loss
+            out.loss = out.lm_loss = fused_mixed_cross_entropy(h_llm, h_llm, prep["weights"], labels,
+                                                               head.weight, head.bias)
+        return out
+
+    def start_generation(self, input_ids, attention_mask, pixel_values, max_new_tokens):
+        from transformers import DynamicCache
+        prep = self.prepare(input_ids, attention_mask, pixel_values)
+        return dict(prep, lm_cache=DynamicCache(config=self.llava.model.language_model.config))
+
+    def generation_step(self, state, inputs_embeds, attention_mask, position_ids):
+        h_llm, _ = run_language_model(self.llava.model.language_model, inputs_embeds, attention_mask, position_ids,
+                                      [], state["lm_cache"])
+        return self.llava.lm_head(h_llm[:, -1])  # (B, V)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, max_new_tokens=32,
+                 eos_token_id=None, pad_token_id=None, return_dict=False):
+        return greedy_generate(self, input_ids, attention_mask, pixel_values, max_new_tokens,
+                               eos_token_id, pad_token_id, return_dict)
+
+
+class LEVI(nn.Module):
+    """The paper's adaptation of LEVI (Roh et al. 2024; CARPE section 4.2): five integrator
+    blocks (the same IntegratorBlock as CARPE's); block i's queries are the output of the i-th of
+    the LM's last five layers, its keys/values the projector output (image embeddings already in
+    the language space, unlike CARPE's raw features). The five adapted states are averaged,
+    normalised by the LM's final norm (as CARPE's H_vision) and go through the shared head.
+    Trainable: the blocks and the head."""
+
+    def __init__(self, llava, config: CarpeConfig = None, n_blocks=5):
+        super().__init__()
+        config = config or CarpeConfig()
+        self.config = config
+        self.llava = llava
+        if llava.lm_head.weight is llava.model.language_model.embed_tokens.weight:
+            llava.lm_head.weight = nn.Parameter(llava.lm_head.weight.detach().clone())
+        text_config = llava.config.text_config
+        n_layers = text_config.num_hidden_layers
+        assert n_layers >= n_blocks, f"LEVI needs {n_blocks} LM layers, the base has {n_layers}"
+        self.query_layers = list(range(n_layers - n_blocks, n_layers))
+        d = text_config.hidden_size
+        self.blocks = nn.ModuleList(IntegratorBlock(d, config.integrator_heads, config.mlp_ratio, self_attn=True)
+                                    for _ in range(n_blocks))
+        self.to(device=llava.lm_head.weight.device)
+        apply_freezing(self)
+
+    def is_trainable_name(self, name):
+        return name.startswith(("blocks.", "llava.lm_head."))
+
+    def set_context_trainable(self, trainable):
+        pass
+
+    def param_groups(self, lr_adapter=2e-5, lr=2e-4, weight_decay=0.0):
+        return param_groups(self, lr_adapter, lr, weight_decay)
+
+    def trainable_state_dict(self):
+        return trainable_state_dict(self)
+
+    def load_trainable_state_dict(self, state):
+        load_trainable_state_dict(self, state)
+
+    def prepare(self, input_ids, attention_mask, pixel_values):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        has_image = check_images(self.llava, input_ids, pixel_values)
+        image_embeds, memory_kvs = None, [None] * len(self.blocks)
+        if has_image.any():
+            image_embeds = self.llava.model.multi_modal_projector(raw_vision_features(self.llava, pixel_values))
+            memory = per_sample(image_embeds, has_image)  # (B, P, d)
+            memory_kvs = [block.memory_kv(memory) for block in self.blocks]
+        weights = torch.tensor([1.0, 0.0], device=input_ids.device).expand(input_ids.size(0), 2)
+        return dict(attention_mask=attention_mask, inputs_embeds=embed_inputs(self.llava, input_ids, image_embeds),
+                    has_image=has_image, memory_kvs=memory_kvs, weights=weights, route=None)
+
+    def adapted_hidden(self, captured, memory_kvs, has_image, key_valid, caches=None, cache_len=0):
+        """norm(mean_i block_i(layer_i output)): (B, T, d)."""
+        caches = caches or [None] * len(self.blocks)
+        states = [block(captured[i], kv, has_image, key_valid, cache, cache_len)
+                  for block, i, kv, cache in zip(self.blocks, self.query_layers, memory_kvs, caches)]
+        return self.llava.model.language_model.norm(torch.stack(states).mean(0))
+
+    def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None):
+        prep = self.prepare(input_ids, attention_mask, pixel_values)
+        mask = prep["attention_mask"]
+        _, captured = run_language_model(self.llava.model.language_model, prep["inputs_embeds"], mask,
+                                         positions_from_mask(mask), self.query_layers)
+        key_valid = None if bool(mask.all()) else mask.bool()
+        h = self.adapted_hidden(captured, prep["memory_kvs"], prep["has_image"], key_valid)  # (B, T, d)
+        out = CarpeOutput(context_weights=prep["weights"])
+        head = self.llava.lm_head
+        if labels is None:
+            out.logits = head(h)
+        else:
+            out.loss = out.lm_loss = fused_mixed_cross_entropy(h, h, prep["weights"], labels, head.weight, head.bias,
+                                                               chunk_size=self.config.chunk_size)
+        return out
+
+    def start_generation(self, input_ids, attention_mask, pixel_values, max_new_tokens):
+        from transformers import DynamicCache
+        prep = self.prepare(input_ids, attention_mask, pixel_values)
+        B, T = input_ids.shape
+        return dict(prep, lm_cache=DynamicCache(config=self.llava.model.language_model.config), cache_len=0,
+                    caches=[block.new_cache(B, T + max_new_tokens) for block in self.blocks])
+
+    def generation_step(self, state, inputs_embeds, attention_mask, position_ids):
+        _, captured = run_language_model(self.llava.model.language_model, inputs_embeds, attention_mask, position_ids,
+                                         self.query_layers, state["lm_cache"])
+        h = self.adapted_hidden(captured, state["memory_kvs"], state["has_image"], attention_mask.bool(),
+                                state["caches"], state["cache_len"])
+        state["cache_len"] += inputs_embeds.size(1)
+        return self.llava.lm_head(h[:, -1])  # (B, V)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, max_new_tokens=32,
+                 eos_token_id=None, pad_token_id=None, return_dict=False):
+        return greedy_generate(self, input_ids, attention_mask, pixel_values, max_new_tokens,
+                               eos_token_id, pad_token_id, return_dict)
+
+
+METHODS = ("carpe", "llava", "imagenet-ft", "levi")
+
+
+def build_model(method, llava, carpe_config=None, vision_moe=None):
+    """The model for a method name; all share forward / generate / the trainable-set API."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    if vision_moe is not None and method != "carpe":
+        raise ValueError(f"--moe only applies to method 'carpe', not {method!r}")
+    if method == "carpe":
+        return CARPE(llava, carpe_config, vision_moe=vision_moe)
+    if method == "levi":
+        return LEVI(llava, carpe_config)
+    return LlavaBaseline(llava)  # "llava" (evaluated frozen) and "imagenet-ft" (projector trained)
+
+
+# -----------------------------------------------------------------------------
+# images, bases and run directories
+
+def expand_to_square(image, background):
+    """LLaVA's 'pad' aspect ratio: centre the image on a square of the background colour."""
+    from PIL import Image
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    square = Image.new(image.mode, (side, side), background)
+    square.paste(image, ((side - w) // 2, (side - h) // 2))
+    return square
+
+
+def make_image_transform(processor):
+    """callable(list of PIL images) -> pixel_values (n, 3, H, W): pad to square with the
+    processor's mean colour, then the image processor (resize, crop, normalise)."""
+    image_processor = processor.image_processor
+    background = tuple(int(round(255 * m)) for m in image_processor.image_mean)
+
+    def transform(images):
+        squares = [expand_to_square(image.convert("RGB"), background) for image in images]
+        return image_processor(squares, return_tensors="pt")["pixel_values"]
+    return transform
+
+
+def save_tiny_base(llava, path, seed=0, overrides=None):
+    """A tiny base LLaVA as a folder: tiny_llava.json (how to rebuild it) + model.safetensors."""
+    import json, os
+    from safetensors.torch import save_file
+    os.makedirs(path, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in llava.state_dict().items()}
+    save_file(state, os.path.join(path, "model.safetensors.tmp"))
+    os.replace(os.path.join(path, "model.safetensors.tmp"), os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "tiny_llava.json"), "w") as f:
+        json.dump(dict(seed=seed, overrides=overrides or {}), f, indent=2)
+
+
+def load_base(base, device="cpu", dtype=None):
+    """(llava, processor) for a base: a tiny-base folder written by save_tiny_base, or a Hugging
+    Face LLaVA id / folder. Weights come through safetensors; never trust_remote_code."""
+    import json, os
+    tiny_file = os.path.join(base, "tiny_llava.json")
+    if os.path.isfile(tiny_file):
+        from safetensors.torch import load_file
+        with open(tiny_file) as f:
+            spec = json.load(f)
+        llava, processor = tiny_llava(seed=spec["seed"], **spec["overrides"])
+        weights_file = os.path.join(base, "model.safetensors")
+        if not os.path.isfile(weights_file):
+            raise FileNotFoundError(f"tiny base {base} has tiny_llava.json but no model.safetensors")
+        state = load_file(weights_file)
+        expected = set(llava.state_dict())
+        if set(state) != expected:
+            raise ValueError(f"{weights_file} does not match the tiny config: missing {sorted(expected - set(state))[:5]}, "
+                             f"unexpected {sorted(set(state) - expected)[:5]}")
+        llava.load_state_dict(state)
+    else:
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+        llava = LlavaForConditionalGeneration.from_pretrained(base, dtype=dtype or torch.float32, use_safetensors=True)
+        processor = AutoProcessor.from_pretrained(base)
+    llava.to(device=device, dtype=dtype or llava.dtype)
+    llava.eval()
+    return llava, processor
+
+
+def load_run(out_dir, device="cpu", dtype=None):
+    """Rebuild a train.py run directory (config.json + model.safetensors) for evaluation:
+    -> (model, processor, image_transform)."""
+    import json, os
+    from safetensors.torch import load_file
+    config_file = os.path.join(out_dir, "config.json")
+    weights_file = os.path.join(out_dir, "model.safetensors")
+    for f in (config_file, weights_file):
+        if not os.path.isfile(f):
+            raise FileNotFoundError(f"{out_dir} is not a train.py run directory: {f} is missing")
+    with open(config_file) as f:
+        run = json.load(f)
+    llava, processor = load_base(run["base"], device, dtype)
+    vision_moe = None
+    if run.get("moe"):
+        import moe
+        vision_moe = moe.build_vision_moe(llava, moe.MoEConfig.from_dict(run["moe"]), device=device, dtype=dtype)
+    carpe_config = CarpeConfig.from_dict(run["carpe"]) if run.get("carpe") else CarpeConfig()
+    model = build_model(run.get("method", "carpe"), llava, carpe_config, vision_moe)
+    model.load_trainable_state_dict(load_file(weights_file, device=str(device)))
+    model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    model.eval()
+    image_transform = vision_moe.preprocess if vision_moe is not None else make_image_transform(processor)
+    return model, processor, image_transform
 
 
 # -----------------------------------------------------------------------------
@@ -540,7 +890,7 @@ def tiny_llava(seed=0, **overrides):
                               LlavaProcessor)
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     o = dict(image_size=48, patch_size=8, vision_hidden=64, vision_layers=3, vision_heads=4,
-             hidden=64, layers=4, heads=4, kv_heads=2, intermediate=172, vocab_size=512, max_positions=1024)
+             hidden=64, layers=6, heads=4, kv_heads=2, intermediate=172, vocab_size=512, max_positions=1024)
     unknown = set(overrides) - set(o)
     if unknown:
         raise TypeError(f"tiny_llava got unknown overrides {sorted(unknown)}; known: {sorted(o)}")
