@@ -307,12 +307,12 @@ class CARPE(nn.Module):
         memory = self.vision_integrator.raw_adapter(feats)  # (n_img, P, d)
         return image_embeds, memory, None, None
 
-    def prepare(self, input_ids, attention_mask, pixel_values, labels=None):
+    def prepare(self, input_ids, attention_mask, pixel_values, labels=None, context_mask=None):
         """Everything before the LM main pass: weights, input embeddings with the image
         embeddings scattered in, the integrator memory. Shared by forward and generate."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        weights, h_ctx = self.context(input_ids, attention_mask, labels)
+        weights, h_ctx = self.context(input_ids, attention_mask if context_mask is None else context_mask, labels)
         has_image = check_images(self.llava, input_ids, pixel_values)  # (B,)
         memory, balance_loss, route, image_embeds = None, None, None, None
         if has_image.any():
@@ -340,8 +340,12 @@ class CARPE(nn.Module):
     def memory_kv(self, memory):
         return self.vision_integrator.block.memory_kv(memory) if memory is not None else None
 
-    def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None):
-        prep = self.prepare(input_ids, attention_mask, pixel_values, labels)
+    def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None, context_mask=None):
+        """context_mask (B, T) bool, optional: the tokens the context pass reads, overriding the
+        default (the prompt before the first supervised token, or all non-pad tokens); image
+        tokens are always excluded. Lets a full recompute reproduce generate(), whose context
+        is the prompt alone."""
+        prep = self.prepare(input_ids, attention_mask, pixel_values, labels, context_mask)
         attention_mask = prep["attention_mask"]
         position_ids = positions_from_mask(attention_mask)
         h_llm, h_query = self.run_language_model(prep["inputs_embeds"], attention_mask, position_ids)

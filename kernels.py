@@ -32,8 +32,9 @@ IGNORE_INDEX = -100
 def attention(q, k, v, causal=False, mask=None):
     """q (B, h, Tq, hd), k/v (B, h, Tk, hd); mask: bool, True = may attend, broadcastable
     to (B, h, Tq, Tk). With causal and no mask this takes the fused causal kernel."""
-    if causal and mask is not None:
-        Tq, Tk = q.size(-2), k.size(-2)
+    Tq, Tk = q.size(-2), k.size(-2)
+    if causal and (mask is not None or Tq != Tk):  # SDPA's is_causal is top-left aligned
+        mask = True if mask is None else mask
         # bottom-right aligned causal mask, so a query block that follows a cache is right too
         tri = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
         mask = mask & tri
@@ -118,10 +119,17 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 grad_logits = logits.sub_(lse[:, None]).exp_()
                 grad_logits[torch.arange(len(t), device=t.device), t] -= 1.0
                 grad_logits.div_(N)
-                grad_logits_c = grad_logits.to(dtype)
-                grad_hidden[start:start + chunk_size] = grad_logits_c @ w  # (c, d)
+                grad_logits_c = grad_logits.to(dtype)  # no copy in fp32
+                # write/accumulate the matmul results in place: no (c, d) or (V, d) temporaries
+                if grad_hidden.dtype == dtype:
+                    torch.mm(grad_logits_c, w, out=grad_hidden[start:start + chunk_size])  # (c, d)
+                else:
+                    grad_hidden[start:start + chunk_size] = grad_logits_c @ w
                 if need_weight_grad:
-                    grad_weight += (grad_logits_c.t() @ h).float()  # (V, d)
+                    if dtype == torch.float32:
+                        grad_weight.addmm_(grad_logits_c.t(), h)  # (V, d)
+                    else:
+                        grad_weight += (grad_logits_c.t() @ h).float()
                 if need_bias_grad:
                     grad_bias += grad_logits.sum(0)
                 del logits, grad_logits, grad_logits_c
@@ -137,9 +145,15 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        grad_hidden = grad_hidden * grad_output
-        grad_weight = (grad_weight * grad_output).to(ctx.weight_dtype) if ctx.has_weight_grad else None
-        grad_bias = (grad_bias * grad_output).to(ctx.bias_dtype) if ctx.has_bias_grad else None
+        # the loss is almost always the final scalar (grad_output == 1): then the stored
+        # gradients are already the answer, and scaling them would copy a (V, d) tensor
+        # (the check reads the value, so a compiled graph skips it and always scales)
+        if torch.compiler.is_compiling() or grad_output.numel() != 1 or grad_output.item() != 1.0:
+            grad_hidden = grad_hidden * grad_output
+            grad_weight = grad_weight * grad_output if ctx.has_weight_grad else grad_weight
+            grad_bias = grad_bias * grad_output if ctx.has_bias_grad else grad_bias
+        grad_weight = grad_weight.to(ctx.weight_dtype) if ctx.has_weight_grad else None
+        grad_bias = grad_bias.to(ctx.bias_dtype) if ctx.has_bias_grad else None
         return grad_hidden, grad_weight, grad_bias, None, None
 
 
