@@ -109,22 +109,37 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight_grad else None
             grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias_grad else None
             loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            V = weight.size(0)
+            # one logits buffer reused by every chunk: no (c, V) allocation (and, on CPU, no fresh
+            # pages to fault in) per chunk; softmax and its gradient are computed in it in place
+            buffer = torch.empty(min(chunk_size, N), V, dtype=dtype, device=hidden.device)
             for start in range(0, N, chunk_size):
                 h = h_all[start:start + chunk_size]  # (c, d)
                 t = targets[start:start + chunk_size]  # (c,)
-                logits = F.linear(h, w, b).float()  # (c, V), the only N x V-sized tensor alive
-                lse = torch.logsumexp(logits, dim=-1)  # (c,)
-                loss += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
-                # d(mean CE)/d(logits) = (softmax - onehot) / N, written over the logits in place
-                grad_logits = logits.sub_(lse[:, None]).exp_()
-                grad_logits[torch.arange(len(t), device=t.device), t] -= 1.0
-                grad_logits.div_(N)
+                c = h.size(0)
+                rows = torch.arange(c, device=t.device)
+                logits = buffer[:c]  # (c, V), the only N x V-sized tensor alive
+                if b is None:
+                    torch.mm(h, w.t(), out=logits)
+                else:
+                    torch.addmm(b, h, w.t(), out=logits)
+                if dtype != torch.float32:
+                    logits = logits.float()  # softmax in fp32 (one fp32 chunk under bf16 autocast)
+                target_logit = logits[rows, t]  # (c,)
+                # log-sum-exp by hand, in place: torch.logsumexp would allocate a (c, V) temporary
+                row_max = logits.amax(dim=-1, keepdim=True)  # (c, 1)
+                probs = logits.sub_(row_max).exp_()  # (c, V) exp(z - max), in place
+                sum_exp = probs.sum(dim=-1, keepdim=True)  # (c, 1)
+                loss += (row_max.squeeze(1) + sum_exp.log().squeeze(1) - target_logit).sum()
+                # d(mean CE)/d(logits) = (softmax - onehot) / N, again in place
+                grad_logits = probs.mul_((sum_exp * N).reciprocal_())
+                grad_logits[rows, t] -= 1.0 / N
                 grad_logits_c = grad_logits.to(dtype)  # no copy in fp32
                 # write/accumulate the matmul results in place: no (c, d) or (V, d) temporaries
                 if grad_hidden.dtype == dtype:
-                    torch.mm(grad_logits_c, w, out=grad_hidden[start:start + chunk_size])  # (c, d)
+                    torch.mm(grad_logits_c, w, out=grad_hidden[start:start + c])  # (c, d)
                 else:
-                    grad_hidden[start:start + chunk_size] = grad_logits_c @ w
+                    grad_hidden[start:start + c] = grad_logits_c @ w
                 if need_weight_grad:
                     if dtype == torch.float32:
                         grad_weight.addmm_(grad_logits_c.t(), h)  # (V, d)
@@ -132,7 +147,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                         grad_weight += (grad_logits_c.t() @ h).float()
                 if need_bias_grad:
                     grad_bias += grad_logits.sum(0)
-                del logits, grad_logits, grad_logits_c
+                del logits, probs, grad_logits, grad_logits_c
+            del buffer
         ctx.save_for_backward(grad_hidden,
                               grad_weight if grad_weight is not None else torch.empty(0),
                               grad_bias if grad_bias is not None else torch.empty(0))
