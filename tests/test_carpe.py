@@ -1,0 +1,245 @@
+"""carpe.py: behaviour of the CARPE wrapper on a tiny offline LLaVA."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from carpe import (CARPE, CarpeConfig, LEVI, LlavaBaseline, build_model, make_image_transform, positions_from_mask,
+                   tiny_llava, SYSTEM_PROMPT)
+from kernels import IGNORE_INDEX
+
+QUESTIONS = ["What color is the shape?", "How many shapes are there?", "Where is the circle?"]
+
+
+def image(seed, w=60, h=44):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def prompt(question, with_image=True):
+    return SYSTEM_PROMPT + " USER: " + ("<image>\n" if with_image else "") + question + " ASSISTANT:"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    llava, processor = tiny_llava(seed=0)
+    return llava, processor
+
+
+def batch(processor, questions, images, with_image):
+    """Left-padded prompts; images only for the samples that have one (HF LLaVA's layout)."""
+    texts = [prompt(q, w) for q, w in zip(questions, with_image)]
+    enc = processor.tokenizer(texts, return_tensors="pt", padding=True)
+    # expand <image> to the image tokens, as the processor does
+    enc = processor(text=texts, images=[im for im, w in zip(images, with_image) if w] or None,
+                    return_tensors="pt", padding=True)
+    pixel_values = make_image_transform(processor)([im for im, w in zip(images, with_image) if w])
+    return enc.input_ids, enc.attention_mask, pixel_values
+
+
+def randomise(module, seed=1, std=0.05):
+    """Give zero-initialised parts (integrator outputs, context encoder) random values, so the
+    tests see a non-trivial integrator and context encoder."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+
+
+def make_carpe(llava, **cfg):
+    model = CARPE(llava, CarpeConfig(integrator_heads=4, **cfg))
+    randomise(model.vision_integrator)
+    randomise(model.context_encoder, seed=2, std=0.5)
+    return model.eval()
+
+
+def test_vision_weight_zero_reproduces_vanilla_llava(tiny):
+    llava, processor = tiny
+    ids, mask, pix = batch(processor, QUESTIONS, [image(0), image(1), image(2)], [True, False, True])
+    assert (mask == 0).any(), "the batch should be left-padded"
+    model = make_carpe(llava, fixed_weights=(0.0, 1.0))
+    with torch.no_grad():
+        ours = model(input_ids=ids, attention_mask=mask, pixel_values=pix).logits
+        ref = llava(input_ids=ids, attention_mask=mask, pixel_values=pix, position_ids=positions_from_mask(mask)).logits
+    assert torch.equal(ours, ref)
+    ours = model.generate(ids, mask, pix, max_new_tokens=8, eos_token_id=2)
+    ref = llava.generate(input_ids=ids, attention_mask=mask, pixel_values=pix, max_new_tokens=8, do_sample=False)
+    assert torch.equal(ours, ref)
+    # the baseline wrapper too
+    ours = LlavaBaseline(llava).generate(ids, mask, pix, max_new_tokens=8, eos_token_id=2)
+    assert torch.equal(ours, ref)
+
+
+def test_mixed_weights_change_the_output(tiny):
+    llava, processor = tiny
+    ids, mask, pix = batch(processor, QUESTIONS[:2], [image(0), image(1)], [True, True])
+    with torch.no_grad():
+        vanilla = make_carpe(llava, fixed_weights=(0.0, 1.0))(input_ids=ids, attention_mask=mask, pixel_values=pix).logits
+        mixed = make_carpe(llava, fixed_weights=(0.5, 0.5))(input_ids=ids, attention_mask=mask, pixel_values=pix).logits
+    assert (vanilla - mixed).abs().max() > 1e-3
+
+
+def test_integrator_starts_as_identity(tiny):
+    llava, processor = tiny
+    model = CARPE(llava, CarpeConfig(integrator_heads=4)).eval()
+    ids, mask, pix = batch(processor, QUESTIONS[:1], [image(0)], [True])
+    prep = model.prepare(ids, mask, pix)
+    with torch.no_grad():
+        h_llm, h_query = model.run_language_model(prep["inputs_embeds"], mask, positions_from_mask(mask))
+        h_vision = model.integrate(h_query, model.memory_kv(prep["memory"]), prep["has_image"])
+    torch.testing.assert_close(h_vision, llava.model.language_model.norm(h_query))
+    assert torch.allclose(prep["weights"], torch.full_like(prep["weights"], 0.5))  # zero-init context encoder
+
+
+@pytest.mark.parametrize("method", ["carpe", "levi"])
+def test_causal(tiny, method):
+    """Changing token t+1 leaves every logit at positions <= t unchanged (fixed weights: with
+    labels=None the context pass reads the whole input by design)."""
+    llava, processor = tiny
+    if method == "carpe":
+        model = make_carpe(llava, fixed_weights=(0.5, 0.5))
+    else:
+        model = LEVI(llava, CarpeConfig(integrator_heads=4)).eval()
+        randomise(model.blocks)
+    ids, mask, pix = batch(processor, QUESTIONS[:2], [image(0), image(1)], [True, True])
+    t = ids.size(1) - 4
+    changed = ids.clone()
+    changed[:, t + 1] = (changed[:, t + 1] + 7) % 400 + 5
+    with torch.no_grad():
+        a = model(input_ids=ids, attention_mask=mask, pixel_values=pix).logits
+        b = model(input_ids=changed, attention_mask=mask, pixel_values=pix).logits
+    torch.testing.assert_close(a[:, :t + 1], b[:, :t + 1], rtol=0, atol=1e-6)
+    assert (a[:, t + 1:] - b[:, t + 1:]).abs().max() > 1e-4  # and the future does change
+
+
+def test_context_weights_ignore_image_and_answer_but_follow_instruction(tiny):
+    llava, processor = tiny
+    model = make_carpe(llava)
+    ids, mask, pix = batch(processor, QUESTIONS, [image(0), image(1), image(2)], [True, True, True])
+    with torch.no_grad():
+        w = model(input_ids=ids, attention_mask=mask, pixel_values=pix).context_weights
+        w_other_images = model(input_ids=ids, attention_mask=mask, pixel_values=pix.flip(0) * 0.5 + 1).context_weights
+    assert torch.equal(w, w_other_images)
+    assert (w[0] - w[1]).abs().max() > 1e-4 and (w[1] - w[2]).abs().max() > 1e-4  # instructions differ
+    torch.testing.assert_close(w.sum(-1), torch.ones(3))
+    # with labels, the answer tokens never reach the context pass (no target leak)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[:, -3:] = ids[:, -3:]
+    answer_changed = ids.clone()
+    answer_changed[:, -3:] = 77
+    with torch.no_grad():
+        w1 = model(input_ids=ids, attention_mask=mask, pixel_values=pix, labels=labels).context_weights
+        w2 = model(input_ids=answer_changed, attention_mask=mask, pixel_values=pix, labels=labels).context_weights
+    assert torch.equal(w1, w2)
+
+
+def trainable_names():
+    return ("llava.model.multi_modal_projector.", "llava.lm_head.", "vision_integrator.", "context_prompt",
+            "context_encoder.")
+
+
+def train_batch(processor, n=4):
+    """Prompt + answer with labels on the answer (right padding, like training)."""
+    texts, answers = [], ["red</s>", "two</s>", "left</s>", "blue square</s>"][:n]
+    tok = processor.tokenizer
+    rows, label_rows = [], []
+    for q, a in zip(QUESTIONS * 2, answers):
+        p_ids = processor(text=prompt(q), images=[image(len(rows))], return_tensors="pt").input_ids[0].tolist()
+        a_ids = tok(" " + a, add_special_tokens=False).input_ids
+        rows.append(p_ids + a_ids)
+        label_rows.append([IGNORE_INDEX] * len(p_ids) + a_ids)
+    T = max(map(len, rows))
+    ids = torch.full((n, T), tok.pad_token_id)
+    labels = torch.full((n, T), IGNORE_INDEX)
+    mask = torch.zeros(n, T, dtype=torch.long)
+    for i, (r, l) in enumerate(zip(rows, label_rows)):
+        ids[i, :len(r)] = torch.tensor(r)
+        labels[i, :len(l)] = torch.tensor(l)
+        mask[i, :len(r)] = 1
+    pix = make_image_transform(processor)([image(i) for i in range(n)])
+    return ids, mask, pix, labels
+
+
+def test_one_step_changes_only_the_trainable_set():
+    llava, processor = tiny_llava(seed=3)
+    model = CARPE(llava, CarpeConfig(integrator_heads=4))
+    # zero-initialised output projections and context encoder would give their upstream tensors
+    # an exactly-zero first gradient; randomise them so every trainable tensor must move
+    randomise(model.vision_integrator)
+    randomise(model.context_encoder, std=0.5)
+    model.train()
+    ids, mask, pix, labels = train_batch(processor)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for context_trainable in (False, True):
+        model.set_context_trainable(context_trainable)
+        opt = torch.optim.AdamW(model.param_groups(lr_adapter=1e-3, lr=1e-3), weight_decay=0.0)
+        model(input_ids=ids, attention_mask=mask, pixel_values=pix, labels=labels).loss.backward()
+        assert model.llava.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0  # through the frozen LM
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        for name, p in model.named_parameters():
+            moved = not torch.equal(before[name], p.detach())
+            is_context = name.startswith(("context_prompt", "context_encoder."))
+            should_move = name.startswith(trainable_names()) and (context_trainable or not is_context)
+            assert moved == should_move, f"{name}: moved={moved}, expected {should_move}"
+    lrs = {g["name"]: g["lr"] for g in CARPE(tiny_llava()[0], CarpeConfig(integrator_heads=4)).param_groups()}
+    assert lrs == {"adapter": 2e-5, "rest": 2e-4}
+
+
+@pytest.mark.parametrize("method", ["carpe", "levi"])
+def test_cached_generation_equals_full_recompute(tiny, method):
+    llava, processor = tiny
+    if method == "carpe":
+        model = make_carpe(llava)
+    else:
+        model = LEVI(llava, CarpeConfig(integrator_heads=4)).eval()
+        randomise(model.blocks)
+    ids, mask, pix = batch(processor, QUESTIONS, [image(0), image(1), image(2)], [True, False, True])
+    out = model.generate(ids, mask, pix, max_new_tokens=10, return_dict=True)
+    seq = ids
+    full_mask = mask
+    with torch.no_grad():
+        for _ in range(10):
+            kw = dict(context_mask=torch.cat([mask, torch.zeros_like(full_mask[:, mask.size(1):])], 1)) \
+                if method == "carpe" else {}
+            logits = model(input_ids=seq, attention_mask=full_mask, pixel_values=pix, **kw).logits
+            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
+            full_mask = torch.cat([full_mask, torch.ones_like(full_mask[:, :1])], 1)
+    assert torch.equal(out.sequences, seq)
+    assert out.context_weights.shape == (3, 2)
+
+
+def test_overfit_tiny_batch():
+    torch.manual_seed(0)
+    llava, processor = tiny_llava(seed=4)
+    model = CARPE(llava, CarpeConfig(integrator_heads=4))
+    model.set_context_trainable(True)
+    model.train()
+    ids, mask, pix, labels = train_batch(processor)
+    opt = torch.optim.AdamW(model.param_groups(lr_adapter=1e-2, lr=1e-2), weight_decay=0.0)
+    losses = []
+    for _ in range(50):
+        loss = model(input_ids=ids, attention_mask=mask, pixel_values=pix, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 10, losses[::10]
+
+
+def test_trainable_state_dict_round_trip_and_mismatch():
+    llava, _ = tiny_llava(seed=5)
+    model = make_carpe(llava)
+    state = {k: v.clone() for k, v in model.trainable_state_dict().items()}
+    assert set(state) and all(k.startswith(trainable_names()) for k in state)
+    other = CARPE(tiny_llava(seed=6)[0], CarpeConfig(integrator_heads=4))
+    other.load_trainable_state_dict(state)
+    for k, v in other.trainable_state_dict().items():
+        assert torch.equal(v, state[k])
+    with pytest.raises(ValueError, match="missing.*context_prompt"):
+        other.load_trainable_state_dict({k: v for k, v in state.items() if k != "context_prompt"})
+    bigger = CARPE(tiny_llava(seed=6, hidden=128)[0], CarpeConfig(integrator_heads=4))
+    with pytest.raises(ValueError, match="shape"):
+        bigger.load_trainable_state_dict(state)
+    with pytest.raises(ValueError, match="unknown method"):
+        build_model("clip", llava)
