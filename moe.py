@@ -362,6 +362,11 @@ class VisionMoE(nn.Module):
     def n_experts(self):
         return len(self.expert_names)
 
+    @property
+    def experts(self):
+        """The ExpertConfig list, in router order (len() = number of experts)."""
+        return self.config.experts
+
     def is_trainable_name(self, name):
         """Name relative to this module: adapters and router train, encoders stay frozen."""
         return name.startswith(("llm_adapters.", "raw_adapters.", "router."))
