@@ -207,7 +207,7 @@ class CARPE(nn.Module):
         self.to(device=llava.lm_head.weight.device)
         self.apply_freezing()
         if config.gradient_checkpointing:
-            self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.language_model.activation_checkpointing_enable({"use_reentrant": False})
 
     # --- parts of the wrapped LLaVA --------------------------------------------------------
     @property

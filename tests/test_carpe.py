@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from carpe import (CARPE, CarpeConfig, LEVI, LlavaBaseline, build_model, make_image_transform, positions_from_mask,
                    tiny_llava, SYSTEM_PROMPT)
@@ -243,3 +244,33 @@ def test_trainable_state_dict_round_trip_and_mismatch():
         bigger.load_trainable_state_dict(state)
     with pytest.raises(ValueError, match="unknown method"):
         build_model("clip", llava)
+
+
+class CountOp(TorchDispatchMode):
+    def __init__(self, op):
+        super().__init__()
+        self.op, self.count = op, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is self.op
+        return func(*args, **(kwargs or {}))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    ids, mask, pix, labels = train_batch(tiny_llava(seed=7)[1])
+    grads = []
+    for checkpointing in (False, True):
+        model = CARPE(tiny_llava(seed=7)[0], CarpeConfig(integrator_heads=4, gradient_checkpointing=checkpointing))
+        torch.manual_seed(0)
+        randomise(model.vision_integrator)
+        randomise(model.context_encoder, std=0.5)
+        model.set_context_trainable(True)
+        model.train()
+        loss = model(input_ids=ids, attention_mask=mask, pixel_values=pix, labels=labels).loss
+        with CountOp(torch.ops.aten.silu.default) as silu:  # the LM's MLP activation
+            loss.backward()
+        assert (silu.count > 0) == checkpointing  # the backward recomputes the checkpointed layers
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and "context_prompt" in grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7)
