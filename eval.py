@@ -951,6 +951,17 @@ def resolve_dtype(name, device):
     return dict(float32=torch.float32, float16=torch.float16, bfloat16=torch.bfloat16)[name]
 
 
+def tiny_default_base():
+    """--preset tiny without --base: train.py's cached pre-stage base when it exists (a tiny LLaVA
+    trained on the synthetic data, so 'vanilla LLaVA' rows are meaningful), else 'tiny'."""
+    try:
+        import train
+        path = train.prestage_dir(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache"))
+    except (ImportError, AttributeError):
+        return "tiny"
+    return path if os.path.isfile(os.path.join(path, "tiny_llava.json")) else "tiny"
+
+
 def load_model(args, device):
     """-> (model, processor, image_transform, description dict). Rank 0 merges the WiSE-FT weights."""
     dtype = resolve_dtype(args.dtype, device)
@@ -1190,7 +1201,8 @@ def parse_args(argv=None):
     p.add_argument("--ckpt", default=None, help="a train.py run dir (config.json + model.safetensors), CARPE or MoE or a baseline")
     p.add_argument("--method", default=None, choices=["llava", "carpe", "imagenet-ft", "levi"],
                    help="without --ckpt: the model built around --base (llava = vanilla LLaVA, no CARPE modules; default llava)")
-    p.add_argument("--base", default=None, help="base LLaVA: an HF id, an HF dir or a tiny-base dir (default: the preset's)")
+    p.add_argument("--base", default=None, help="base LLaVA: an HF id, an HF dir, a tiny-base dir, or 'tiny' (the random "
+                   "tiny LLaVA); default: the preset's (tiny: train.py's cached pre-stage base if present, else 'tiny')")
     p.add_argument("--preset", default="llava-7b", choices=list(PRESETS), help="defaults for base, data root, batch size, dtype")
     p.add_argument("--data-root", default=None, help="root of the benchmark folders (default: the preset's)")
     p.add_argument("--out", default=None, help="output folder (default <ckpt>/eval, else runs/eval-<method>)")
@@ -1214,6 +1226,9 @@ def parse_args(argv=None):
     for key in ("base", "data_root", "batch_size", "workers", "dtype"):
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
+    base_given = any(a == "--base" or a.startswith("--base=") for a in (argv if argv is not None else sys.argv[1:]))
+    if args.preset == "tiny" and args.base == "tiny" and not base_given:
+        args.base = tiny_default_base()
     if args.max_new_tokens is None:
         args.max_new_tokens = preset["max_new_tokens"]
     if args.table is None:
