@@ -895,6 +895,28 @@ def check_same_tensors(index_a, index_b, a, b):
             raise ValueError(f"--wise-ft: tensor {key} has shape {index_a[key][1]} in {a} but {index_b[key][1]} in {b}")
 
 
+def base_side_of_run(run_dir, base, out_dir):
+    """A copy of run dir `run_dir` whose weights are `base`'s own values of the tensors the run
+    trains: the zero-shot end of WiSE-FT for a run trained from `base` (for an imagenet-ft run,
+    the base's projector; for methods that add modules, their fresh seeded init)."""
+    from safetensors.torch import save_file
+    with open(os.path.join(run_dir, "config.json")) as f:
+        run = json.load(f)
+    if run.get("moe"):
+        raise ValueError(f"--wise-ft: {run_dir} is a CARPE-MoE run; pair it with another run dir, not with a base")
+    if base == "tiny":
+        llava, _ = carpe.tiny_llava()
+    else:  # on CPU, in half precision: the 7B base never needs a GPU here
+        llava, _ = carpe.load_base(base, dtype=None if os.path.isfile(os.path.join(base, "tiny_llava.json")) else torch.float16)
+    cfg = carpe.CarpeConfig.from_dict(run["carpe"]) if run.get("carpe") else None
+    model = carpe.build_model(run["method"], llava, cfg)
+    os.makedirs(out_dir, exist_ok=True)
+    shutil.copy(os.path.join(run_dir, "config.json"), os.path.join(out_dir, "config.json"))
+    state = {k: v.detach().float().contiguous() for k, v in model.trainable_state_dict().items()}
+    save_file(state, os.path.join(out_dir, "model.safetensors"))
+    return out_dir
+
+
 def interpolate_weights(a, b, alpha, out_dir):
     """Write (1 - alpha) * A + alpha * B into out_dir, a copy of folder A (its other files copied as
     they are), one of A's shards at a time, on CPU. Returns out_dir."""
@@ -971,10 +993,14 @@ def load_model(args, device):
         a, b = args.wise_ft
         merged = os.path.join(args.out, "wise_ft_weights")
         if int(os.environ.get("RANK", 0)) == 0:
+            if is_run_dir(a) != is_run_dir(b):  # a base against a run of it: the base side of the run's tensors
+                run, other = (a, b) if is_run_dir(a) else (b, a)
+                side = base_side_of_run(run, other, os.path.join(args.out, "wise_ft_base_side"))
+                a, b = (a, side) if run == a else (side, b)
             print0(f"WiSE-FT: {1 - args.alpha:g} * {a} + {args.alpha:g} * {b} -> {merged}")
             interpolate_weights(a, b, args.alpha, merged)
         barrier()
-        if is_run_dir(a):
+        if is_run_dir(merged):  # a copy of A's folder (or of the run's base side)
             ckpt = merged
         else:
             base = merged

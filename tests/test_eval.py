@@ -333,6 +333,9 @@ def test_wise_ft_eval_at_alpha0_is_endpoint_a(run_dirs, tiny_data, tmp_path):
     E.main(common + ["--wise-ft", a, b, "--alpha", "0", "--out", str(tmp_path / "w")])
     pa = read_jsonl(str(tmp_path / "a" / "mmvp" / "predictions.jsonl"))
     pw = read_jsonl(str(tmp_path / "w" / "mmvp" / "predictions.jsonl"))
+    E.main(common + ["--ckpt", b, "--out", str(tmp_path / "b")])
+    pb = read_jsonl(str(tmp_path / "b" / "mmvp" / "predictions.jsonl"))
+    assert [p["answer"] for p in pa] != [p["answer"] for p in pb]  # A and B differ, so the check can fail
     assert [p["answer"] for p in pa] == [p["answer"] for p in pw]
 
 
@@ -445,3 +448,22 @@ def test_tiny_training_run_beats_chance_and_base(tmp_path):
     print(f"tiny ImageNet (synthetic shapes): base LLaVA {scores['llava']:.1f}, CARPE {scores['carpe']:.1f}, chance {chance:.1f}")
     assert scores["carpe"] > 2 * chance, scores
     assert scores["carpe"] > scores["llava"], scores
+
+
+def test_wise_ft_base_against_its_imagenet_ft_run(run_dirs, tiny_data, tmp_path):
+    """The paper's WiSE-FT in our harness: --wise-ft BASE RUN interpolates the run's projector
+    with the base's own projector; alpha 0 is vanilla LLaVA, alpha 1 the fine-tuned run."""
+    from safetensors.torch import load_file
+    base, (run, _) = run_dirs
+    common = ["--bench", "mmvp", "--preset", "tiny", "--data-root", tiny_data]
+    E.main(common + ["--base", base, "--method", "llava", "--out", str(tmp_path / "vanilla")])
+    E.main(common + ["--ckpt", run, "--out", str(tmp_path / "ft")])
+    E.main(common + ["--wise-ft", base, run, "--alpha", "0", "--out", str(tmp_path / "w0")])
+    E.main(common + ["--wise-ft", base, run, "--alpha", "1", "--out", str(tmp_path / "w1")])
+    answers = lambda d: [p["answer"] for p in read_jsonl(str(tmp_path / d / "mmvp" / "predictions.jsonl"))]
+    assert answers("vanilla") != answers("ft")  # the endpoints differ, so the checks below can fail
+    assert answers("w0") == answers("vanilla") and answers("w1") == answers("ft")
+    side = load_file(str(tmp_path / "w0" / "wise_ft_base_side" / "model.safetensors"))
+    llava, _ = carpe.load_base(base)
+    proj = {f"llava.model.{k}": v for k, v in llava.model.named_parameters() if k.startswith("multi_modal_projector.")}
+    assert side.keys() == proj.keys() and all(torch.equal(side[k], proj[k]) for k in proj)
