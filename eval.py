@@ -68,12 +68,20 @@ Choices where the issue and DESIGN.md are silent:
     dealt to ranks round-robin, so a sharded run sees the same batches as a single process.
   - --limit N keeps the first N items in file order (for MMBench: N whole circular groups are
     not guaranteed; use it for smoke tests only).
-  - WiSE-FT accepts, for A and B alike: a train.py run dir (its model.safetensors: the trainable
-    tensors), an HF model dir (model.safetensors or *.safetensors shards, with or without
-    model.safetensors.index.json), or a tiny-base dir (carpe.save_tiny_base). Both must have the
-    same tensor names and shapes. The merge runs on CPU one shard at a time:
-    (1 - alpha) * A + alpha * B in fp32, cast back to A's dtype (so alpha 0 / 1 give A / B
-    exactly); the merged copy of A's folder goes to <out>/wise_ft_weights/ and is loaded from there.
+  - WiSE-FT (--wise-ft A B --alpha a) accepts, for A and B alike: a train.py run dir (its
+    model.safetensors: the trainable tensors), an HF model dir (model.safetensors or *.safetensors
+    shards, with or without model.safetensors.index.json), or a tiny-base dir
+    (carpe.save_tiny_base). Both must have the same tensor names and shapes, else the error names
+    the first tensor that differs. The merge runs on CPU one shard at a time:
+    (1 - a) * A + a * B in fp32, cast back to A's dtype (so a = 0 / 1 give A / B exactly); the
+    merged copy of A's folder goes to <out>/wise_ft_weights/ and is loaded from there.
+    One pairing of kinds is allowed: a base (HF id / dir / tiny-base dir) with a run dir trained
+    from it. The base side is then the base's own values of the run's trainable tensors (for an
+    imagenet-ft run, the base projector), written to <out>/wise_ft_base_side/. So
+    `--wise-ft llava-hf/llava-1.5-7b-hf runs/imagenet-ft --alpha 0.5` is the paper's WiSE-FT
+    row made from our own ImageNet fine-tune.
+  - The paper's Table 2/3 averages are its rows' means truncated (not rounded) to one decimal
+    (CARPE 45.48 -> 45.4, SPHINX 69.47 -> 69.4); our tables round.
 """
 import argparse
 import base64
