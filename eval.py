@@ -1250,7 +1250,8 @@ def parse_args(argv=None):
                    help="model dtype (auto: float16 on GPU, float32 on CPU)")
     p.add_argument("--integrator-heads", type=int, default=32, help="CarpeConfig.integrator_heads for a model built without --ckpt")
     p.add_argument("--wise-ft", nargs=2, metavar=("A", "B"), default=None,
-                   help="WiSE-FT: evaluate (1 - alpha) * A + alpha * B; A, B: run dirs, HF dirs or tiny-base dirs with the same tensors")
+                   help="WiSE-FT: evaluate (1 - alpha) * A + alpha * B; A, B: two run dirs, two HF / tiny-base dirs with the "
+                   "same tensors, or a base (HF id or dir) and a run dir trained from it")
     p.add_argument("--alpha", type=float, default=0.5, help="WiSE-FT mixing coefficient (0 = A, 1 = B)")
     p.add_argument("--table", nargs="+", metavar="DIR", default=None,
                    help="only print one Markdown table (Tables 2-4) with a row per eval dir (or run dir with eval/)")
