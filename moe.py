@@ -325,6 +325,46 @@ def build_encoder(expert: ExpertConfig, dtype):
     raise ValueError(f"expert {expert.name!r}: family {expert.family!r} has no encoder builder")
 
 
+def encoder_layers(encoder):
+    """The ModuleList of transformer blocks of a CLIP / SigLIP / DINOv2 vision model."""
+    for path in ("encoder.layers", "vision_model.encoder.layers", "encoder.layer"):
+        module = encoder
+        for attr in path.split("."):
+            module = getattr(module, attr, None)
+        if isinstance(module, nn.ModuleList):
+            return module
+    raise TypeError(f"cannot find the encoder layers of {type(encoder).__name__}")
+
+
+def hidden_state_at(encoder, pixel_values, index):
+    """What encoder(pixel_values, output_hidden_states=True).hidden_states[index] holds (index
+    0 = the embeddings, i = the output of block i-1), taken with a forward hook. Why not
+    output_hidden_states: transformers 5 finds the modules to record by the model's class name,
+    which FSDP2's fully_shard changes (FSDPCLIPVisionModel), and then returns hidden_states=None."""
+    layers = encoder_layers(encoder)
+    n = len(layers)
+    i = index + n + 1 if index < 0 else index
+    if not 0 <= i <= n:
+        raise ValueError(f"feature layer {index} is outside the {n + 1} hidden states of {type(encoder).__name__}")
+    captured = {}
+
+    def keep_input(module, args, kwargs):
+        captured["h"] = args[0] if args else kwargs["hidden_states"]
+
+    def keep_output(module, args, out):
+        captured["h"] = out[0] if isinstance(out, tuple) else out
+
+    if i == 0:  # the input of the first block
+        handle = layers[0].register_forward_pre_hook(keep_input, with_kwargs=True)
+    else:
+        handle = layers[i - 1].register_forward_hook(keep_output)
+    try:
+        encoder(pixel_values)
+    finally:
+        handle.remove()
+    return captured["h"]
+
+
 def patch_grid(encoder, expert: ExpertConfig):
     """Side of the expert's patch grid at its input size."""
     return expert.image_size // encoder.config.patch_size
@@ -382,14 +422,16 @@ class VisionMoE(nn.Module):
         enc = self.encoders[name]
         layer = self.base_feature_layer if e.family == "base_clip" else e.feature_layer
         with torch.no_grad():
-            out = enc(pixel_values.to(device=enc.device, dtype=enc.dtype), output_hidden_states=True)
-            feats = out.hidden_states[layer]  # (k, prefix + g_e^2, D_e)
+            feats = hidden_state_at(enc, pixel_values.to(dtype=self.encoder_dtype(name)), layer)  # (k, prefix + g_e^2, D_e)
         g = pixel_values.size(-1) // enc.config.patch_size
         prefix = feats.size(1) - g * g
         if prefix != int(e.has_cls):
             raise ValueError(f"expert {name!r}: {feats.size(1)} tokens for a {g}x{g} grid; expected "
                              f"{int(e.has_cls)} prefix token(s) (has_cls={e.has_cls})")
         return feats[:, prefix:]
+
+    def encoder_dtype(self, name):
+        return next(self.encoders[name].parameters()).dtype
 
     def resample(self, feats):
         """(k, g_e^2, D) -> (k, g^2, D) on the base grid by adaptive average pooling."""
@@ -439,7 +481,7 @@ class VisionMoE(nn.Module):
             idx = torch.nonzero(route == e)[:, 0]  # samples sent to expert e
             if idx.numel() == 0:
                 continue
-            emb, mem = self.expert_path(name, pixel_values[name][idx])  # (k, P, d) x 2
+            emb, mem = self.expert_path(name, pixel_values[name].to(h_ctx.device)[idx])  # (k, P, d) x 2
             if image_embeds is None:
                 image_embeds = emb.new_zeros(n, *emb.shape[1:])
                 memory = mem.new_zeros(n, *mem.shape[1:])
@@ -447,7 +489,22 @@ class VisionMoE(nn.Module):
             memory = memory.index_copy(0, idx, mem)
         image_embeds = image_embeds * scale[:, None, None].to(image_embeds.dtype)
         memory = memory * scale[:, None, None].to(memory.dtype)
-        return image_embeds, memory, switch_balance_loss(probs, route), route
+        balance_loss = switch_balance_loss(probs, route)
+        if torch.is_grad_enabled():
+            balance_loss = balance_loss + self.zero_touch_unused(route)
+        return image_embeds, memory, balance_loss, route
+
+    def zero_touch_unused(self, route):
+        """0 * (sum of the adapters of the experts no sample chose): their gradients become zeros
+        instead of None. Under FSDP2 every rank must reduce-scatter the same tensors (else gloo /
+        NCCL see mismatched sizes), and DDP then needs no unused-parameter search for them."""
+        used = set(route.unique().tolist())
+        params = [p for e, name in enumerate(self.expert_names) if e not in used
+                  for module in (self.llm_adapters[name], self.raw_adapters[name])
+                  for p in module.parameters() if p.requires_grad]
+        if not params:
+            return 0.0
+        return 0.0 * sum(p.float().sum() for p in params)
 
     # --- logging ----------------------------------------------------------------------------
     def routing_histogram(self, route):

@@ -205,8 +205,32 @@ def test_only_the_chosen_experts_encoder_runs():
         encoder.register_forward_hook(lambda m, args, kwargs, out, name=name: calls[name].append(
             (args[0] if args else kwargs["pixel_values"]).size(0)), with_kwargs=True)
     routes = [0, 2, 2, 3]
-    vm(vm.preprocess(solid_images(4)), forced_h_ctx(vm, routes))
+    h_ctx = forced_h_ctx(vm, routes)
+    image_embeds, memory, balance_loss, route = vm(vm.preprocess(solid_images(4)), h_ctx)
     assert calls == {"clip": [1], "siglip": [], "dinov2": [2], "cumo": [1]}
+    # the unused expert's adapters still get a (zero) gradient, so that every rank of FSDP2 / DDP
+    # reduces the same tensors; the used ones get a real one
+    (image_embeds.square().mean() + memory.square().mean() + balance_loss).backward()
+    for name in vm.expert_names:
+        for p in list(vm.llm_adapters[name].parameters()) + list(vm.raw_adapters[name].parameters()):
+            assert p.grad is not None, name
+            assert (p.grad.abs().max() == 0) == (name == "siglip"), name
+    with torch.no_grad():
+        probs = vm.route_probs(h_ctx)
+        assert balance_loss.item() == pytest.approx(moe.switch_balance_loss(probs, route).item())
+
+
+def test_features_are_the_hidden_state_the_config_names():
+    """hidden_state_at (forward hooks, which survive FSDP2's class swap) == output_hidden_states."""
+    llava, processor, vm = fresh_moe()
+    pixel_values = vm.preprocess(solid_images(2))
+    for name, encoder in vm.encoders.items():
+        with torch.no_grad():
+            want = encoder(pixel_values[name], output_hidden_states=True).hidden_states
+            for index in (-2, 0, 1):
+                assert torch.equal(moe.hidden_state_at(encoder, pixel_values[name], index), want[index]), (name, index)
+    with pytest.raises(ValueError, match="outside"):
+        moe.hidden_state_at(vm.encoders["cumo"], pixel_values["cumo"], -5)
 
 
 def test_every_expert_is_resampled_to_the_base_grid():
@@ -399,11 +423,24 @@ def train_supports_moe():
     return os.path.isfile(path) and "--moe" in open(path).read()
 
 
-@pytest.mark.skipif(not train_supports_moe(), reason="train.py has no --moe flag yet")
-def test_torchrun_train_moe_tiny(tmp_path):
+def train_fsdp_handles_moe():
+    """FSDP2 --moe needs train.py to keep the frozen expert encoders out of FSDP (see moe.py)."""
+    path = os.path.join(ROOT, "train.py")
+    return train_supports_moe() and "vision_moe.encoders" in open(path).read()
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_torchrun_train_moe_tiny(tmp_path, parallel):
+    if not train_supports_moe():
+        pytest.skip("train.py has no --moe flag yet")
+    if parallel == "fsdp" and not train_fsdp_handles_moe():
+        pytest.skip("train.py --fsdp still shards the base vision tower on its own, which deadlocks --moe "
+                    "(ranks that route no image to clip skip its all-gather)")
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
            os.path.join(ROOT, "train.py"), "--moe", "--preset", "tiny", "--max-steps", "4", "--out", str(out)]
+    if parallel == "fsdp":
+        cmd.append("--fsdp")
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=480,
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
@@ -414,6 +451,8 @@ def test_torchrun_train_moe_tiny(tmp_path):
     assert len(records) == 4 and all(r["balance_loss"] >= 0.0 for r in records)
     total = torch.tensor([r["route_hist"] for r in records]).sum(0)
     assert total.numel() == 4 and (total > 0).sum() > 1, total
+    if parallel == "fsdp":
+        return
     # the run folder loads back as a CARPE-MoE (what eval.py does) and routes by the text
     model, processor, image_transform = carpe.load_run(str(out))
     assert isinstance(model.vision_moe, moe.VisionMoE) and image_transform == model.vision_moe.preprocess
