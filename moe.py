@@ -29,7 +29,7 @@ Choices made where the paper / issue are silent:
    outputs by p / p.detach(), where p is the chosen expert's router probability: the forward value
    is exactly the expert's output (the factor is exactly 1.0) and d out / d p = out / p reaches the
    router. "gate" multiplies by p itself (Switch Transformer style; the forward value changes).
- - The router is fp32 math on h_ctx; a zero-bias nn.Linear with PyTorch's default weight init (a
+ - The router is fp32 math on h_ctx (autocast off); a zero-bias nn.Linear with PyTorch's default weight init (a
    zero init would tie every sample to expert 0).
  - Balance loss: Switch-style n_experts * sum_e f_e * P_e over the images of the local batch
    (f_e = share of images routed to e, P_e = mean router probability of e); CARPE adds
@@ -455,7 +455,9 @@ class VisionMoE(nn.Module):
     # --- routing ----------------------------------------------------------------------------
     def route_probs(self, h_ctx):
         """(n, d) -> router probabilities (n, E), fp32."""
-        return torch.softmax(self.router(h_ctx.to(self.router.weight.dtype)).float(), dim=-1)
+        with torch.autocast(h_ctx.device.type, enabled=False):  # route decisions in fp32 math
+            logits = F.linear(h_ctx.float(), self.router.weight.float(), self.router.bias.float())  # (n, E)
+        return torch.softmax(logits, dim=-1)
 
     def forward(self, pixel_values, h_ctx):
         """pixel_values: dict expert name -> (n, 3, S_e, S_e); h_ctx (n, d) context hidden states.
