@@ -436,8 +436,12 @@ def test_torchrun_train_moe_tiny(tmp_path, parallel):
     if parallel == "fsdp" and not train_fsdp_handles_moe():
         pytest.skip("train.py --fsdp still shards the base vision tower on its own, which deadlocks --moe "
                     "(ranks that route no image to clip skip its all-gather)")
+    import socket
+    with socket.socket() as sock:  # a free port, so parallel torchrun tests do not collide
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
            os.path.join(ROOT, "train.py"), "--moe", "--preset", "tiny", "--max-steps", "4", "--out", str(out)]
     if parallel == "fsdp":
         cmd.append("--fsdp")
