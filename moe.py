@@ -42,7 +42,15 @@ Choices made where the paper / issue are silent:
    tensor). VisionMoE holds its own raw adapters for all four experts; CARPE's
    vision_integrator.raw_adapter is unused under MoE (it stays in the checkpoint, untouched).
    Likewise the clip encoder is the base's vision_tower (shared, frozen).
- - Encoders are frozen and run under no_grad (nothing upstream of their output trains).
+ - Encoders are frozen and run under no_grad (nothing upstream of their output trains). Their
+   features are taken with a forward hook on the block, not output_hidden_states: transformers 5
+   looks up what to record by the model's class name, which FSDP2's fully_shard changes, and then
+   silently returns hidden_states=None.
+ - Experts that no sample of the batch chose get zero (not None) adapter gradients through a
+   0 * sum(params) term in the balance loss, so every rank reduces the same tensors (FSDP2's
+   reduce-scatter sizes must match across ranks). With train.py --fsdp the frozen encoders must stay
+   outside FSDP (ignored_params): a rank that routes nothing to an expert never calls its encoder,
+   so a separately sharded tower would miss its all-gather on that rank.
  - New modules (adapters, router, tiny experts) are initialised under MoEConfig.seed without
    touching the global RNG.
 
