@@ -1027,7 +1027,8 @@ def load_model(args, device):
         model.to(device=device, dtype=dtype)
         image_transform = carpe.make_image_transform(processor)
     model.eval()
-    return model, processor, image_transform, dict(method=method, ckpt=args.ckpt, base=base if not ckpt else None,
+    norm = lambda p: os.path.normpath(p) if p and os.path.exists(p) else p  # ./runs/x and runs/x are one run
+    return model, processor, image_transform, dict(method=method, ckpt=norm(args.ckpt), base=norm(base) if not ckpt else None,
                                                              wise_ft=args.wise_ft, alpha=args.alpha if args.wise_ft else None)
 
 
