@@ -467,3 +467,18 @@ def test_wise_ft_base_against_its_imagenet_ft_run(run_dirs, tiny_data, tmp_path)
     llava, _ = carpe.load_base(base)
     proj = {f"llava.model.{k}": v for k, v in llava.model.named_parameters() if k.startswith("multi_modal_projector.")}
     assert side.keys() == proj.keys() and all(torch.equal(side[k], proj[k]) for k in proj)
+
+
+def test_closed_world_prompt_lists_every_label_shuffled_per_item(tiny_data):
+    items = E.read_bench("imagenet", tiny_data, world="closed")
+    labels = sorted({it["meta"]["label"] for it in items})
+    lists = []
+    for it in items:
+        q = it["question"]
+        assert q.startswith('What type of object is in this photo? Choose one from "') and q.endswith('".')
+        listed = q.split('"')[1].split(", ")
+        assert sorted(listed) == labels
+        lists.append(tuple(listed))
+    assert len(set(lists)) > 1  # the order changes from item to item ...
+    again = E.read_bench("imagenet", tiny_data, world="closed")
+    assert [it["question"] for it in again] == [it["question"] for it in items]  # ... but never between runs or ranks
