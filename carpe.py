@@ -400,11 +400,50 @@ class CARPE(nn.Module):
 # -----------------------------------------------------------------------------
 # pieces of the LLaVA forward, shared by CARPE and the baselines
 
+def encoder_layers(encoder):
+    """The ModuleList of transformer blocks of a CLIP / SigLIP / DINOv2 vision model."""
+    for path in ("encoder.layers", "vision_model.encoder.layers", "encoder.layer"):
+        module = encoder
+        for attr in path.split("."):
+            module = getattr(module, attr, None)
+        if isinstance(module, nn.ModuleList):
+            return module
+    raise TypeError(f"cannot find the encoder layers of {type(encoder).__name__}")
+
+
+def hidden_state_at(encoder, pixel_values, index):
+    """What encoder(pixel_values, output_hidden_states=True).hidden_states[index] holds (index
+    0 = the embeddings, i = the output of block i-1), taken with a forward hook. Why not
+    output_hidden_states: transformers 5 finds the modules to record by the model's class name,
+    which FSDP2's fully_shard changes (FSDPCLIPVisionModel), and then returns hidden_states=None."""
+    layers = encoder_layers(encoder)
+    n = len(layers)
+    i = index + n + 1 if index < 0 else index
+    if not 0 <= i <= n:
+        raise ValueError(f"feature layer {index} is outside the {n + 1} hidden states of {type(encoder).__name__}")
+    captured = {}
+
+    def keep_input(module, args, kwargs):
+        captured["h"] = args[0] if args else kwargs["hidden_states"]
+
+    def keep_output(module, args, out):
+        captured["h"] = out[0] if isinstance(out, tuple) else out
+
+    if i == 0:  # the input of the first block
+        handle = layers[0].register_forward_pre_hook(keep_input, with_kwargs=True)
+    else:
+        handle = layers[i - 1].register_forward_hook(keep_output)
+    try:
+        encoder(pixel_values)
+    finally:
+        handle.remove()
+    return captured["h"]
+
+
 def raw_vision_features(llava, pixel_values):
     """Raw features from the tower layer the projector reads, CLS dropped: (n_img, P, Dv)."""
     cfg = llava.config
-    out = llava.model.vision_tower(pixel_values, output_hidden_states=True)
-    feats = out.hidden_states[cfg.vision_feature_layer]
+    feats = hidden_state_at(llava.model.vision_tower, pixel_values, cfg.vision_feature_layer)
     if cfg.vision_feature_select_strategy == "default":
         feats = feats[:, 1:]  # drop CLS
     return feats

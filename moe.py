@@ -79,7 +79,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from carpe import MLP
+from carpe import MLP, encoder_layers, hidden_state_at
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -331,46 +331,6 @@ def build_encoder(expert: ExpertConfig, dtype):
         model = build_clip_moe(cumo_vision_config(), expert.moe_experts, expert.moe_top_k)
         return load_cumo_state(model, read_checkpoint_tensors(expert.model_id, CUMO_PREFIX), source=expert.model_id)
     raise ValueError(f"expert {expert.name!r}: family {expert.family!r} has no encoder builder")
-
-
-def encoder_layers(encoder):
-    """The ModuleList of transformer blocks of a CLIP / SigLIP / DINOv2 vision model."""
-    for path in ("encoder.layers", "vision_model.encoder.layers", "encoder.layer"):
-        module = encoder
-        for attr in path.split("."):
-            module = getattr(module, attr, None)
-        if isinstance(module, nn.ModuleList):
-            return module
-    raise TypeError(f"cannot find the encoder layers of {type(encoder).__name__}")
-
-
-def hidden_state_at(encoder, pixel_values, index):
-    """What encoder(pixel_values, output_hidden_states=True).hidden_states[index] holds (index
-    0 = the embeddings, i = the output of block i-1), taken with a forward hook. Why not
-    output_hidden_states: transformers 5 finds the modules to record by the model's class name,
-    which FSDP2's fully_shard changes (FSDPCLIPVisionModel), and then returns hidden_states=None."""
-    layers = encoder_layers(encoder)
-    n = len(layers)
-    i = index + n + 1 if index < 0 else index
-    if not 0 <= i <= n:
-        raise ValueError(f"feature layer {index} is outside the {n + 1} hidden states of {type(encoder).__name__}")
-    captured = {}
-
-    def keep_input(module, args, kwargs):
-        captured["h"] = args[0] if args else kwargs["hidden_states"]
-
-    def keep_output(module, args, out):
-        captured["h"] = out[0] if isinstance(out, tuple) else out
-
-    if i == 0:  # the input of the first block
-        handle = layers[0].register_forward_pre_hook(keep_input, with_kwargs=True)
-    else:
-        handle = layers[i - 1].register_forward_hook(keep_output)
-    try:
-        encoder(pixel_values)
-    finally:
-        handle.remove()
-    return captured["h"]
 
 
 def patch_grid(encoder, expert: ExpertConfig):
