@@ -16,8 +16,9 @@ Choices where the paper is silent (also in the README):
  - --max-steps stops training and sets the schedule length (HF semantics); without it the
    schedule spans --epochs. The tail of an epoch that does not fill a global batch is dropped.
  - Distributed: DDP (find_unused_parameters, since a micro-batch without images leaves the
-   projector and integrator without gradient) or FSDP2 (fully_shard per LM decoder layer, the
-   vision tower, then the rest). The context prompt and encoder are kept out of both: they are
+   projector and integrator without gradient) or FSDP2 (fully_shard per LM decoder layer, then
+   the rest as one unit; the vision tower is not a unit of its own, since HF's hidden-state
+   recording breaks under an FSDP-wrapped CLIP tower). The context prompt and encoder are kept out of both: they are
    tiny, their requires_grad flips after epoch 1, and their gradients are averaged by hand.
  - GPU: the frozen base in bf16, trainable tensors in fp32, bf16 autocast; under FSDP a
    MixedPrecisionPolicy(bf16 params, fp32 reduce). CPU: fp32 throughout.
@@ -33,6 +34,7 @@ Choices where the paper is silent (also in the README):
    <out>/config.json + <out>/model.safetensors (what carpe.load_run / eval.py --ckpt read).
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -157,8 +159,14 @@ def barrier():
 
 
 def all_reduce_sum(t):
+    """In-place sum over ranks of a CPU tensor (NCCL needs it on the GPU for the trip)."""
     if dist.is_initialized():
-        dist.all_reduce(t)
+        if dist.get_backend() == "nccl":
+            on_gpu = t.cuda()
+            dist.all_reduce(on_gpu)
+            t.copy_(on_gpu.cpu())
+        else:
+            dist.all_reduce(t)
     return t
 
 
@@ -219,7 +227,10 @@ def train_tiny_base(synthetic_root, out_dir):
     with open(os.path.join(tmp, "prestage.json"), "w") as f:
         json.dump(dict(PRESTAGE, first_loss=losses[0], final_loss=sum(losses[-10:]) / 10,
                        steps_per_epoch=steps_per_epoch), f, indent=2)
-    os.rename(tmp, out_dir)
+    try:
+        os.rename(tmp, out_dir)
+    except OSError:  # another process (e.g. a concurrent run) finished the same pre-stage first
+        shutil.rmtree(tmp, ignore_errors=True)
     print0(f"tiny base pre-stage: loss {losses[0]:.3f} -> {sum(losses[-10:]) / 10:.3f} in {PRESTAGE['steps']} steps; "
            f"saved to {out_dir}")
 
@@ -294,7 +305,6 @@ def wrap_model(args, model, device, world):
             else MixedPrecisionPolicy()
         for layer in model.llava.model.language_model.layers:
             fully_shard(layer, mesh=mesh, mp_policy=mp)
-        fully_shard(model.llava.model.vision_tower, mesh=mesh, mp_policy=mp)
         fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=context_params or None)
         forward_model = model
     else:
@@ -574,7 +584,7 @@ def main(argv=None):
             loss = sums[0].item() / (accum * world)
             if not math.isfinite(loss):
                 raise RuntimeError(f"non-finite loss {loss} at step {step + 1} (epoch {epoch + 1}); stopping. "
-                                   f"The last good checkpoint is {last_ckpt or list_checkpoints(args.out)[-1:] or 'none'} "
+                                   f"The last good checkpoint is {last_ckpt or (list_checkpoints(args.out) or ['none'])[-1]} "
                                    f"(resume it with --resume, maybe with a lower --lr)")
             grad_norm = clip_grad_norm(trainable, args.grad_clip)
             lrs = {f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}
@@ -612,17 +622,18 @@ def main(argv=None):
         save_safetensors_atomic(weights, os.path.join(args.out, "model.safetensors"))
         write_json_atomic(os.path.join(args.out, "config.json"), run_config)
     # a cheap cross-rank check that training kept the replicas identical
-    checksum = torch.tensor([float(sum(t.double().sum() + t.double().abs().sum() for t in weights.values()))],
-                            dtype=torch.float64)
-    checksums = [torch.zeros_like(checksum) for _ in range(world)]
-    if world > 1:
-        dist.all_gather(checksums, checksum)
-    else:
-        checksums = [checksum]
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        digest.update(name.encode())
+        digest.update(weights[name].float().numpy().tobytes())
+    checksum = float(int(digest.hexdigest()[:12], 16))  # 48 bits: exact in float64
+    checksums = torch.zeros(world, dtype=torch.float64)
+    checksums[rank] = checksum
+    all_reduce_sum(checksums)
     if rank == 0:
         write_json_atomic(os.path.join(args.out, "summary.json"),
                           dict(steps=step, world=world, final_loss=loss,
-                               rank_checksums=[c.item() for c in checksums], truncated=trainer_state["truncated"],
+                               rank_checksums=checksums.tolist(), truncated=trainer_state["truncated"],
                                skipped=trainer_state["skipped"]))
         print0(f"done: {step} steps; final weights in {args.out}/model.safetensors")
     barrier()

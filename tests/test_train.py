@@ -1,0 +1,142 @@
+"""train.py on the tiny preset: exact resume, the epoch-1 freeze of the context prompt and
+encoder, 2-process torchrun under DDP and FSDP2 (same losses as one process, identical
+weights on both ranks), and the refusals (another config, a non-finite loss).
+
+A small LLaVA json (28 synthetic entries -> 32 samples per epoch with the 1:7 ImageNet share)
+and a global batch of 8 give 4 steps per epoch, so 6 steps cross into epoch 2."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import carpe
+import data
+import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS_PER_EPOCH = 4
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """The tiny preset's synthetic data (and pre-trained base, built on first use in the repo's
+    cache) plus a 28-entry LLaVA json with text-only and multi-turn entries."""
+    args = train.resolve_args(train.parse_args(["--preset", "tiny", "--out", "unused"]))
+    train.prepare_tiny(args, rank=0)
+    entries = json.load(open(args.data))
+    small = entries[:28]
+    assert any("image" not in e for e in small) and any(len(e["conversations"]) > 2 for e in small)
+    path = tmp_path_factory.mktemp("data") / "small.json"
+    path.write_text(json.dumps(small))
+    return str(path)
+
+
+def flags(small_data, out, *extra):
+    return ["--preset", "tiny", "--data", small_data, "--batch-size", "8", "--micro-batch-size", "4",
+            "--num-workers", "0", "--out", str(out), *extra]
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def run_a(small_data, tmp_path_factory):
+    """6 uninterrupted steps (epoch 1 = steps 1-4), a checkpoint every 2 steps, all kept."""
+    out = tmp_path_factory.mktemp("run_a")
+    train.main(flags(small_data, out, "--max-steps", "6", "--save-every", "2", "--keep-checkpoints", "0"))
+    return str(out)
+
+
+def context_names(state):
+    return [n for n in state if n == "context_prompt" or n.startswith("context_encoder.")]
+
+
+def test_resume_is_exact(run_a, small_data, tmp_path):
+    # resume from step 2 in a fresh process state: steps 3-6, across the epoch boundary
+    train.main(flags(small_data, tmp_path, "--max-steps", "6", "--resume", os.path.join(run_a, "ckpt", "step_0000002")))
+    full, resumed = read_log(run_a), read_log(tmp_path)
+    assert [r["step"] for r in resumed] == [3, 4, 5, 6]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in full[2:]]
+    assert [r["lr_rest"] for r in resumed] == [r["lr_rest"] for r in full[2:]]
+    a, b = load_file(os.path.join(run_a, "model.safetensors")), load_file(os.path.join(tmp_path, "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the loss moved and the run folder loads for evaluation
+    model, processor, transform = carpe.load_run(str(tmp_path))
+    assert all(torch.equal(t, b[k]) for k, t in model.trainable_state_dict().items())
+
+
+def test_context_frozen_in_epoch_one_only(run_a, small_data):
+    args = train.resolve_args(train.parse_args(flags(small_data, "unused")))
+    train.prepare_tiny(args, rank=0)
+    llava, processor = carpe.load_base(args.base)
+    init = train.create_model(args, llava, processor, torch.device("cpu"))[0].trainable_state_dict()
+    end_epoch1 = load_file(os.path.join(run_a, "ckpt", f"step_{STEPS_PER_EPOCH:07d}", "model.safetensors"))
+    later = load_file(os.path.join(run_a, "ckpt", "step_0000006", "model.safetensors"))
+    names = context_names(init)
+    assert sorted(names) == ["context_encoder.bias", "context_encoder.weight", "context_prompt"]
+    for n in names:
+        assert torch.equal(init[n], end_epoch1[n]), f"{n} changed during epoch 1"
+        assert not torch.equal(end_epoch1[n], later[n]), f"{n} did not change in epoch 2"
+    others = [n for n in init if n not in names]
+    assert all(not torch.equal(init[n], end_epoch1[n]) for n in others if "integrator" in n or "lm_head" in n)
+    # the zero-initialised encoder gives alpha = 0.5 exactly while frozen; it moves after
+    log = read_log(run_a)
+    assert [r["context_trainable"] for r in log] == [False] * 4 + [True] * 2
+    assert all(r["vision_weight"] == 0.5 for r in log[:5]) and log[5]["vision_weight"] != 0.5
+
+
+def torchrun(small_data, out, *extra):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(REPO, "train.py"), *flags(small_data, out, "--max-steps", "6", *extra)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return read_log(out)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_two_ranks(mode, run_a, small_data, tmp_path):
+    log = torchrun(small_data, tmp_path, *(["--fsdp"] if mode == "fsdp" else []))
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert summary["world"] == 2 and summary["steps"] == 6
+    assert summary["rank_checksums"][0] == summary["rank_checksums"][1]  # identical weights on both ranks
+    # each rank reads half of every global batch: the same samples and losses as one process
+    single = read_log(run_a)
+    for r, s in zip(log, single):
+        assert r["loss"] == pytest.approx(s["loss"], rel=1e-4, abs=1e-5), (mode, r["step"])
+    # the context prompt trained in epoch 2 under both wrappers, the same way as in one process
+    a, b = load_file(os.path.join(run_a, "model.safetensors")), load_file(tmp_path / "model.safetensors")
+    for n in a:
+        assert torch.allclose(a[n], b[n], rtol=1e-3, atol=1e-5), (mode, n)
+    assert os.path.isdir(tmp_path / "ckpt" / "step_0000006")
+
+
+def test_resume_refuses_another_config(run_a, small_data, tmp_path):
+    ckpt = os.path.join(run_a, "ckpt", "step_0000002")
+    with pytest.raises(ValueError, match=r"(?s)step_0000002 was made for another run.*carpe:.*integrator_self_attn"):
+        train.main(flags(small_data, tmp_path, "--max-steps", "6", "--no-integrator-self-attn", "--resume", ckpt))
+    with pytest.raises(ValueError, match=r"--batch-size: checkpoint 8 vs now 16"):
+        train.main(flags(small_data, tmp_path, "--max-steps", "6", "--resume", ckpt, "--batch-size", "16"))
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(small_data, tmp_path):
+    with pytest.raises(RuntimeError, match=r"non-finite loss .* at step \d+ .*last good checkpoint .*step_"):
+        train.main(flags(small_data, tmp_path, "--max-steps", "6", "--save-every", "1", "--lr", "1e30",
+                         "--lr-adapter", "1e30", "--grad-clip", "0"))
+    ckpts = train.list_checkpoints(str(tmp_path))
+    assert ckpts, "the good steps before the blow-up were checkpointed"
+    last = load_file(os.path.join(ckpts[-1], "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in last.values())
+    assert not any(name.endswith(".tmp") for name in os.listdir(tmp_path / "ckpt"))
+
+
+def test_tiny_prestage_learned(small_data):
+    with open(os.path.join(train.prestage_dir(train.parse_args(["--out", "x"]).cache_dir), "prestage.json")) as f:
+        stats = json.load(f)
+    assert stats["final_loss"] < 0.5 * stats["first_loss"]
