@@ -1,0 +1,97 @@
+"""Smoke test of bench.py: every section at toy size, plus the numerical checks the benchmark
+relies on (fused head == paper's form, CARPE with fixed weights (0, 1) == vanilla LLaVA).
+No timing is asserted: the machine is shared and noisy."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bench  # noqa: E402
+
+TOY = ["--head-n", "48,96", "--head-d", "32", "--vocab", "300", "--chunk-size", "40",
+       "--layers", "2", "--hidden", "64", "--vision-layers", "1", "--image-size", "56", "--model-vocab", "0",
+       "--step-batch", "2", "--prompt-text", "9", "--answer", "5", "--decode-lengths", "20,30", "--new-tokens", "3",
+       "--repeats", "1", "--no-memory", "--compile-backend", "eager"]
+
+
+@pytest.fixture(scope="session")
+def toy_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    args = bench.parse_args(TOY + ["--out", str(out), "--sections", "paper,head,step,decode,compile"])
+    return out, bench.run(args)
+
+
+def test_every_section_writes_json(toy_run):
+    out, results = toy_run
+    assert set(results) == {"paper", "head", "step", "decode", "compile"}
+    for name in results:
+        with open(out / f"{name}.json") as f:
+            saved = json.load(f)
+        assert saved["section"] == name and saved["machine"]["device"] == "cpu"
+    head = results["head"]["result"]["results"]
+    assert [r["N"] for r in head] == [48, 96]
+    for r in head:  # every timed path ran once per round
+        assert all(len(v) == 1 and v[0] > 0 for v in r["times"].values())
+
+
+def test_head_fused_matches_naive_in_the_same_run(toy_run):
+    check = toy_run[1]["head"]["result"]["check"]
+    assert abs(check["loss_naive"] - check["loss_fused"]) < 1e-5
+    for name, diff in check["max_abs_diff"].items():
+        assert diff <= 1e-5 * max(1.0, check["max_abs"][name]), (name, diff)
+
+
+def test_head_check_catches_a_wrong_gradient(monkeypatch):
+    # the check compares real gradients: a fused path with a scaled head gradient must show up
+    original = bench.kernels.fused_mixed_cross_entropy
+
+    def wrong(h_vision, h_llm, weights, labels, head_weight, head_bias=None, chunk_size=1024):
+        return original(h_vision, h_llm, weights, labels, head_weight * 1.01, head_bias, chunk_size)
+    monkeypatch.setattr(bench.kernels, "fused_mixed_cross_entropy", wrong)
+    check = bench.head_check(32, 16, 100, torch.device("cpu"), chunk_size=10)
+    assert check["max_abs_diff"]["grad_head_weight"] > 1e-4
+
+
+def test_step_carpe_with_fixed_weights_0_1_is_vanilla(toy_run):
+    check = toy_run[1]["step"]["result"]["check"]
+    assert check["loss_abs_diff"] < 1e-5
+    assert check["grad_max_abs_diff"] <= 1e-5 * max(1.0, check["grad_max_abs"])
+    # the compared gradients are those of the shared trainable set: projector and head
+    names = check["trainable_shared"]
+    assert any("multi_modal_projector" in n for n in names) and any(n.startswith("lm_head") for n in names)
+    assert not any("language_model" in n or "vision_tower" in n for n in names)
+
+
+def test_step_breakdown_and_decode_shapes_of_work(toy_run):
+    step = toy_run[1]["step"]["result"]
+    assert step["T"] == 9 + 16 + 5  # prompt text + (56/14)^2 image tokens + answer
+    assert set(step["parts_s"]) == {"context", "integrator", "head_carpe", "head_vanilla"}
+    decode = toy_run[1]["decode"]["result"]["results"]
+    assert [r["prompt_length"] for r in decode] == [20, 30]
+    comp = toy_run[1]["compile"]["result"]
+    assert torch.isfinite(torch.tensor(comp["first_loss"]))
+
+
+def test_paper_cost_counts():
+    r = bench.paper_cost()
+    d = 4096
+    assert r["integrator_params"] == 16 * d * d  # cross 4d^2 + self 4d^2 + MLP 8d^2 (biases left out)
+    assert r["adapter_params"] == 1024 * d + d * d
+    assert r["tokens_per_sample"] == 60 + 576 + 40
+    # CARPE's head on 40 supervised tokens is cheaper than HF's over all 676
+    assert r["carpe_added_flops_per_sample"]["head: fused on N supervised minus HF's over T"] < 0
+    assert 1.0 < r["flops_ratio"] < 1.25
+
+
+def test_head_memory_workers_fused_holds_less():
+    # each path in its own process, peak RSS over baseline; logits (1024 x 16000 fp32 = 62 MiB)
+    # are above glibc's mmap threshold, so freed memory leaves RSS and the peaks are honest
+    spec = dict(section="head", N=1024, d=64, V=16000, chunk_size=128, dtype="float32", device="cpu")
+    naive = bench.run_worker(dict(spec, path="naive"))
+    fused = bench.run_worker(dict(spec, path="fused"))
+    logits_bytes = 1024 * 16000 * 4
+    assert naive["peak_bytes"] - naive["grad_bytes"] > 2 * logits_bytes  # two head matmuls' logits at least
+    assert fused["peak_bytes"] - fused["grad_bytes"] < logits_bytes / 2  # one 128-row chunk, not N rows
