@@ -655,6 +655,52 @@ def decode_prompt(llava, length, device, seed=0, text_vocab=512):
     return ids.to(device), torch.ones_like(ids).to(device), pixel_values.to(device)
 
 
+class TokenClock:
+    """Timestamps (of `clock`) each time a token is produced. For HF generate it is a
+    StoppingCriteria (called once per new token); for CARPE it wraps generation_step. The
+    first stamp minus the start is the prefill; the gaps between stamps are decode steps, so
+    one slow round does not leak into the per-token figure through a subtraction."""
+
+    def __init__(self):
+        self.stamps = []
+
+    def __call__(self, input_ids, scores, **kwargs):  # StoppingCriteria protocol: never stop
+        self.stamps.append(clock())
+        return torch.zeros(input_ids.size(0), dtype=torch.bool, device=input_ids.device)
+
+    def wrap(self, fn):
+        def timed(*a, **k):
+            out = fn(*a, **k)
+            sync(out.device)
+            self.stamps.append(clock())
+            return out
+        return timed
+
+
+def generate_timed(kind, llava, model, ids, mask, pix, new):
+    """One generate call of `kind` (hf / carpe): (prefill seconds, [decode step seconds])."""
+    from transformers import StoppingCriteriaList
+    stamps = TokenClock()
+    sync(ids.device)
+    t0 = clock()
+    if kind == "hf":
+        out = llava.generate(input_ids=ids, attention_mask=mask, pixel_values=pix, max_new_tokens=new,
+                             min_new_tokens=new, do_sample=False, num_beams=1,
+                             stopping_criteria=StoppingCriteriaList([stamps]))
+    else:
+        model.generation_step = stamps.wrap(type(model).generation_step.__get__(model))
+        try:
+            out = model.generate(ids, mask, pix, max_new_tokens=new, eos_token_id=None)
+        finally:
+            del model.generation_step
+    if out.shape[1] != ids.shape[1] + new:
+        raise RuntimeError(f"{kind} generate returned {out.shape[1] - ids.shape[1]} new tokens, asked {new}")
+    # HF stamps after each token (the first = prefill); CARPE after each generation_step (the
+    # first = prefill, then one per further token): both give `new` stamps
+    steps = [b - a for a, b in zip(stamps.stamps, stamps.stamps[1:])]
+    return stamps.stamps[0] - t0, steps
+
+
 def section_decode(args, device):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     llava, _ = bench_llava(args, device)
@@ -667,34 +713,32 @@ def section_decode(args, device):
     for L in args.decode_lengths:
         ids, mask, pix = decode_prompt(llava, L, device)
         pix = pix.to(llava.dtype)
-
-        def hf(n):
-            return lambda: llava.generate(input_ids=ids, attention_mask=mask, pixel_values=pix, max_new_tokens=n,
-                                          min_new_tokens=n, do_sample=False, num_beams=1)
-
-        def ours(n):
-            return lambda: model.generate(ids, mask, pix, max_new_tokens=n, eos_token_id=None)
+        prefill = {"hf": [], "carpe": []}
+        steps = {"hf": [], "carpe": []}
         with torch.no_grad():
-            out_hf = hf(new)()
-            out_ours = ours(new)()
-        assert out_hf.shape[1] == L + new and out_ours.shape[1] == L + new, \
-            f"generate returned {out_hf.shape[1] - L} / {out_ours.shape[1] - L} new tokens, asked {new}"
-        with torch.no_grad():
-            times = time_interleaved({"hf_prefill": hf(1), "carpe_prefill": ours(1),
-                                      "hf_full": hf(new), "carpe_full": ours(new)}, args.repeats, device)
-        t = {k: median(v) for k, v in times.items()}
-        per_token = {k: (t[f"{k}_full"] - t[f"{k}_prefill"]) / (new - 1) for k in ["hf", "carpe"]}
-        results.append(dict(prompt_length=L, new_tokens=new, times=times, median_s=t,
-                            prefill_s=dict(hf=t["hf_prefill"], carpe=t["carpe_prefill"]),
-                            per_token_s=per_token,
-                            prefill_ratio=t["carpe_prefill"] / t["hf_prefill"],
-                            per_token_ratio=per_token["carpe"] / per_token["hf"]))
-    rows = [[r["prompt_length"], fmt_ms(r["prefill_s"]["hf"]), fmt_ms(r["prefill_s"]["carpe"]), f"{r['prefill_ratio']:.3f}x",
-             fmt_ms(r["per_token_s"]["hf"]), fmt_ms(r["per_token_s"]["carpe"]), f"{r['per_token_ratio']:.3f}x"]
-            for r in results]
-    print_table(f"decode: batch 1, greedy, {new} new tokens, {args.layers} layers, d={args.hidden}, median of "
-                f"{args.repeats}, {args.clock} time (targets: prefill <= 1.2x, per token <= 1.15x, per token flat in prompt length)",
-                ["prompt", "HF prefill", "CARPE prefill", "ratio", "HF per token", "CARPE per token", "ratio"], rows)
+            for round_ in range(1 + args.repeats):  # one warm-up round, then interleaved rounds
+                for kind in ["hf", "carpe"]:
+                    p, s = generate_timed(kind, llava, model, ids, mask, pix, new)
+                    if round_ > 0:
+                        prefill[kind].append(p)
+                        steps[kind].extend(s)
+        context_tokens = int(model.prompt_mask(ids, mask).sum()) + 1
+        per_token = {k: median(v) for k, v in steps.items()}
+        pre = {k: median(v) for k, v in prefill.items()}
+        results.append(dict(prompt_length=L, new_tokens=new, prefill_s=pre, per_token_s=per_token,
+                            prefill_rounds_s=prefill, decode_steps_s=steps,
+                            context_pass_tokens=context_tokens,
+                            prefill_ratio=pre["carpe"] / pre["hf"], per_token_ratio=per_token["carpe"] / per_token["hf"]))
+        print0(f"  decode prompt {L}: prefill HF {fmt_ms(pre['hf'])} CARPE {fmt_ms(pre['carpe'])}; "
+               f"per token HF {fmt_ms(per_token['hf'])} CARPE {fmt_ms(per_token['carpe'])}")
+    rows = [[r["prompt_length"], r["context_pass_tokens"], fmt_ms(r["prefill_s"]["hf"]), fmt_ms(r["prefill_s"]["carpe"]),
+             f"{r['prefill_ratio']:.3f}x", fmt_ms(r["per_token_s"]["hf"]), fmt_ms(r["per_token_s"]["carpe"]),
+             f"{r['per_token_ratio']:.3f}x", fmt_ms(r["per_token_s"]["carpe"] - r["per_token_s"]["hf"])] for r in results]
+    print_table(f"decode: batch 1, greedy, {new} new tokens, {args.layers} layers, d={args.hidden}, medians over "
+                f"{args.repeats} rounds, {args.clock} time (targets: prefill <= 1.2x, per token <= 1.15x, "
+                f"per token flat in prompt length)",
+                ["prompt", "context pass tokens", "HF prefill", "CARPE prefill", "ratio", "HF per token",
+                 "CARPE per token", "ratio", "CARPE - HF per token"], rows)
     growth = None
     if len(results) > 1:
         growth = {k: results[-1]["per_token_s"][k] / results[0]["per_token_s"][k] for k in ["hf", "carpe"]}
@@ -714,15 +758,18 @@ def section_compile(args, device):
     compiled = torch.compile(model, backend=args.compile_backend)
     eager_step = make_step(model, torch.optim.AdamW(model.param_groups(), weight_decay=0.0), batch, dtype, False)
     compiled_step = make_step(compiled, torch.optim.AdamW(model.param_groups(), weight_decay=0.0), batch, dtype, False)
+    with torch.no_grad(), autocast_ctx(device, dtype):
+        eager_first_loss = model(**batch).loss.item()  # what the first compiled step must give
     sync(device)
-    t0 = time.perf_counter()
+    t0 = time.perf_counter()  # wall time: inductor compiles in worker processes
     loss_first = compiled_step()  # compiles forward and backward
     sync(device)
     compile_s = time.perf_counter() - t0
     times = time_interleaved(dict(eager=eager_step, compiled=compiled_step), args.repeats, device)
     t = {k: median(v) for k, v in times.items()}
     r = dict(backend=args.compile_backend, compile_s=compile_s, times=times, median_s=t,
-             speedup=t["eager"] / t["compiled"], first_loss=loss_first.item())
+             speedup=t["eager"] / t["compiled"], first_loss=loss_first.item(),
+             eager_first_loss=eager_first_loss)
     print_table(f"compile: CARPE training step, backend {args.compile_backend}, median of {args.repeats}, {args.clock} time (report only)",
                 ["", "time"], [["first compiled call (compile)", f"{compile_s:.1f} s"],
                                ["eager step", fmt_ms(t["eager"])], ["compiled step", fmt_ms(t["compiled"])],

@@ -20,13 +20,13 @@ TOY = ["--head-n", "48,96", "--head-d", "32", "--vocab", "300", "--chunk-size", 
 @pytest.fixture(scope="session")
 def toy_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    args = bench.parse_args(TOY + ["--out", str(out), "--sections", "paper,head,step,decode,compile"])
+    args = bench.parse_args(TOY + ["--out", str(out), "--sections", "paper,head,step,decode"])
     return out, bench.run(args)
 
 
 def test_every_section_writes_json(toy_run):
     out, results = toy_run
-    assert set(results) == {"paper", "head", "step", "decode", "compile"}
+    assert set(results) == {"paper", "head", "step", "decode"}
     for name in results:
         with open(out / f"{name}.json") as f:
             saved = json.load(f)
@@ -71,8 +71,15 @@ def test_step_breakdown_and_decode_shapes_of_work(toy_run):
     assert set(step["parts_s"]) == {"context", "integrator", "head_carpe", "head_vanilla"}
     decode = toy_run[1]["decode"]["result"]["results"]
     assert [r["prompt_length"] for r in decode] == [20, 30]
-    comp = toy_run[1]["compile"]["result"]
-    assert torch.isfinite(torch.tensor(comp["first_loss"]))
+
+
+@pytest.mark.skipif(not os.environ.get("CARPE_SLOW_TESTS"),
+                    reason="dynamo tracing alone takes ~30 s even at toy size; set CARPE_SLOW_TESTS=1")
+def test_compile_section_matches_eager(tmp_path):
+    args = bench.parse_args(TOY + ["--out", str(tmp_path), "--sections", "compile"])
+    comp = bench.run(args)["compile"]["result"]
+    # the first compiled step sees the same weights as a fresh eager model: same loss
+    assert abs(comp["first_loss"] - comp["eager_first_loss"]) < 1e-4
 
 
 def test_paper_cost_counts():
