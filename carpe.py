@@ -340,6 +340,15 @@ class CARPE(nn.Module):
     def memory_kv(self, memory):
         return self.vision_integrator.block.memory_kv(memory) if memory is not None else None
 
+    def image_path_parameters(self):
+        """The trainable parameters only an image reaches: adapters and the cross-attention."""
+        block = self.vision_integrator.block
+        modules = [self.llava.model.multi_modal_projector, self.vision_integrator.raw_adapter,
+                   block.cross_attn, block.norm_cross]
+        if self.vision_moe is not None:
+            modules.append(self.vision_moe)
+        return [p for m in modules for p in m.parameters()]
+
     def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None, context_mask=None):
         """context_mask (B, T) bool, optional: the tokens the context pass reads, overriding the
         default (the prompt before the first supervised token, or all non-pad tokens); image
@@ -361,6 +370,12 @@ class CARPE(nn.Module):
         out.lm_loss = fused_mixed_cross_entropy(h_vision, h_llm, weights, labels, head.weight, head.bias,
                                                 chunk_size=self.config.chunk_size)
         out.loss = out.lm_loss
+        if prep["memory"] is None and torch.is_grad_enabled():
+            # a text-only batch leaves the image path without gradients; a zero term gives every
+            # rank the same set of gradients, which FSDP2's reduce-scatter needs
+            image_path = [p for p in self.image_path_parameters() if p.requires_grad]
+            if image_path:
+                out.loss = out.loss + 0.0 * sum(p.sum() for p in image_path)
         if out.balance_loss is not None:
             out.loss = out.loss + self.vision_moe.config.balance_weight * out.balance_loss
         return out

@@ -312,7 +312,12 @@ def wrap_model(args, model, device, world):
             else MixedPrecisionPolicy()
         for layer in model.llava.model.language_model.layers:
             fully_shard(layer, mesh=mesh, mp_policy=mp)
-        fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=context_params or None)
+        ignored = set(context_params)
+        if getattr(model, "vision_moe", None) is not None:
+            # the frozen expert towers stay whole on every rank: a rank runs only the experts its
+            # samples chose, and gathering ~1.6B frozen parameters every step would buy nothing
+            ignored |= set(model.vision_moe.encoders.parameters())
+        fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=ignored or None)
         forward_model = model
     else:
         forward_model = model

@@ -274,3 +274,20 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys() and "context_prompt" in grads[0]
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7)
+
+
+def test_text_only_batch_still_gives_every_trainable_tensor_a_gradient():
+    """FSDP2 / DDP need the same set of gradients on every rank, whatever a rank's batch holds."""
+    llava, processor = tiny_llava(seed=8)
+    model = CARPE(llava, CarpeConfig(integrator_heads=4))
+    model.set_context_trainable(True)
+    model.train()
+    tok = processor.tokenizer
+    ids = tok([prompt("Name a colour.", with_image=False) + " red</s>"], return_tensors="pt").input_ids
+    labels = ids.clone()
+    labels[:, :-3] = IGNORE_INDEX
+    out = model(input_ids=ids, labels=labels)
+    out.loss.backward()
+    assert torch.equal(out.loss, out.lm_loss + 0.0)  # the zero term changes nothing
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
