@@ -18,7 +18,10 @@ Sections
          LLaVA with 7B proportions; the overhead is broken into context pass, integrator, head.
  decode  Prefill and per-token decode latency of CARPE.generate against HF generate (greedy,
          cached) at two prompt lengths.
- compile torch.compile against eager on the CARPE training step; compile time separately.
+ compile torch.compile against eager on the CARPE training step; compile time (wall: inductor
+         compiles in worker processes) and graph breaks separately. Opt-in (--compile): CARPE's
+         forward has data-dependent shapes (boolean masks, the context pass's length), so dynamo
+         breaks the graph in several places and compiling the 32-layer model takes many minutes.
 
 Choices (the issue is silent on these):
  - Timing: every path of a section is run in turn, `--repeats` times (interleaved, after one
@@ -765,13 +768,16 @@ def section_compile(args, device):
     loss_first = compiled_step()  # compiles forward and backward
     sync(device)
     compile_s = time.perf_counter() - t0
+    from torch._dynamo.utils import counters
+    graph_breaks = sum(counters["graph_break"].values())  # data-dependent shapes, .item(), python loops
     times = time_interleaved(dict(eager=eager_step, compiled=compiled_step), args.repeats, device)
     t = {k: median(v) for k, v in times.items()}
-    r = dict(backend=args.compile_backend, compile_s=compile_s, times=times, median_s=t,
+    r = dict(backend=args.compile_backend, compile_s=compile_s, times=times, median_s=t, graph_breaks=graph_breaks,
              speedup=t["eager"] / t["compiled"], first_loss=loss_first.item(),
              eager_first_loss=eager_first_loss)
     print_table(f"compile: CARPE training step, backend {args.compile_backend}, median of {args.repeats}, {args.clock} time (report only)",
-                ["", "time"], [["first compiled call (compile)", f"{compile_s:.1f} s"],
+                ["", "time"], [["first compiled call (compile, wall time)", f"{compile_s:.1f} s"],
+                               ["graph breaks", str(graph_breaks)],
                                ["eager step", fmt_ms(t["eager"])], ["compiled step", fmt_ms(t["compiled"])],
                                ["eager / compiled", f"{r['speedup']:.2f}x"]])
     return r
