@@ -2,7 +2,7 @@
 bench.py: how much CARPE costs over vanilla LLaVA, and how close our fused paths come to the
 hardware's limit. Flat script in the spirit of nanoGPT's bench.py; sections by flag:
 
-    python bench.py                      # sections paper, head, step, decode (a few minutes on 2 CPU cores)
+    python bench.py                      # sections paper, head, step, decode (~6 min of CPU time at 1 thread)
     python bench.py --sections head      # one section
     python bench.py --sections compile   # torch.compile vs eager on the training step (slow to compile)
     python bench.py --out bench_out      # JSON per section lands in bench_out/<section>.json
