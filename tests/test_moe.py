@@ -442,19 +442,26 @@ def test_torchrun_train_moe_tiny(tmp_path, parallel):
         port = str(sock.getsockname()[1])
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-           os.path.join(ROOT, "train.py"), "--moe", "--preset", "tiny", "--max-steps", "4", "--out", str(out)]
+           os.path.join(ROOT, "train.py"), "--moe", "--preset", "tiny", "--max-steps", "8", "--out", str(out),
+           # h_ctx shares a large component across prompts, so an untrained router sends every prompt to
+           # one expert; a strong balance loss must spread them within these few steps
+           "--balance-weight", "1.0"]
     if parallel == "fsdp":
         cmd.append("--fsdp")
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=480,
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     run = json.load(open(out / "config.json"))
-    assert moe.MoEConfig.from_dict(run["moe"]) == moe.tiny_moe_config()
+    expected = moe.tiny_moe_config()
+    expected.balance_weight = 1.0
+    assert moe.MoEConfig.from_dict(run["moe"]) == expected
     # the routing histogram logged by train.py shows more than one expert in use
     records = [json.loads(line) for line in open(out / "log.jsonl")]
-    assert len(records) == 4 and all(r["balance_loss"] >= 0.0 for r in records)
+    assert len(records) == 8 and all(r["balance_loss"] >= 1.0 - 1e-6 for r in records)  # 1 = perfectly uniform
     total = torch.tensor([r["route_hist"] for r in records]).sum(0)
     assert total.numel() == 4 and (total > 0).sum() > 1, total
+    balance = [r["balance_loss"] for r in records]
+    assert sum(balance[-2:]) < sum(balance[:2]), balance  # the balance loss spreads the routing
     if parallel == "fsdp":
         return
     # the run folder loads back as a CARPE-MoE (what eval.py does) and routes by the text
