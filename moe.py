@@ -79,7 +79,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from carpe import MLP, encoder_layers, hidden_state_at
+from carpe import MLP, encoder_layers, expand_to_square, hidden_state_at
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -508,18 +508,6 @@ def route_counts(route, n_experts):
 
 # -----------------------------------------------------------------------------
 # per-expert image preprocessing
-
-def expand_to_square(image, fill):
-    """Pad a PIL image to a square, centred, with the colour `fill` (LLaVA's expand2square)."""
-    from PIL import Image
-    w, h = image.size
-    if w == h:
-        return image
-    side = max(w, h)
-    out = Image.new(image.mode, (side, side), fill)
-    out.paste(image, ((side - w) // 2, (side - h) // 2))
-    return out
-
 
 class MoEImageTransform:
     """list[PIL.Image] -> dict expert name -> (n, 3, S_e, S_e) float32. A plain object (no
