@@ -491,6 +491,14 @@ def embed_inputs(llava, input_ids, image_embeds=None):
     return inputs_embeds.masked_scatter(is_image_token[..., None], image_embeds.to(inputs_embeds.dtype))
 
 
+def project_images(llava, input_ids, pixel_values):
+    """LLaVA's own image path: -> has_image (B,), image_embeds (n_img, P, d) or None."""
+    has_image = check_images(llava, input_ids, pixel_values)
+    if not has_image.any():
+        return has_image, None
+    return has_image, llava.model.multi_modal_projector(raw_vision_features(llava, pixel_values))
+
+
 def per_sample(image_rows, has_image, fill=0):
     """Spread per-image rows (n_img, ...) over the batch (B, ...), `fill` where no image."""
     out = image_rows.new_full((has_image.size(0),) + image_rows.shape[1:], fill)
@@ -645,22 +653,15 @@ class LlavaBaseline(nn.Module):
     def set_context_trainable(self, trainable):
         pass  # no context modules
 
-    def param_groups(self, lr_adapter=2e-5, lr=2e-4, weight_decay=0.0):
-        return param_groups(self, lr_adapter, lr, weight_decay)
-
-    def trainable_state_dict(self):
-        return trainable_state_dict(self)
-
-    def load_trainable_state_dict(self, state):
-        load_trainable_state_dict(self, state)
+    # the shared trainable-set helpers, as methods
+    param_groups = param_groups
+    trainable_state_dict = trainable_state_dict
+    load_trainable_state_dict = load_trainable_state_dict
 
     def prepare(self, input_ids, attention_mask, pixel_values):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        has_image = check_images(self.llava, input_ids, pixel_values)
-        image_embeds = None
-        if has_image.any():
-            image_embeds = self.llava.model.multi_modal_projector(raw_vision_features(self.llava, pixel_values))
+        has_image, image_embeds = project_images(self.llava, input_ids, pixel_values)
         weights = torch.tensor([0.0, 1.0], device=input_ids.device).expand(input_ids.size(0), 2)
         return dict(attention_mask=attention_mask, inputs_embeds=embed_inputs(self.llava, input_ids, image_embeds),
                     weights=weights, has_image=has_image, route=None)
@@ -689,11 +690,7 @@ class LlavaBaseline(nn.Module):
                                       [], state["lm_cache"])
         return self.llava.lm_head(h_llm[:, -1])  # (B, V)
 
-    @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, pixel_values=None, max_new_tokens=32,
-                 eos_token_id=None, pad_token_id=None, return_dict=False):
-        return greedy_generate(self, input_ids, attention_mask, pixel_values, max_new_tokens,
-                               eos_token_id, pad_token_id, return_dict)
+    generate = greedy_generate
 
 
 class LEVI(nn.Module):
@@ -727,22 +724,17 @@ class LEVI(nn.Module):
     def set_context_trainable(self, trainable):
         pass
 
-    def param_groups(self, lr_adapter=2e-5, lr=2e-4, weight_decay=0.0):
-        return param_groups(self, lr_adapter, lr, weight_decay)
-
-    def trainable_state_dict(self):
-        return trainable_state_dict(self)
-
-    def load_trainable_state_dict(self, state):
-        load_trainable_state_dict(self, state)
+    # the shared trainable-set helpers, as methods
+    param_groups = param_groups
+    trainable_state_dict = trainable_state_dict
+    load_trainable_state_dict = load_trainable_state_dict
 
     def prepare(self, input_ids, attention_mask, pixel_values):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        has_image = check_images(self.llava, input_ids, pixel_values)
-        image_embeds, memory_kvs = None, [None] * len(self.blocks)
-        if has_image.any():
-            image_embeds = self.llava.model.multi_modal_projector(raw_vision_features(self.llava, pixel_values))
+        has_image, image_embeds = project_images(self.llava, input_ids, pixel_values)
+        memory_kvs = [None] * len(self.blocks)
+        if image_embeds is not None:
             memory = per_sample(image_embeds, has_image)  # (B, P, d)
             memory_kvs = [block.memory_kv(memory) for block in self.blocks]
         weights = torch.tensor([1.0, 0.0], device=input_ids.device).expand(input_ids.size(0), 2)
@@ -787,11 +779,7 @@ class LEVI(nn.Module):
         state["cache_len"] += inputs_embeds.size(1)
         return self.llava.lm_head(h[:, -1])  # (B, V)
 
-    @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, pixel_values=None, max_new_tokens=32,
-                 eos_token_id=None, pad_token_id=None, return_dict=False):
-        return greedy_generate(self, input_ids, attention_mask, pixel_values, max_new_tokens,
-                               eos_token_id, pad_token_id, return_dict)
+    generate = greedy_generate
 
 
 METHODS = ("carpe", "llava", "imagenet-ft", "levi")
