@@ -67,6 +67,10 @@ PRESETS = {
     "llava-7b": dict(base="llava-hf/llava-1.5-7b-hf", batch_size=64, micro_batch_size=8, lr_adapter=2e-5, lr=2e-4,
                      integrator_heads=32, num_workers=4, gradient_checkpointing=True, mix="1:7", epochs=None),
 }
+# per-method exceptions to a preset: on the tiny preset, LEVI's five fresh blocks at CARPE's 1:1 mix
+# and 6e-3 forget the conversations (their loss rises over the first steps), so LEVI keeps the
+# paper's 1:7 mix and the lower rates there
+PRESET_METHOD_OVERRIDES = {("tiny", "levi"): dict(mix="1:7", lr_adapter=2e-4, lr=2e-3)}
 # the tiny pre-stage (vanilla LLaVA on the synthetic data); changing these changes the cache key
 PRESTAGE = dict(vision_steps=1500, vision_batch=64, vision_lr=2e-3, vision_images=4000, steps=150, batch_size=16,
                 lr=3e-3, warmup=15, projector_std=0.15, seed=0, version=3)
@@ -127,7 +131,7 @@ def parse_args(argv=None):
 
 def resolve_args(args):
     """Fill the preset's defaults into the flags left unset; check the combinations."""
-    preset = PRESETS[args.preset]
+    preset = dict(PRESETS[args.preset], **PRESET_METHOD_OVERRIDES.get((args.preset, args.method), {}))
     for key, value in preset.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)

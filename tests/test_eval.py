@@ -424,10 +424,10 @@ def test_moe_run_dir_records_routes(run_dirs, tiny_data, tmp_path):
 
 # -----------------------------------------------------------------------------
 # the issue's check: after the tiny training run, CARPE classifies the synthetic shapes far above
-# chance, and better than the base. It trains with train.py (minutes on 2 cores: the tiny base
-# pre-stage is cached in .cache/ after the first run), so it only runs with CARPE_SLOW_TESTS=1.
+# chance, and far better than the base, which never saw a classification prompt. It runs the
+# README's commands (train.py --preset tiny, then eval.py); about 80 s once the tiny base
+# pre-stage is cached in .cache/ (the other tests' runs build it on first use, ~1.5 min).
 
-@pytest.mark.skipif(not os.environ.get("CARPE_SLOW_TESTS"), reason="trains with train.py --preset tiny; set CARPE_SLOW_TESTS=1")
 def test_tiny_training_run_beats_chance_and_base(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run, data_root = str(tmp_path / "run"), str(tmp_path / "data")
@@ -446,8 +446,8 @@ def test_tiny_training_run_beats_chance_and_base(tmp_path):
             scores[name] = json.load(f)["headline"]
     chance = 100 / 6  # six shapes
     print(f"tiny ImageNet (synthetic shapes): base LLaVA {scores['llava']:.1f}, CARPE {scores['carpe']:.1f}, chance {chance:.1f}")
-    assert scores["carpe"] > 2 * chance, scores
-    assert scores["carpe"] > scores["llava"], scores
+    assert scores["carpe"] > 2.5 * chance, scores
+    assert scores["carpe"] > scores["llava"] + 25, scores
 
 
 def test_wise_ft_base_against_its_imagenet_ft_run(run_dirs, tiny_data, tmp_path):
