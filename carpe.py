@@ -93,7 +93,7 @@ class MultiHeadAttention(nn.Module):
         assert d % n_head == 0, f"integrator width {d} is not divisible by integrator_heads={n_head}"
         self.n_head = n_head
         self.q = nn.Linear(d, d)
-        self.k = nn.Linear(d, d)
+        self.k = nn.Linear(d, d, bias=False)  # a key bias shifts every score of a query equally: softmax drops it
         self.v = nn.Linear(d, d)
         self.o = nn.Linear(d, d)
 
