@@ -204,7 +204,11 @@ class CARPE(nn.Module):
         nn.init.zeros_(self.context_encoder.weight)
         nn.init.zeros_(self.context_encoder.bias)
         self.vision_moe = vision_moe  # moe.VisionMoE or None
+        # the new modules take the base's device and dtype (train.py keeps trainable tensors in fp32)
         self.to(device=llava.lm_head.weight.device)
+        for module in (self.vision_integrator, self.context_encoder):
+            module.to(dtype=llava.lm_head.weight.dtype)
+        self.context_prompt.data = self.context_prompt.data.to(llava.lm_head.weight.dtype)
         self.apply_freezing()
         if config.gradient_checkpointing:
             self.language_model.activation_checkpointing_enable({"use_reentrant": False})
@@ -593,6 +597,9 @@ def greedy_generate(model, input_ids, attention_mask=None, pixel_values=None, ma
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     attention_mask = attention_mask.long()
+    if not bool(attention_mask[:, -1].all()):
+        raise ValueError("generate needs left-padded prompts (attention_mask[:, -1] must be 1): "
+                         "set tokenizer.padding_side = 'left'")
     if pad_token_id is None:
         pad_token_id = model.llava.generation_config.pad_token_id
     if pad_token_id is None:
@@ -716,6 +723,7 @@ class LEVI(nn.Module):
         self.blocks = nn.ModuleList(IntegratorBlock(d, config.integrator_heads, config.mlp_ratio, self_attn=True)
                                     for _ in range(n_blocks))
         self.to(device=llava.lm_head.weight.device)
+        self.blocks.to(dtype=llava.lm_head.weight.dtype)
         apply_freezing(self)
 
     def is_trainable_name(self, name):
@@ -817,7 +825,7 @@ def make_image_transform(processor):
     """callable(list of PIL images) -> pixel_values (n, 3, H, W): pad to square with the
     processor's mean colour, then the image processor (resize, crop, normalise)."""
     image_processor = processor.image_processor
-    background = tuple(int(round(255 * m)) for m in image_processor.image_mean)
+    background = tuple(int(255 * m) for m in image_processor.image_mean)  # as LLaVA's expand2square
 
     def transform(images):
         squares = [expand_to_square(image.convert("RGB"), background) for image in images]

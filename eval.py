@@ -1072,6 +1072,7 @@ class BatchCollator:
 
     def __init__(self, tokenizer, image_transform, n_image_tokens):
         self.tokenizer, self.image_transform, self.n_image_tokens = tokenizer, image_transform, n_image_tokens
+        self.tokenizer.padding_side = "left"  # generate reads the last position of every row
 
     def __call__(self, batch):
         items = batch[0]

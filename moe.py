@@ -519,7 +519,7 @@ class MoEImageTransform:
     def one(self, image, e: ExpertConfig):
         from PIL import Image
         image = image.convert("RGB")
-        fill = tuple(int(round(255 * m)) for m in e.image_mean)  # as carpe.make_image_transform
+        fill = tuple(int(255 * m) for m in e.image_mean)  # as carpe.make_image_transform (LLaVA's expand2square)
         image = expand_to_square(image, fill).resize((e.image_size, e.image_size), Image.BICUBIC)
         x = np.asarray(image, dtype=np.float32) / 255.0  # (S, S, 3)
         x = (x - np.array(e.image_mean, dtype=np.float32)) / np.array(e.image_std, dtype=np.float32)

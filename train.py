@@ -383,6 +383,24 @@ def is_context_name(name):
     return name == "context_prompt" or name.startswith("context_encoder.")
 
 
+def optimizer_groups(args, model):
+    """The model's two lr groups. Under FSDP2 the context prompt and encoder stay plain tensors
+    (outside the sharded units) while the rest become DTensors, and AdamW's multi-tensor path
+    (the CUDA default) refuses a group that mixes the two: there they get a group of their own,
+    at the same lr."""
+    groups = model.param_groups(args.lr_adapter, args.lr)
+    if not args.fsdp:
+        return groups
+    context = {id(p) for name, p in model.named_parameters() if is_context_name(name)}
+    split = []
+    for g in groups:
+        split.append(dict(g, params=[p for p in g["params"] if id(p) not in context]))
+        own = [p for p in g["params"] if id(p) in context]
+        if own:
+            split.append(dict(g, params=own, name="context"))
+    return split
+
+
 def cosine_schedule(total_steps, warmup_steps):
     def lr_lambda(step):
         if step < warmup_steps:
@@ -624,7 +642,7 @@ def main(argv=None):
     trainer_state["epoch_length"] = len(dataset)
 
     forward_model, context_params = wrap_model(args, model, device, world)
-    optimizer = torch.optim.AdamW(model.param_groups(args.lr_adapter, args.lr), weight_decay=0.0, betas=(0.9, 0.999))
+    optimizer = torch.optim.AdamW(optimizer_groups(args, model), weight_decay=0.0, betas=(0.9, 0.999))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_schedule(total_steps, math.ceil(args.warmup_ratio * total_steps)))
     if resume_opt is not None:

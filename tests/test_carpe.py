@@ -291,3 +291,26 @@ def test_text_only_batch_still_gives_every_trainable_tensor_a_gradient():
     assert torch.equal(out.loss, out.lm_loss + 0.0)  # the zero term changes nothing
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, missing
+
+
+@pytest.mark.parametrize("method", ["carpe", "levi"])
+def test_bf16_base_runs_without_autocast(tiny, method):
+    """The new modules follow the base's dtype, so a bf16 base works without autocast."""
+    llava, processor = tiny_llava(seed=9)
+    llava.to(torch.bfloat16)
+    model = build_model(method, llava, CarpeConfig(integrator_heads=4)).eval()
+    ids, mask, pix = batch(processor, QUESTIONS[:2], [image(0), image(1)], [True, False])
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=pix.to(torch.bfloat16))
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits).all()
+    gen = model.generate(ids, mask, pix.to(torch.bfloat16), max_new_tokens=3)
+    assert gen.shape == (2, ids.size(1) + 3)
+
+
+def test_generate_refuses_right_padding(tiny):
+    llava, processor = tiny
+    ids, mask, pix = batch(processor, QUESTIONS[:2], [image(0), image(1)], [True, True])
+    right_ids = torch.stack([torch.cat([i[m.bool()], i[~m.bool()]]) for i, m in zip(ids, mask)])
+    right_mask = mask.sort(dim=1, descending=True).values
+    with pytest.raises(ValueError, match="left-padded"):
+        LlavaBaseline(llava).generate(right_ids, right_mask, pix, max_new_tokens=2)

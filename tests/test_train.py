@@ -163,3 +163,19 @@ def test_tiny_prestage_learned(small_data):
         return (means - means.mean(0)).norm(dim=-1).mean() / within
 
     assert shape_separation(llava) > 2 * shape_separation(random_llava)
+
+
+def test_fsdp_optimizer_groups_keep_plain_context_tensors_apart():
+    """Under FSDP2 the context prompt/encoder stay plain tensors among DTensors; AdamW's CUDA
+    multi-tensor path refuses a group that mixes them, so they get a group of their own."""
+    model = carpe.CARPE(carpe.tiny_llava()[0], carpe.CarpeConfig(integrator_heads=4))
+    context = {id(p) for n, p in model.named_parameters() if train.is_context_name(n)}
+    for fsdp in (False, True):
+        args = train.parse_args(["--preset", "tiny", "--out", "unused", "--lr", "1e-3", "--lr-adapter", "1e-4"]
+                                + (["--fsdp"] if fsdp else []))
+        groups = train.optimizer_groups(args, model)
+        mixed = [g["name"] for g in groups if 0 < sum(id(p) in context for p in g["params"]) < len(g["params"])]
+        assert bool(mixed) != fsdp, (fsdp, mixed)  # the model's own groups mix them; FSDP's must not
+        assert sum(len(g["params"]) for g in groups) == len(model.trainable_state_dict())
+        for g in groups:
+            assert g["lr"] == (1e-4 if g["name"] == "adapter" else 1e-3)
