@@ -73,7 +73,7 @@ PRESETS = {
 PRESET_METHOD_OVERRIDES = {("tiny", "levi"): dict(mix="1:7", lr_adapter=2e-4, lr=2e-3)}
 # the tiny pre-stage (vanilla LLaVA on the synthetic data); changing these changes the cache key
 PRESTAGE = dict(vision_steps=1500, vision_batch=64, vision_lr=2e-3, vision_images=4000, steps=150, batch_size=16,
-                lr=3e-3, warmup=15, projector_std=0.15, seed=0, version=3)
+                lr=3e-3, warmup=15, projector_std=0.15, seed=0, version=4)
 # the tiny base's architecture: patch 16 on 48 px = 9 image tokens (fast on CPU)
 TINY_OVERRIDES = dict(patch_size=16)
 # train args that must match to resume a run
