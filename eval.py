@@ -103,7 +103,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import carpe
-from data import vicuna_prompt, n_image_tokens
+from data import ConversationTokenizer, vicuna_prompt, n_image_tokens
 
 CLS_BENCHES = ("imagenet", "caltech101", "flowers102", "food101")
 VL_BENCHES = ("sqa", "textvqa", "pope", "mme", "mmbench", "cvbench", "mmvp")
@@ -1068,19 +1068,28 @@ def prediction_files(bench_dir):
 
 
 class BatchCollator:
-    """Turns a batch of items into model inputs (runs in DataLoader workers: images decode there)."""
+    """Turns a batch of items into model inputs (runs in DataLoader workers: images decode there).
+    Prompts are tokenised as training tokenises them (data.ConversationTokenizer: text pieces around
+    the image tokens encoded separately, as LLaVA's tokenizer_image_token does), so the ids next to
+    the image match training whatever the tokenizer, then left-padded for generate()."""
 
     def __init__(self, tokenizer, image_transform, n_image_tokens):
-        self.tokenizer, self.image_transform, self.n_image_tokens = tokenizer, image_transform, n_image_tokens
-        self.tokenizer.padding_side = "left"  # generate reads the last position of every row
+        self.tokenizer, self.image_transform = tokenizer, image_transform
+        self.conversation = ConversationTokenizer(tokenizer, n_image_tokens, tokenizer.convert_tokens_to_ids("<image>"))
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def __call__(self, batch):
         items = batch[0]
-        prompts = [vicuna_prompt(it["question"], has_image=True).replace("<image>", "<image>" * self.n_image_tokens)
-                   for it in items]
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True)
+        rows = [[self.tokenizer.bos_token_id] + self.conversation.encode(vicuna_prompt(it["question"], has_image=True))
+                for it in items]
+        T = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)  # (B, T), left-padded
+        attention_mask = torch.zeros(len(rows), T, dtype=torch.long)
+        for b, r in enumerate(rows):
+            input_ids[b, T - len(r):] = torch.tensor(r)
+            attention_mask[b, T - len(r):] = 1
         pixel_values = self.image_transform([open_image(it["image"]) for it in items])
-        return items, enc["input_ids"], enc["attention_mask"], pixel_values
+        return items, input_ids, attention_mask, pixel_values
 
 
 def to_device(pixel_values, device, dtype):

@@ -482,3 +482,25 @@ def test_closed_world_prompt_lists_every_label_shuffled_per_item(tiny_data):
     assert len(set(lists)) > 1  # the order changes from item to item ...
     again = E.read_bench("imagenet", tiny_data, world="closed")
     assert [it["question"] for it in again] == [it["question"] for it in items]  # ... but never between runs or ranks
+
+
+def test_eval_prompt_ids_match_training_tokenisation(tmp_path):
+    """Eval prompts are the training prompts' ids exactly (same segment-wise tokenisation around the
+    image tokens), left-padded; the first supervised training label follows right after them."""
+    import carpe
+    import data
+    llava, processor = carpe.tiny_llava()
+    P = data.n_image_tokens(processor)
+    collate = E.BatchCollator(processor.tokenizer, carpe.make_image_transform(processor), P)
+    conversation = data.ConversationTokenizer(processor.tokenizer, P, processor.tokenizer.convert_tokens_to_ids("<image>"))
+    image_path = str(tmp_path / "x.png")
+    from PIL import Image
+    Image.new("RGB", (30, 20), (200, 10, 10)).save(image_path)
+    questions = ["What shape is it?", "Is there a red star in the picture? Answer yes or no."]
+    items = [dict(question=q, image=image_path) for q in questions]
+    _, input_ids, attention_mask, pixel_values = collate([items])
+    assert pixel_values.shape[0] == 2 and (attention_mask[:, -1] == 1).all() and (attention_mask[:, 0] == 0).any()
+    for row, mask, q in zip(input_ids, attention_mask, questions):
+        ids, labels, _ = conversation(["<image>\n" + q, "circle"])
+        first_answer = next(i for i, l in enumerate(labels) if l != data.IGNORE_INDEX)
+        assert row[mask.bool()].tolist() == ids[:first_answer]
