@@ -738,14 +738,21 @@ def score_mme(records):
                 total_score=perception + cognition, subtasks=subtasks)
 
 
-def score_mmbench(records):
+def all_correct_by(records, key):
+    """MMBench's circular rule and MMVP's pair rule: a group counts when every question in it is
+    right. -> (group accuracy, question accuracy, number of groups), in %."""
     groups = {}
     for r in records:
-        groups.setdefault(r["group"], []).append(extract_choice(r["answer"], r["options"]) == r["gt"])
-    circular = 100.0 * sum(all(v) for v in groups.values()) / max(len(groups), 1)
-    single = 100.0 * sum(sum(v) for v in groups.values()) / max(len(records), 1)
+        groups.setdefault(r[key], []).append(extract_choice(r["answer"], r["options"]) == r["gt"])
+    group_acc = 100.0 * sum(all(v) for v in groups.values()) / max(len(groups), 1)
+    question_acc = 100.0 * sum(sum(v) for v in groups.values()) / max(len(records), 1)
+    return group_acc, question_acc, len(groups)
+
+
+def score_mmbench(records):
+    circular, single, n = all_correct_by(records, "group")
     return dict(headline=circular, circular_accuracy=circular, per_rotation_accuracy=single,
-                questions=len(groups), total=len(records))
+                questions=n, total=len(records))
 
 
 def score_cvbench(records):
@@ -760,12 +767,8 @@ def score_cvbench(records):
 
 
 def score_mmvp(records):
-    pairs = {}
-    for r in records:
-        pairs.setdefault(r["pair"], []).append(extract_choice(r["answer"], r["options"]) == r["gt"])
-    pair_acc = 100.0 * sum(all(v) for v in pairs.values()) / max(len(pairs), 1)
-    question_acc = 100.0 * sum(sum(v) for v in pairs.values()) / max(len(records), 1)
-    return dict(headline=pair_acc, pair_accuracy=pair_acc, question_accuracy=question_acc, pairs=len(pairs), total=len(records))
+    pair_acc, question_acc, n = all_correct_by(records, "pair")
+    return dict(headline=pair_acc, pair_accuracy=pair_acc, question_accuracy=question_acc, pairs=n, total=len(records))
 
 
 def score_bench(bench, records, match="substring"):
