@@ -53,6 +53,7 @@ import time
 import torch
 
 import kernels
+import tiny
 
 IS_WORKER = "--worker" in sys.argv
 
@@ -403,7 +404,7 @@ def section_head(args, device):
 def bench_llava(args, device):
     """tiny_llava with LLaVA-7B's depth and proportions (see the module docstring)."""
     import carpe
-    llava, processor = carpe.tiny_llava(
+    llava, processor = tiny.tiny_llava(
         seed=0, image_size=args.image_size, patch_size=14, layers=args.layers, hidden=args.hidden,
         heads=args.hidden // 64, kv_heads=args.hidden // 64, intermediate=round(args.hidden * 11008 / 4096),
         vision_hidden=args.hidden // 4, vision_layers=args.vision_layers, vision_heads=max(args.hidden // 256, 1),

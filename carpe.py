@@ -29,13 +29,13 @@ Choices the paper leaves open (also in the README):
  - The context prompt starts as a random vector with the token embeddings' scale.
  - A tied lm_head is untied (cloned) so that training the head leaves the frozen embeddings.
 """
-import math
 from contextlib import contextmanager
-from dataclasses import dataclass, asdict, field
+from dataclasses import dataclass, asdict
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from PIL import Image
+from transformers import AutoProcessor, DynamicCache, LlavaForConditionalGeneration
 
 from kernels import attention, fused_mixed_cross_entropy, IGNORE_INDEX
 
@@ -388,7 +388,6 @@ class CARPE(nn.Module):
     def start_generation(self, input_ids, attention_mask, pixel_values, max_new_tokens):
         """Prefill state for greedy_generate: everything computed once per prompt (the context
         weights, the MoE route, the cross-attention K/V over the image, empty KV caches)."""
-        from transformers import DynamicCache
         prep = self.prepare(input_ids, attention_mask, pixel_values)
         B, T = input_ids.shape
         integrator_cache = self.vision_integrator.block.new_cache(B, T + max_new_tokens)
@@ -688,7 +687,6 @@ class LlavaBaseline(nn.Module):
         return out
 
     def start_generation(self, input_ids, attention_mask, pixel_values, max_new_tokens):
-        from transformers import DynamicCache
         prep = self.prepare(input_ids, attention_mask, pixel_values)
         return dict(prep, lm_cache=DynamicCache(config=self.llava.model.language_model.config))
 
@@ -773,7 +771,6 @@ class LEVI(nn.Module):
         return out
 
     def start_generation(self, input_ids, attention_mask, pixel_values, max_new_tokens):
-        from transformers import DynamicCache
         prep = self.prepare(input_ids, attention_mask, pixel_values)
         B, T = input_ids.shape
         return dict(prep, lm_cache=DynamicCache(config=self.llava.model.language_model.config), cache_len=0,
@@ -811,7 +808,6 @@ def build_model(method, llava, carpe_config=None, vision_moe=None):
 
 def expand_to_square(image, background):
     """LLaVA's 'pad' aspect ratio: centre the image on a square of the background colour."""
-    from PIL import Image
     w, h = image.size
     if w == h:
         return image
@@ -833,146 +829,17 @@ def make_image_transform(processor):
     return transform
 
 
-def save_tiny_base(llava, path, seed=0, overrides=None):
-    """A tiny base LLaVA as a folder: tiny_llava.json (how to rebuild it) + model.safetensors."""
-    import json, os
-    from safetensors.torch import save_file
-    os.makedirs(path, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in llava.state_dict().items()}
-    save_file(state, os.path.join(path, "model.safetensors.tmp"))
-    os.replace(os.path.join(path, "model.safetensors.tmp"), os.path.join(path, "model.safetensors"))
-    with open(os.path.join(path, "tiny_llava.json"), "w") as f:
-        json.dump(dict(seed=seed, overrides=overrides or {}), f, indent=2)
-
-
 def load_base(base, device="cpu", dtype=None):
-    """(llava, processor) for a base: a tiny-base folder written by save_tiny_base, or a Hugging
-    Face LLaVA id / folder. Weights come through safetensors; never trust_remote_code."""
-    import json, os
-    tiny_file = os.path.join(base, "tiny_llava.json")
-    if os.path.isfile(tiny_file):
-        from safetensors.torch import load_file
-        with open(tiny_file) as f:
-            spec = json.load(f)
-        llava, processor = tiny_llava(seed=spec["seed"], **spec["overrides"])
-        weights_file = os.path.join(base, "model.safetensors")
-        if not os.path.isfile(weights_file):
-            raise FileNotFoundError(f"tiny base {base} has tiny_llava.json but no model.safetensors")
-        state = load_file(weights_file)
-        expected = set(llava.state_dict())
-        if set(state) != expected:
-            raise ValueError(f"{weights_file} does not match the tiny config: missing {sorted(expected - set(state))[:5]}, "
-                             f"unexpected {sorted(set(state) - expected)[:5]}")
-        llava.load_state_dict(state)
-    else:
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
-        llava = LlavaForConditionalGeneration.from_pretrained(base, dtype=dtype or torch.float32, use_safetensors=True)
-        processor = AutoProcessor.from_pretrained(base)
-    llava.to(device=device, dtype=dtype or llava.dtype)
+    """(llava, processor) for a base LLaVA: a Hugging Face id or folder (the tiny base of
+    tiny.py is an ordinary one). dtype: a torch dtype, None = float32, or "auto" = as saved.
+    Weights come through safetensors; never trust_remote_code."""
+    llava = LlavaForConditionalGeneration.from_pretrained(base, dtype=dtype or torch.float32, use_safetensors=True)
+    processor = AutoProcessor.from_pretrained(base)
+    llava.to(device=device)
     llava.eval()
     return llava, processor
-
-
-def load_run(out_dir, device="cpu", dtype=None):
-    """Rebuild a train.py run directory (config.json + model.safetensors) for evaluation:
-    -> (model, processor, image_transform)."""
-    import json, os
-    from safetensors.torch import load_file
-    config_file = os.path.join(out_dir, "config.json")
-    weights_file = os.path.join(out_dir, "model.safetensors")
-    for f in (config_file, weights_file):
-        if not os.path.isfile(f):
-            raise FileNotFoundError(f"{out_dir} is not a train.py run directory: {f} is missing")
-    with open(config_file) as f:
-        run = json.load(f)
-    llava, processor = load_base(run["base"], device, dtype)
-    vision_moe = None
-    if run.get("moe"):
-        import moe
-        vision_moe = moe.build_vision_moe(llava, moe.MoEConfig.from_dict(run["moe"]), device=device, dtype=dtype)
-    carpe_config = CarpeConfig.from_dict(run["carpe"]) if run.get("carpe") else CarpeConfig()
-    model = build_model(run.get("method", "carpe"), llava, carpe_config, vision_moe)
-    model.load_trainable_state_dict(load_file(weights_file, device=str(device)))
-    model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
-    model.eval()
-    image_transform = vision_moe.preprocess if vision_moe is not None else make_image_transform(processor)
-    return model, processor, image_transform
 
 
 # -----------------------------------------------------------------------------
 # a tiny offline LLaVA for tests and the --preset tiny default
 
-SYSTEM_PROMPT = ("A chat between a curious user and an artificial intelligence assistant. "
-                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
-
-_TOKENIZER_CORPUS = """USER: ASSISTANT: What is the colour of the shape? What color is it? How many shapes are there?
-Where is the shape? left right top bottom center middle upper lower corner one two three four five six seven eight nine ten
-0 1 2 3 4 5 6 7 8 9 red green blue yellow purple orange white black gray pink brown cyan magenta
-circle square triangle star cross ring diamond hexagon ellipse rectangle
-Identify the object in this image: What object can you spot in the picture? What type of object is in this photo?
-Choose one from the following. Answer with the option's letter from the given choices directly. The answer is
-Answer the question using a single word or phrase. Is there a in the image? Please answer yes or no. yes no
-Context: Options: Hint: Question: Reference OCR token: A. B. C. D. E. a an the of in on at is are this that picture photo
-image object class name label which what how many where there here it its and or not with from for to be""" + " " + SYSTEM_PROMPT
-
-
-def tiny_tokenizer(vocab_size=512):
-    """A byte-level BPE tokenizer trained in memory on a small built-in corpus (no network),
-    with LLaMA's special tokens and LLaVA's <image> token."""
-    from tokenizers import Tokenizer, models, trainers, pre_tokenizers, decoders, processors
-    from transformers import PreTrainedTokenizerFast
-    specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([_TOKENIZER_CORPUS] * 4, trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
-    fast.padding_side = "left"
-    return fast
-
-
-def tiny_llava(seed=0, **overrides):
-    """A randomly initialised tiny LLaVA-1.5 and its processor, built from configs, offline.
-    overrides: image_size, patch_size, vision_hidden, vision_layers, hidden, layers, heads,
-    kv_heads, intermediate, vocab_size, max_positions."""
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-                              LlavaProcessor)
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-    o = dict(image_size=48, patch_size=8, vision_hidden=64, vision_layers=3, vision_heads=4,
-             hidden=64, layers=6, heads=4, kv_heads=2, intermediate=172, vocab_size=512, max_positions=1024)
-    unknown = set(overrides) - set(o)
-    if unknown:
-        raise TypeError(f"tiny_llava got unknown overrides {sorted(unknown)}; known: {sorted(o)}")
-    o.update(overrides)
-    tokenizer = tiny_tokenizer(o["vocab_size"])
-    vision_config = CLIPVisionConfig(hidden_size=o["vision_hidden"], intermediate_size=4 * o["vision_hidden"],
-                                     num_hidden_layers=o["vision_layers"], num_attention_heads=o["vision_heads"],
-                                     image_size=o["image_size"], patch_size=o["patch_size"], projection_dim=o["vision_hidden"])
-    text_config = LlamaConfig(hidden_size=o["hidden"], intermediate_size=o["intermediate"],
-                              num_hidden_layers=o["layers"], num_attention_heads=o["heads"],
-                              num_key_value_heads=o["kv_heads"], vocab_size=len(tokenizer),
-                              max_position_embeddings=o["max_positions"], tie_word_embeddings=False,
-                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                              pad_token_id=tokenizer.pad_token_id)
-    config = LlavaConfig(vision_config=vision_config, text_config=text_config,
-                         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                         vision_feature_layer=-2, vision_feature_select_strategy="default",
-                         projector_hidden_act="gelu", tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.eval()
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": o["image_size"]},
-                                            crop_size={"height": o["image_size"], "width": o["image_size"]},
-                                            do_center_crop=True, do_resize=True, do_normalize=True,
-                                            image_mean=[0.48145466, 0.4578275, 0.40821073],
-                                            image_std=[0.26862954, 0.26130258, 0.27577711])
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=o["patch_size"],
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
-    return model, processor

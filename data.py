@@ -50,16 +50,17 @@ Choices where the paper and LLaVA leave room (also in the README):
 import json
 import os
 import random
-import re
 from dataclasses import dataclass, asdict
 
 import numpy as np
 import torch
 
-from carpe import SYSTEM_PROMPT
+from kernels import IGNORE_INDEX
+
 
 IMAGE_TAG = "<image>"
-IGNORE_INDEX = -100
+SYSTEM_PROMPT = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 # 20 classification prompts; the first two are the paper's (section 4.1)
@@ -507,147 +508,3 @@ def make_loader(dataset, collator, micro_batch_size, global_batch, rank, world, 
 # -----------------------------------------------------------------------------
 # the synthetic data set of --preset tiny
 
-SHAPES = ["circle", "square", "triangle", "star", "cross", "diamond"]
-COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220),
-           "yellow": (235, 210, 20), "purple": (140, 40, 170), "orange": (245, 130, 20)}
-NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
-SYNTHETIC_VERSION = 1
-
-
-@dataclass
-class SyntheticConfig:
-    images_per_class: int = 60
-    width: int = 64  # not square: exercises LLaVA's pad-to-square
-    height: int = 48
-    text_only: int = 40  # text-only conversations
-    seed: int = 0
-
-    def key(self):
-        return f"synthetic-v{SYNTHETIC_VERSION}-{self.images_per_class}x{len(SHAPES)}-{self.width}x{self.height}-t{self.text_only}-s{self.seed}"
-
-
-def shape_polygon(shape, cx, cy, r):
-    """Points (or a box) of a shape centred at (cx, cy) with radius r."""
-    import math
-    if shape == "triangle":
-        return [(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)]
-    if shape == "diamond":
-        return [(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)]
-    if shape == "star":
-        return [(cx + (r if i % 2 == 0 else r * 0.45) * math.sin(i * math.pi / 5),
-                 cy - (r if i % 2 == 0 else r * 0.45) * math.cos(i * math.pi / 5)) for i in range(10)]
-    return None
-
-
-def draw_shape(draw, shape, cx, cy, r, fill):
-    if shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif shape == "square":
-        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif shape == "cross":
-        w = max(2, r // 3)
-        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
-        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
-    else:
-        draw.polygon(shape_polygon(shape, cx, cy, r), fill=fill)
-
-
-def draw_scene(rng, shape, colour, count, position, width, height):
-    """An image with `count` copies of a shape; for one copy, `position` is left/center/right."""
-    from PIL import Image, ImageDraw
-    background = tuple(rng.randrange(200, 245) for _ in range(3))
-    image = Image.new("RGB", (width, height), background)
-    draw = ImageDraw.Draw(image)
-    r = rng.randrange(6, 9) if count > 1 else rng.randrange(8, 12)
-    if count == 1:
-        cx = {"left": width // 5, "center": width // 2, "right": width - width // 5}[position]
-        xs = [cx + rng.randrange(-2, 3)]
-    else:
-        slot = width // count
-        xs = [slot * i + slot // 2 + rng.randrange(-2, 3) for i in range(count)]
-    for cx in xs:
-        cy = height // 2 + rng.randrange(-height // 6, height // 6 + 1)
-        draw_shape(draw, shape, cx, cy, r, COLOURS[colour])
-    return image
-
-
-def synthetic_conversation(rng, colour, count, position):
-    """1-3 turns about colour, count and (for one shape) position, in random order."""
-    qa = [("What is the colour of the shape?", colour),
-          ("How many shapes are there?", NUMBERS[count])]
-    if count == 1:
-        qa.append(("Where is the shape?", position))
-    rng.shuffle(qa)
-    n_turns = rng.choice([1, 1, 2, 3])
-    turns = []
-    for q, a in qa[:n_turns]:
-        turns += [q, a]
-    turns[0] = IMAGE_TAG + "\n" + turns[0] if rng.random() < 0.5 else turns[0] + "\n" + IMAGE_TAG
-    return turns
-
-
-def text_only_conversation(rng):
-    kind = rng.randrange(3)
-    if kind == 0:
-        word = rng.choice(SHAPES + list(COLOURS))
-        return [f"Is {word} a colour or a shape?", "colour" if word in COLOURS else "shape"]
-    if kind == 1:
-        n = rng.randrange(0, 10)
-        return [f"What number comes after {NUMBERS[n]}?", NUMBERS[n + 1]]
-    a, b = rng.randrange(0, 5), rng.randrange(0, 5)
-    return [f"How many are {NUMBERS[a]} and {NUMBERS[b]}?", NUMBERS[a + b]]
-
-
-def to_llava_entry(sid, turns, image=None):
-    entry = dict(id=sid, conversations=[dict(**{"from": "human" if i % 2 == 0 else "gpt"}, value=v)
-                                        for i, v in enumerate(turns)])
-    if image is not None:
-        entry["image"] = image
-    return entry
-
-
-def build_synthetic(root, config: SyntheticConfig):
-    """Draw the data set into root: train/<shape>/*.png (the ImageFolder), classnames.txt and
-    conversations.json (LLaVA format, image paths relative to root)."""
-    rng = random.Random(config.seed)
-    entries = []
-    for shape in SHAPES:
-        os.makedirs(os.path.join(root, "train", shape), exist_ok=True)
-        for i in range(config.images_per_class):
-            colour = rng.choice(list(COLOURS))
-            count = rng.choice([1, 1, 2, 3])
-            position = rng.choice(["left", "center", "right"])
-            image = draw_scene(rng, shape, colour, count, position, config.width, config.height)
-            rel = f"train/{shape}/{i:04d}.png"
-            image.save(os.path.join(root, rel))
-            entries.append(to_llava_entry(f"{shape}-{i:04d}", synthetic_conversation(rng, colour, count, position), rel))
-    for i in range(config.text_only):
-        entries.append(to_llava_entry(f"text-{i:04d}", text_only_conversation(rng)))
-    rng.shuffle(entries)
-    with open(os.path.join(root, "classnames.txt"), "w") as f:  # one name per line, sorted class-dir order
-        f.write("\n".join(sorted(SHAPES)) + "\n")
-    with open(os.path.join(root, "conversations.json"), "w") as f:
-        json.dump(entries, f, indent=1)
-
-
-def ensure_synthetic(cache_dir, config: SyntheticConfig = None):
-    """The synthetic data set's folder, drawn on first use (atomically: temp folder + rename)."""
-    config = config or SyntheticConfig()
-    root = os.path.join(cache_dir, config.key())
-    if os.path.isfile(os.path.join(root, "conversations.json")):
-        return root
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = f"{root}.tmp{os.getpid()}"
-    build_synthetic(tmp, config)
-    try:
-        os.rename(tmp, root)
-    except OSError:  # another process finished first
-        import shutil
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
-
-
-def synthetic_data_config(root, **overrides):
-    """DataConfig for the synthetic data set in root."""
-    return DataConfig(llava_json=os.path.join(root, "conversations.json"), image_root=root, imagenet=root,
-                      imagenet_classes=os.path.join(root, "classnames.txt"), **overrides)

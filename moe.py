@@ -1,7 +1,7 @@
 """
 moe.py: CARPE-MoE's vision mixture of experts (paper section 3.1, ../shared/DESIGN.md section 2).
 
-    vision_moe = build_vision_moe(llava, MoEConfig())          # or tiny_moe_config() offline
+    vision_moe = build_vision_moe(llava, MoEConfig())          # or tiny.tiny_moe_config() offline
     model = carpe.CARPE(llava, carpe.CarpeConfig(), vision_moe=vision_moe)
     pixel_values = vision_moe.preprocess(list_of_pil_images)    # dict: expert name -> (n, 3, S_e, S_e)
     out = model(input_ids=..., pixel_values=pixel_values, labels=...)   # out.balance_loss, out.route
@@ -17,7 +17,7 @@ encoder runs for the sample: the batch is grouped by expert.
 
 Choices made where the paper / issue are silent:
  - One token layout. Every expert's patch grid is resampled to the base tower's grid (24x24 = 576
-   for LLaVA-1.5; 6x6 = 36 for carpe.tiny_llava) by adaptive average pooling, before its adapters,
+   for LLaVA-1.5; 6x6 = 36 for tiny.tiny_llava) by adaptive average pooling, before its adapters,
    so the prompt layout never depends on the route.
  - Features: the second-to-last layer of every expert (LLaVA's convention; the clip expert follows
    the base config's vision_feature_layer), prefix tokens (CLS) dropped.
@@ -79,7 +79,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from carpe import MLP, encoder_layers, expand_to_square, hidden_state_at
+from carpe import MLP, expand_to_square, hidden_state_at
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -144,23 +144,6 @@ class MoEConfig:
     @classmethod
     def from_dict(cls, d):
         return cls(**d)
-
-
-def tiny_moe_config():
-    """Four tiny random experts of different families and different patch grids (the base
-    carpe.tiny_llava grid is 6x6): clip = the base tower (6x6), siglip 7x7, dinov2 10x10, cumo 9x9."""
-    return MoEConfig(experts=[
-        ExpertConfig("clip", "base_clip", "", 48, CLIP_MEAN, CLIP_STD, -2, True),
-        ExpertConfig("siglip", "siglip", "", 56, SIGLIP_MEAN, SIGLIP_STD, -2, False,
-                     tiny=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                               image_size=56, patch_size=8)),
-        ExpertConfig("dinov2", "dinov2", "", 40, IMAGENET_MEAN, IMAGENET_STD, -2, True,
-                     tiny=dict(hidden_size=32, mlp_ratio=2, num_hidden_layers=2, num_attention_heads=4,
-                               image_size=40, patch_size=4)),
-        ExpertConfig("cumo", "clip_moe", "", 36, CLIP_MEAN, CLIP_STD, -2, True,
-                     tiny=dict(hidden_size=40, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
-                               image_size=36, patch_size=4, hidden_act="quick_gelu")),
-    ])
 
 
 # -----------------------------------------------------------------------------
@@ -590,12 +573,11 @@ def paper_scale_param_counts():
 
 
 def main():
-    parser = argparse.ArgumentParser(description="CARPE-MoE vision experts: print the expert table "
-                                                 "(tiny or paper config) and the paper-scale memory plan.")
-    parser.add_argument("--tiny", action="store_true", help="show the tiny offline config instead of the paper's")
+    parser = argparse.ArgumentParser(description="CARPE-MoE vision experts: print the paper's expert table "
+                                                 "and the paper-scale memory plan.")
     parser.add_argument("--plan", action="store_true", help="print parameter counts / memory of the paper-scale towers")
     args = parser.parse_args()
-    cfg = tiny_moe_config() if args.tiny else MoEConfig()
+    cfg = MoEConfig()
     print(f"{'name':8s} {'family':10s} {'model':36s} {'size':>5s} {'layer':>5s} cls")
     for e in cfg.experts:
         print(f"{e.name:8s} {e.family:10s} {(e.model_id or ('tiny' if e.tiny else 'base LLaVA tower')):36s} "

@@ -48,7 +48,6 @@ import math
 import os
 import random
 import shutil
-import sys
 import time
 from contextlib import nullcontext
 
@@ -58,6 +57,10 @@ import torch.distributed as dist
 
 import carpe
 import data
+import moe
+import tiny
+from common import (all_reduce_sum, barrier, cosine_schedule, peak_memory_gb, print0, save_safetensors_atomic,
+                    setup_distributed, write_json_atomic)
 
 PRESETS = {
     # tiny: a 1:1 mix and 3 epochs so that the few hundred synthetic samples hold enough
@@ -71,11 +74,6 @@ PRESETS = {
 # and 6e-3 forget the conversations (their loss rises over the first steps), so LEVI keeps the
 # paper's 1:7 mix and the lower rates there
 PRESET_METHOD_OVERRIDES = {("tiny", "levi"): dict(mix="1:7", lr_adapter=2e-4, lr=2e-3)}
-# the tiny pre-stage (vanilla LLaVA on the synthetic data); changing these changes the cache key
-PRESTAGE = dict(vision_steps=1500, vision_batch=64, vision_lr=2e-3, vision_images=4000, steps=150, batch_size=16,
-                lr=3e-3, warmup=15, projector_std=0.15, seed=0, version=4)
-# the tiny base's architecture: patch 16 on 48 px = 9 image tokens (fast on CPU)
-TINY_OVERRIDES = dict(patch_size=16)
 # train args that must match to resume a run
 RESUME_KEYS = ("batch_size", "seed", "mix", "epochs", "max_steps", "closed_k", "model_max_length", "warmup_ratio")
 
@@ -155,199 +153,19 @@ def resolve_args(args):
 # -----------------------------------------------------------------------------
 # distributed helpers
 
-def setup_distributed():
-    """-> rank, world, local_rank, device. Works with plain python (world 1) and torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return rank, world, local_rank, device
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def all_reduce_sum(t):
-    """In-place sum over ranks of a CPU tensor (NCCL needs it on the GPU for the trip)."""
-    if dist.is_initialized():
-        if dist.get_backend() == "nccl":
-            on_gpu = t.cuda()
-            dist.all_reduce(on_gpu)
-            t.copy_(on_gpu.cpu())
-        else:
-            dist.all_reduce(t)
-    return t
-
-
-def print0(*a, **k):
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(*a, **k, flush=True)
-
-
-def peak_memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
-
 
 # -----------------------------------------------------------------------------
 # the tiny preset: synthetic data and a pre-trained tiny base
 
-def prestage_dir(cache_dir):
-    settings = json.dumps(dict(PRESTAGE, overrides=TINY_OVERRIDES), sort_keys=True)
-    key = f"v{PRESTAGE['version']}-{hashlib.sha256(settings.encode()).hexdigest()[:10]}"
-    return os.path.join(cache_dir, f"tiny-base-{data.SyntheticConfig().key()}-{key}")
 
-
-def draw_vision_pretraining_set(n, seed):
-    """n synthetic scenes drawn in memory (not the training images) with their labels:
-    -> (images, shape ids, colour ids, count ids)."""
-    rng = random.Random(f"vision-{seed}")
-    config = data.SyntheticConfig()
-    images, labels = [], []
-    for _ in range(n):
-        shape, colour = rng.randrange(len(data.SHAPES)), rng.randrange(len(data.COLOURS))
-        count, position = rng.choice([1, 1, 2, 3]), rng.choice(["left", "center", "right"])
-        images.append(data.draw_scene(rng, data.SHAPES[shape], list(data.COLOURS)[colour], count, position,
-                                      config.width, config.height))
-        labels.append((shape, colour, count - 1))
-    return images, torch.tensor(labels)  # (n, 3)
-
-
-def pretrain_tiny_vision(llava, processor):
-    """Stands in for CLIP's pre-training: the tiny tower learns to tell the synthetic shapes,
-    colours and counts apart (linear heads on the mean of the features the projector and CARPE's
-    integrator read), on scenes drawn for it. Vision only, so it costs seconds.
-    -> held-out shape accuracy of the linear head."""
-    images, labels = draw_vision_pretraining_set(PRESTAGE["vision_images"], PRESTAGE["seed"])
-    pixels = carpe.make_image_transform(processor)(images)  # (n, 3, H, W)
-    n_eval = len(images) // 6
-    tower = llava.model.vision_tower
-    dim = llava.config.vision_config.hidden_size
-    heads = torch.nn.ModuleList(torch.nn.Linear(dim, n) for n in (len(data.SHAPES), len(data.COLOURS), 3))
-    params = list(tower.parameters()) + list(heads.parameters())
-    optimizer = torch.optim.AdamW(params, lr=PRESTAGE["vision_lr"], weight_decay=0.0)
-    steps = PRESTAGE["vision_steps"]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(steps, steps // 10))
-    generator = torch.Generator().manual_seed(PRESTAGE["seed"])
-    tower.train()
-
-    def logits(x):
-        pooled = carpe.raw_vision_features(llava, x).mean(1)  # (n, Dv)
-        return [head(pooled) for head in heads]
-
-    for step in range(steps):
-        idx = n_eval + torch.randint(len(images) - n_eval, (PRESTAGE["vision_batch"],), generator=generator)
-        loss = sum(torch.nn.functional.cross_entropy(out, labels[idx, k]) for k, out in enumerate(logits(pixels[idx])))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-    tower.eval()
-    with torch.no_grad():
-        shape_logits = logits(pixels[:n_eval])[0]
-    return (shape_logits.argmax(-1) == labels[:n_eval, 0]).float().mean().item()
-
-
-def centre_projector(llava, pixel_values):
-    """Re-initialise the projector small and subtract its mean output over some images from
-    linear_2's bias: a random projector on top of the tower otherwise emits one large vector
-    shared by all images, whose image-specific part the LM's RMSNorm then erases."""
-    projector = llava.model.multi_modal_projector
-    with torch.no_grad():
-        for linear in (projector.linear_1, projector.linear_2):
-            torch.nn.init.normal_(linear.weight, std=PRESTAGE["projector_std"])
-            torch.nn.init.zeros_(linear.bias)
-        out = projector(carpe.raw_vision_features(llava, pixel_values))  # (n, P, d)
-        projector.linear_2.bias -= out.mean((0, 1))
-
-
-def train_tiny_base(synthetic_root, out_dir):
-    """The pre-stage: (1) pre-train the tiny vision tower on labelled synthetic scenes, as CLIP
-    comes pre-trained; (2) freeze it and its (centred) projector and train the LM on the
-    synthetic conversations (vanilla LLaVA), so the base the method wraps already answers them.
-    Single process; saved atomically."""
-    from tqdm import tqdm
-    t0 = time.time()
-    torch.manual_seed(PRESTAGE["seed"])
-    llava, processor = carpe.tiny_llava(seed=PRESTAGE["seed"], **TINY_OVERRIDES)
-    vision_accuracy = pretrain_tiny_vision(llava, processor)
-    print0(f"tiny base pre-stage: vision tower pre-trained in {time.time() - t0:.0f}s, "
-           f"held-out shape accuracy of its linear head {vision_accuracy:.2f}")
-    # the conversations only, as LLaVA-1.5 itself never saw ImageNet prompts: the classification
-    # share of the mix is what the method's training then adds (paper section 4.1)
-    config = data.synthetic_data_config(synthetic_root, seed=PRESTAGE["seed"])
-    config.imagenet = None
-    dataset, _ = data.TrainDataset.from_config(config, processor)
-    collator = data.Collator(processor.tokenizer.pad_token_id, carpe.make_image_transform(processor))
-    centre_projector(llava, next(iter(data.make_loader(dataset, collator, 64, 64, 0, 1, 0)))["pixel_values"])
-    frozen = ("model.vision_tower.", "model.multi_modal_projector.")
-    lm_params = [p for n, p in llava.named_parameters() if not n.startswith(frozen)]
-    for n, p in llava.named_parameters():
-        p.requires_grad_(not n.startswith(frozen))
-    llava.train()
-    optimizer = torch.optim.AdamW(lm_params, lr=PRESTAGE["lr"], weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(PRESTAGE["steps"], PRESTAGE["warmup"]))
-    batch = PRESTAGE["batch_size"]
-    steps_per_epoch = len(dataset) // batch
-    bar = tqdm(range(PRESTAGE["steps"]), desc="tiny base pre-stage", disable=int(os.environ.get("RANK", "0")) != 0)
-    batches, epoch, losses = iter(()), -1, []
-    for step in bar:
-        b = next(batches, None)
-        if b is None:
-            epoch += 1
-            batches = iter(data.make_loader(dataset, collator, batch, batch, 0, 1, epoch))
-            b = next(batches)
-        out = llava(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"],
-                    labels=b["labels"])
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(lm_params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(out.loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    llava.eval()
-    for p in llava.parameters():
-        p.requires_grad_(True)
-    tmp = f"{out_dir}.tmp{os.getpid()}"
-    carpe.save_tiny_base(llava, tmp, seed=PRESTAGE["seed"], overrides=TINY_OVERRIDES)
-    with open(os.path.join(tmp, "prestage.json"), "w") as f:
-        json.dump(dict(PRESTAGE, vision_shape_accuracy=vision_accuracy, first_loss=losses[0],
-                       final_loss=sum(losses[-10:]) / 10, steps_per_epoch=steps_per_epoch,
-                       seconds=time.time() - t0), f, indent=2)
-    try:
-        os.rename(tmp, out_dir)
-    except OSError:  # another process (e.g. a concurrent run) finished the same pre-stage first
-        shutil.rmtree(tmp, ignore_errors=True)
-    print0(f"tiny base pre-stage: loss {losses[0]:.3f} -> {sum(losses[-10:]) / 10:.3f} in {PRESTAGE['steps']} steps "
-           f"({time.time() - t0:.0f}s in all); saved to {out_dir}")
-
-
-def prepare_tiny(args, rank):
-    """Draw the synthetic data and train the tiny base on first use (rank 0; others wait)."""
-    synthetic_root = os.path.join(args.cache_dir, data.SyntheticConfig().key())
-    base = prestage_dir(args.cache_dir)
-    if rank == 0:
-        synthetic_root = data.ensure_synthetic(args.cache_dir)
-        if not os.path.isfile(os.path.join(base, "tiny_llava.json")):
-            train_tiny_base(synthetic_root, base)
-    barrier()
-    args.base = args.base or base
-    args.data = args.data or os.path.join(synthetic_root, "conversations.json")
-    args.image_root = args.image_root or synthetic_root
-    args.imagenet = args.imagenet or synthetic_root
-    args.imagenet_classes = args.imagenet_classes or os.path.join(synthetic_root, "classnames.txt")
+def use_tiny_world(args):
+    """--preset tiny: the flags left unset point at the tiny world's base and synthetic data."""
+    world_dirs = tiny.tiny_world(args.cache_dir)
+    args.base = args.base or world_dirs.base
+    args.data = args.data or os.path.join(world_dirs.synthetic, "conversations.json")
+    args.image_root = args.image_root or world_dirs.synthetic
+    args.imagenet = args.imagenet or world_dirs.synthetic
+    args.imagenet_classes = args.imagenet_classes or os.path.join(world_dirs.synthetic, "classnames.txt")
 
 
 # -----------------------------------------------------------------------------
@@ -365,8 +183,7 @@ def create_model(args, llava, processor, device):
     torch.manual_seed(args.seed)
     vision_moe, moe_config = None, None
     if args.moe:
-        import moe  # written alongside; only needed here
-        moe_config = moe.tiny_moe_config() if args.preset == "tiny" else moe.MoEConfig()
+        moe_config = tiny.tiny_moe_config() if args.preset == "tiny" else moe.MoEConfig()
         if args.balance_weight is not None:
             moe_config.balance_weight = args.balance_weight
         vision_moe = moe.build_vision_moe(llava, moe_config, device=device)
@@ -399,15 +216,6 @@ def optimizer_groups(args, model):
         if own:
             split.append(dict(g, params=own, name="context"))
     return split
-
-
-def cosine_schedule(total_steps, warmup_steps):
-    def lr_lambda(step):
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return lr_lambda
 
 
 def wrap_model(args, model, device, world):
@@ -509,18 +317,6 @@ def load_optimizer_state(args, model, optimizer, state):
         optimizer.load_state_dict(state)
 
 
-def write_json_atomic(path, obj):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
-
-
-def save_safetensors_atomic(state, path):
-    from safetensors.torch import save_file
-    save_file(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
 def save_checkpoint(args, model, optimizer, scheduler, run_config, trainer_state, rank, device):
     """<out>/ckpt/step_XXXXXXX, written in a temp folder then renamed. Collective."""
     weights = gather_trainable(model)
@@ -595,7 +391,10 @@ def main(argv=None):
     args = resolve_args(parse_args(argv))
     rank, world, local_rank, device = setup_distributed()
     if args.preset == "tiny":
-        prepare_tiny(args, rank)
+        if rank == 0:  # draw the synthetic data and pre-train the tiny base on first use
+            tiny.ensure_tiny_world(args.cache_dir)
+        barrier()
+        use_tiny_world(args)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)

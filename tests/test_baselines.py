@@ -12,6 +12,9 @@ from safetensors.torch import load_file
 import carpe
 import eval as E
 import train
+import benchmarks as B  # noqa: E402
+import common  # noqa: E402
+import tiny  # noqa: E402
 
 STEPS = 8
 RUNS = {
@@ -42,7 +45,7 @@ def runs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def evals(runs, tmp_path_factory):
     data_root = str(tmp_path_factory.mktemp("bench"))
-    E.build_tiny_benchmarks(data_root)
+    tiny.build_tiny_benchmarks(data_root)
     dirs = {}
     for name, run in runs.items():
         dirs[name] = os.path.join(run, "eval")
@@ -85,14 +88,14 @@ def fixed_batch(processor, n=24):
     """The same n synthetic training samples, collated once (per-step losses are too noisy)."""
     import data
     args = train.resolve_args(train.parse_args(["--preset", "tiny", "--out", "unused"]))
-    dataset, _ = data.TrainDataset.from_config(data.synthetic_data_config(data.ensure_synthetic(args.cache_dir)),
+    dataset, _ = data.TrainDataset.from_config(tiny.synthetic_data_config(tiny.ensure_synthetic(args.cache_dir)),
                                                processor)
     collator = data.Collator(processor.tokenizer.pad_token_id, carpe.make_image_transform(processor))
     return next(iter(data.make_loader(dataset, collator, n, n, 0, 1, 0)))
 
 
 def test_levi_loss_falls(runs):
-    trained, processor, _ = carpe.load_run(runs["levi"])
+    trained, processor, _ = common.load_run(runs["levi"])
     untrained = carpe.build_model("levi", carpe.load_base(json.load(open(os.path.join(runs["levi"], "config.json")))["base"])[0],
                                   trained.config).eval()
     batch = fixed_batch(processor)
@@ -103,7 +106,7 @@ def test_levi_loss_falls(runs):
 
 
 def test_ablation_flags_reach_the_model(runs):
-    model, _, _ = carpe.load_run(runs["ablation"])
+    model, _, _ = common.load_run(runs["ablation"])
     assert model.config.fixed_weights == (0.5, 0.5)
     assert model.vision_integrator.block.self_attn is None
     assert model.config.query_layer == -1
@@ -123,4 +126,4 @@ def test_every_method_evaluates_and_tabulates(evals, capsys):
     E.main(["--table", *evals.values()])
     table = capsys.readouterr().out
     for out in evals.values():
-        assert E.table_name(out) in table
+        assert B.table_name(out) in table

@@ -5,8 +5,9 @@ import torch
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from carpe import (CARPE, CarpeConfig, LEVI, LlavaBaseline, build_model, make_image_transform, positions_from_mask,
-                   tiny_llava, SYSTEM_PROMPT)
+from carpe import CARPE, CarpeConfig, LEVI, LlavaBaseline, build_model, make_image_transform, positions_from_mask
+from data import SYSTEM_PROMPT
+from tiny import tiny_llava
 from kernels import IGNORE_INDEX
 
 QUESTIONS = ["What color is the shape?", "How many shapes are there?", "Where is the circle?"]

@@ -12,14 +12,15 @@ from PIL import Image
 
 import carpe
 import data
-from carpe import SYSTEM_PROMPT
+from data import SYSTEM_PROMPT
+import tiny  # noqa: E402
 
 IGNORE = data.IGNORE_INDEX
 
 
 @pytest.fixture(scope="module")
 def processor():
-    return carpe.tiny_llava()[1]
+    return tiny.tiny_llava()[1]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def conv_tok(processor):
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    return data.ensure_synthetic(str(tmp_path_factory.mktemp("cache")))
+    return tiny.ensure_synthetic(str(tmp_path_factory.mktemp("cache")))
 
 
 def supervised_spans(ids, labels):
@@ -193,9 +194,9 @@ def test_collate_pads_right_and_orders_images(processor):
 def test_synthetic_data_is_consistent(synthetic, processor):
     entries = json.load(open(os.path.join(synthetic, "conversations.json")))
     index = data.ImageNetIndex(synthetic, os.path.join(synthetic, "classnames.txt"))
-    assert index.class_names == sorted(data.SHAPES) and len(index) == 6 * data.SyntheticConfig().images_per_class
+    assert index.class_names == sorted(tiny.SHAPES) and len(index) == 6 * tiny.SyntheticConfig().images_per_class
     with_image = [e for e in entries if "image" in e]
-    assert len(entries) - len(with_image) == data.SyntheticConfig().text_only
+    assert len(entries) - len(with_image) == tiny.SyntheticConfig().text_only
     assert any(len(e["conversations"]) > 2 for e in entries)
     # the colour answers match the drawn pixels: the most saturated pixels have the named colour
     checked = 0
@@ -205,23 +206,23 @@ def test_synthetic_data_is_consistent(synthetic, processor):
             if "colour" in q:
                 pixels = np.asarray(Image.open(os.path.join(synthetic, e["image"])).convert("RGB")).reshape(-1, 3).astype(int)
                 saturated = pixels[(pixels.max(1) - pixels.min(1)) > 100]
-                nearest = min(data.COLOURS, key=lambda c: np.abs(saturated.mean(0) - data.COLOURS[c]).sum())
+                nearest = min(tiny.COLOURS, key=lambda c: np.abs(saturated.mean(0) - tiny.COLOURS[c]).sum())
                 assert nearest == a, e["id"]
                 checked += 1
         if checked >= 20:
             break
     assert checked >= 20
     # deterministic: drawing again gives the same data
-    assert data.ensure_synthetic(os.path.dirname(synthetic)) == synthetic  # cached
+    assert tiny.ensure_synthetic(os.path.dirname(synthetic)) == synthetic  # cached
     again = os.path.join(os.path.dirname(synthetic), "again")
-    data.build_synthetic(again, data.SyntheticConfig())
+    tiny.build_synthetic(again, tiny.SyntheticConfig())
     assert open(os.path.join(again, "conversations.json")).read() == open(os.path.join(synthetic, "conversations.json")).read()
     first = with_image[0]["image"]
     assert open(os.path.join(again, first), "rb").read() == open(os.path.join(synthetic, first), "rb").read()
 
 
 def test_dataset_items_follow_the_plan(synthetic, processor):
-    ds, skipped = data.TrainDataset.from_config(data.synthetic_data_config(synthetic, seed=1), processor)
+    ds, skipped = data.TrainDataset.from_config(tiny.synthetic_data_config(synthetic, seed=1), processor)
     assert skipped == 0 and ds.plan.imagenet_per_epoch == round(ds.plan.n_llava / 7)
     tok = processor.tokenizer
     for p in range(12):

@@ -17,6 +17,8 @@ sys.path.insert(0, ROOT)
 
 import carpe  # noqa: E402
 import moe  # noqa: E402
+import common  # noqa: E402
+import tiny  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -38,8 +40,8 @@ def tiny_clip_config(**kw):
 
 def fresh_moe(seed=0):
     """A tiny LLaVA, its processor and a tiny VisionMoE (fresh, so tests may change weights)."""
-    llava, processor = carpe.tiny_llava(seed=seed)
-    return llava, processor, moe.build_vision_moe(llava, moe.tiny_moe_config())
+    llava, processor = tiny.tiny_llava(seed=seed)
+    return llava, processor, moe.build_vision_moe(llava, tiny.tiny_moe_config())
 
 
 def solid_images(n, size=(40, 30)):
@@ -289,10 +291,10 @@ def test_balance_loss_is_minimal_for_uniform_routing():
 # preprocessing, config, build
 
 def test_preprocess_pads_with_each_experts_mean_and_normalises():
-    transform = moe.MoEImageTransform(moe.tiny_moe_config().experts)
+    transform = moe.MoEImageTransform(tiny.tiny_moe_config().experts)
     wide = Image.new("RGB", (80, 40), (255, 255, 255))  # white, padded above and below
     out = transform([wide])
-    for e in moe.tiny_moe_config().experts:
+    for e in tiny.tiny_moe_config().experts:
         x = out[e.name][0]  # (3, S, S)
         assert x.shape == (3, e.image_size, e.image_size)
         mean, std = torch.tensor(e.image_mean)[:, None], torch.tensor(e.image_std)[:, None]
@@ -303,22 +305,22 @@ def test_preprocess_pads_with_each_experts_mean_and_normalises():
 
 
 def test_clip_expert_preprocessing_matches_the_base_transform():
-    llava, processor = carpe.tiny_llava()
+    llava, processor = tiny.tiny_llava()
     images = [Image.new("RGB", (50, 30), (10, 200, 30)), Image.effect_noise((48, 60), 40).convert("RGB")]
     want = carpe.make_image_transform(processor)(images)
-    got = moe.MoEImageTransform(moe.tiny_moe_config().experts)(images)["clip"]
+    got = moe.MoEImageTransform(tiny.tiny_moe_config().experts)(images)["clip"]
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
 def test_config_round_trip_and_rebuild_is_deterministic():
-    for cfg in (moe.MoEConfig(), moe.tiny_moe_config()):
+    for cfg in (moe.MoEConfig(), tiny.tiny_moe_config()):
         back = moe.MoEConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
         assert back == cfg
     assert [e.model_id for e in moe.MoEConfig().experts] == [
         "", "google/siglip-so400m-patch14-384", "facebook/dinov2-large", "shi-labs/CuMo-mistral-7b"]
     with pytest.raises(ValueError, match="family"):
         moe.MoEConfig(experts=[moe.ExpertConfig("x", "resnet")])
-    # carpe.load_run rebuilds the frozen tiny encoders from the config: they must come back identical
+    # common.load_run rebuilds the frozen tiny encoders from the config: they must come back identical
     a = fresh_moe()[2]
     torch.manual_seed(123)  # the global RNG must not matter
     b = fresh_moe()[2]
@@ -395,7 +397,7 @@ def test_carpe_moe_trains_uses_several_experts_and_saves_once():
     assert not torch.allclose(a.logits, b.logits)
     assert (a.context_weights[:, 0] != 0.5).any()  # the context encoder trained
 
-    # save / load round trip into a freshly built CARPE-MoE (as carpe.load_run does)
+    # save / load round trip into a freshly built CARPE-MoE (as common.load_run does)
     state = {k: v.clone() for k, v in model.trainable_state_dict().items()}
     llava2, _, vm2 = fresh_moe()
     model2 = carpe.CARPE(llava2, carpe.CarpeConfig(integrator_heads=4, chunk_size=64), vision_moe=vm2)
@@ -452,7 +454,7 @@ def test_torchrun_train_moe_tiny(tmp_path, parallel):
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     run = json.load(open(out / "config.json"))
-    expected = moe.tiny_moe_config()
+    expected = tiny.tiny_moe_config()
     expected.balance_weight = 1.0
     assert moe.MoEConfig.from_dict(run["moe"]) == expected
     # the routing histogram logged by train.py shows more than one expert in use
@@ -465,7 +467,7 @@ def test_torchrun_train_moe_tiny(tmp_path, parallel):
     if parallel == "fsdp":
         return
     # the run folder loads back as a CARPE-MoE (what eval.py does) and routes by the text
-    model, processor, image_transform = carpe.load_run(str(out))
+    model, processor, image_transform = common.load_run(str(out))
     assert isinstance(model.vision_moe, moe.VisionMoE) and image_transform == model.vision_moe.preprocess
     images = solid_images(4, size=(48, 40))
     input_ids, attention_mask, _ = make_batch(processor, images)

@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 import carpe
 import data
 import train
+import common  # noqa: E402
+import tiny  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS_PER_EPOCH = 4
@@ -27,7 +29,8 @@ def small_data(tmp_path_factory):
     """The tiny preset's synthetic data (and pre-trained base, built on first use in the repo's
     cache) plus a 28-entry LLaVA json with text-only and multi-turn entries."""
     args = train.resolve_args(train.parse_args(["--preset", "tiny", "--out", "unused"]))
-    train.prepare_tiny(args, rank=0)
+    tiny.ensure_tiny_world(args.cache_dir)
+    train.use_tiny_world(args)
     entries = json.load(open(args.data))
     small = entries[:28]
     assert any("image" not in e for e in small) and any(len(e["conversations"]) > 2 for e in small)
@@ -72,13 +75,14 @@ def test_resume_is_exact(run_a, small_data, tmp_path):
     a, b = load_file(os.path.join(run_a, "model.safetensors")), load_file(os.path.join(tmp_path, "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # the loss moved and the run folder loads for evaluation
-    model, processor, transform = carpe.load_run(str(tmp_path))
+    model, processor, transform = common.load_run(str(tmp_path))
     assert all(torch.equal(t, b[k]) for k, t in model.trainable_state_dict().items())
 
 
 def test_context_frozen_in_epoch_one_only(run_a, small_data):
     args = train.resolve_args(train.parse_args(flags(small_data, "unused")))
-    train.prepare_tiny(args, rank=0)
+    tiny.ensure_tiny_world(args.cache_dir)
+    train.use_tiny_world(args)
     llava, processor = carpe.load_base(args.base)
     init = train.create_model(args, llava, processor, torch.device("cpu"))[0].trainable_state_dict()
     end_epoch1 = load_file(os.path.join(run_a, "ckpt", f"step_{STEPS_PER_EPOCH:07d}", "model.safetensors"))
@@ -142,7 +146,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(small_data, tmp_path):
 
 
 def test_tiny_prestage_learned(small_data):
-    base = train.prestage_dir(train.parse_args(["--out", "x"]).cache_dir)
+    base = tiny.prestage_dir(train.parse_args(["--out", "x"]).cache_dir)
     with open(os.path.join(base, "prestage.json")) as f:
         stats = json.load(f)
     assert stats["final_loss"] < 0.5 * stats["first_loss"]
@@ -151,15 +155,15 @@ def test_tiny_prestage_learned(small_data):
     # ... and stayed frozen in the LLaVA stage, so the saved tower is the pre-trained one: its
     # features differ between a circle and a square far more than a random tower's do
     llava, processor = carpe.load_base(base)
-    random_llava, _ = carpe.tiny_llava(seed=0, **train.TINY_OVERRIDES)
-    images, labels = train.draw_vision_pretraining_set(120, seed=7)
+    random_llava, _ = tiny.tiny_llava(seed=0, **tiny.TINY_OVERRIDES)
+    images, labels = tiny.draw_vision_pretraining_set(120, seed=7)
     pixels = carpe.make_image_transform(processor)(images)
 
     def shape_separation(model):
         with torch.no_grad():
             f = carpe.raw_vision_features(model, pixels).mean(1)  # (n, Dv)
-        means = torch.stack([f[labels[:, 0] == s].mean(0) for s in range(len(data.SHAPES))])  # (6, Dv)
-        within = torch.stack([f[labels[:, 0] == s].std(0).mean() for s in range(len(data.SHAPES))]).mean()
+        means = torch.stack([f[labels[:, 0] == s].mean(0) for s in range(len(tiny.SHAPES))])  # (6, Dv)
+        within = torch.stack([f[labels[:, 0] == s].std(0).mean() for s in range(len(tiny.SHAPES))]).mean()
         return (means - means.mean(0)).norm(dim=-1).mean() / within
 
     assert shape_separation(llava) > 2 * shape_separation(random_llava)
@@ -168,7 +172,7 @@ def test_tiny_prestage_learned(small_data):
 def test_fsdp_optimizer_groups_keep_plain_context_tensors_apart():
     """Under FSDP2 the context prompt/encoder stay plain tensors among DTensors; AdamW's CUDA
     multi-tensor path refuses a group that mixes them, so they get a group of their own."""
-    model = carpe.CARPE(carpe.tiny_llava()[0], carpe.CarpeConfig(integrator_heads=4))
+    model = carpe.CARPE(tiny.tiny_llava()[0], carpe.CarpeConfig(integrator_heads=4))
     context = {id(p) for n, p in model.named_parameters() if train.is_context_name(n)}
     for fsdp in (False, True):
         args = train.parse_args(["--preset", "tiny", "--out", "unused", "--lr", "1e-3", "--lr-adapter", "1e-4"]

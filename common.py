@@ -1,0 +1,210 @@
+"""
+common.py: what train.py, eval.py, bench.py and tiny.py share: distributed set-up, atomic writes,
+the learning-rate schedule, run folders (loading a trained run) and WiSE-FT weight interpolation.
+"""
+import glob
+import json
+import math
+import os
+import resource
+import shutil
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import moe
+from carpe import CarpeConfig, build_model, load_base, make_image_transform
+
+
+
+def setup_distributed():
+    """-> rank, world, local_rank, device. Works with plain python (world 1) and torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return rank, world, local_rank, device
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(t):
+    """In-place sum over ranks of a CPU tensor (NCCL needs it on the GPU for the trip)."""
+    if dist.is_initialized():
+        if dist.get_backend() == "nccl":
+            on_gpu = t.cuda()
+            dist.all_reduce(on_gpu)
+            t.copy_(on_gpu.cpu())
+        else:
+            dist.all_reduce(t)
+    return t
+
+
+def print0(*a, **k):
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*a, **k, flush=True)
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def cosine_schedule(total_steps, warmup_steps):
+    def lr_lambda(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return lr_lambda
+
+
+def write_json_atomic(path, obj):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def save_safetensors_atomic(state, path):
+    save_file(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_run(out_dir, device="cpu", dtype=None):
+    """Rebuild a train.py run directory (config.json + model.safetensors) for evaluation:
+    -> (model, processor, image_transform)."""
+    config_file = os.path.join(out_dir, "config.json")
+    weights_file = os.path.join(out_dir, "model.safetensors")
+    for f in (config_file, weights_file):
+        if not os.path.isfile(f):
+            raise FileNotFoundError(f"{out_dir} is not a train.py run directory: {f} is missing")
+    with open(config_file) as f:
+        run = json.load(f)
+    llava, processor = load_base(run["base"], device, dtype)
+    vision_moe = None
+    if run.get("moe"):
+        vision_moe = moe.build_vision_moe(llava, moe.MoEConfig.from_dict(run["moe"]), device=device, dtype=dtype)
+    carpe_config = CarpeConfig.from_dict(run["carpe"]) if run.get("carpe") else CarpeConfig()
+    model = build_model(run.get("method", "carpe"), llava, carpe_config, vision_moe)
+    model.load_trainable_state_dict(load_file(weights_file, device=str(device)))
+    model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    model.eval()
+    image_transform = vision_moe.preprocess if vision_moe is not None else make_image_transform(processor)
+    return model, processor, image_transform
+
+
+def weight_files(path):
+    """The safetensors files of a run dir / HF dir / tiny-base dir, or a single .safetensors file."""
+    if os.path.isfile(path) and path.endswith(".safetensors"):
+        return [path]
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--wise-ft: {path} is neither a folder nor a .safetensors file")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            return [os.path.join(path, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"--wise-ft: no *.safetensors in {path} (expected a train.py run dir, "
+                                f"an HF model dir or a tiny-base dir)")
+    return files
+
+
+def tensor_index(files):
+    """{tensor name: (file, shape, dtype)} without loading any tensor."""
+    index = {}
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                if key in index:
+                    raise ValueError(f"--wise-ft: tensor {key} is in both {index[key][0]} and {path}")
+                sl = f.get_slice(key)
+                index[key] = (path, tuple(sl.get_shape()), sl.get_dtype())
+    return index
+
+
+def check_same_tensors(index_a, index_b, a, b):
+    only_a, only_b = sorted(set(index_a) - set(index_b)), sorted(set(index_b) - set(index_a))
+    if only_a or only_b:
+        key, where = (only_a[0], f"in {a} but not in {b}") if only_a else (only_b[0], f"in {b} but not in {a}")
+        raise ValueError(f"--wise-ft: the two weight sets have different tensors: {key} is {where} "
+                         f"({len(only_a)} only in A, {len(only_b)} only in B)")
+    for key in sorted(index_a):
+        if index_a[key][1] != index_b[key][1]:
+            raise ValueError(f"--wise-ft: tensor {key} has shape {index_a[key][1]} in {a} but {index_b[key][1]} in {b}")
+
+
+def base_side_of_run(run_dir, base, out_dir):
+    """A copy of run dir `run_dir` whose weights are `base`'s own values of the tensors the run
+    trains: the zero-shot end of WiSE-FT for a run trained from `base` (for an imagenet-ft run,
+    the base's projector; for methods that add modules, their fresh seeded init)."""
+    with open(os.path.join(run_dir, "config.json")) as f:
+        run = json.load(f)
+    if run.get("moe"):
+        raise ValueError(f"--wise-ft: {run_dir} is a CARPE-MoE run; pair it with another run dir, not with a base")
+    llava, _ = load_base(base, dtype="auto")  # on CPU, as saved (fp16 for llava-hf): the 7B base never needs a GPU here
+    cfg = CarpeConfig.from_dict(run["carpe"]) if run.get("carpe") else None
+    model = build_model(run["method"], llava, cfg)
+    os.makedirs(out_dir, exist_ok=True)
+    shutil.copy(os.path.join(run_dir, "config.json"), os.path.join(out_dir, "config.json"))
+    state = {k: v.detach().float().contiguous() for k, v in model.trainable_state_dict().items()}
+    save_file(state, os.path.join(out_dir, "model.safetensors"))
+    return out_dir
+
+
+def interpolate_weights(a, b, alpha, out_dir):
+    """Write (1 - alpha) * A + alpha * B into out_dir, a copy of folder A (its other files copied as
+    they are), one of A's shards at a time, on CPU. Returns out_dir."""
+    files_a, files_b = weight_files(a), weight_files(b)
+    index_a, index_b = tensor_index(files_a), tensor_index(files_b)
+    check_same_tensors(index_a, index_b, a, b)
+    os.makedirs(out_dir, exist_ok=True)
+    if os.path.isdir(a):
+        for name in os.listdir(a):  # config, tokenizer, index: everything but the weights
+            src = os.path.join(a, name)
+            if os.path.isfile(src) and not name.endswith(".safetensors"):
+                shutil.copy(src, os.path.join(out_dir, name))
+    handles_b = {}
+    try:
+        for path in files_b:
+            handles_b[path] = safe_open(path, framework="pt")
+        for path in tqdm(files_a, desc="wise-ft", disable=len(files_a) < 2):
+            merged = {}
+            with safe_open(path, framework="pt") as fa:
+                metadata = fa.metadata() or {}
+                for key in fa.keys():
+                    ta, tb = fa.get_tensor(key), handles_b[index_b[key][0]].get_tensor(key)
+                    if ta.is_floating_point():
+                        merged[key] = ((1 - alpha) * ta.float() + alpha * tb.float()).to(ta.dtype)
+                    elif torch.equal(ta, tb):
+                        merged[key] = ta
+                    else:
+                        raise ValueError(f"--wise-ft: integer tensor {key} differs between {a} and {b}; cannot interpolate it")
+            save_file(merged, os.path.join(out_dir, os.path.basename(path)), metadata={"format": "pt", **metadata})
+            del merged
+    finally:
+        handles_b.clear()
+    with open(os.path.join(out_dir, "wise_ft.json"), "w") as f:
+        json.dump(dict(a=a, b=b, alpha=alpha), f, indent=1)
+    return out_dir
+
+
+def is_run_dir(path):
+    cfg = os.path.join(path, "config.json")
+    if not os.path.exists(cfg):
+        return False
+    with open(cfg) as f:
+        return "method" in json.load(f)
