@@ -3,6 +3,7 @@ common.py: what train.py, eval.py, bench.py and tiny.py share: distributed set-u
 the learning-rate schedule, run folders (loading a trained run) and WiSE-FT weight interpolation.
 """
 import glob
+import hashlib
 import json
 import math
 import os
@@ -83,14 +84,97 @@ def save_safetensors_atomic(state, path):
     os.replace(path + ".tmp", path)
 
 
+# -----------------------------------------------------------------------------
+# integrity: file digests and finite weights
+
+MANIFEST = "manifest.json"  # {"sha256": {file name: hex digest}} beside the files it covers
+
+
+class DamagedFileError(ValueError):
+    """A file whose bytes differ from the digest recorded beside it, or holding non-finite weights."""
+
+
+def sha256_file(path, chunk=1 << 22):
+    """Hex sha256 of a file, read in 4 MiB chunks (weights files can be large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder, names):
+    """Record the sha256 of each named file of `folder` in folder/manifest.json (atomically)."""
+    write_json_atomic(os.path.join(folder, MANIFEST), {"sha256": {n: sha256_file(os.path.join(folder, n)) for n in names}})
+
+
+def verify_manifest(folder, required=False):
+    """Check every file recorded in folder/manifest.json against its digest; raise
+    DamagedFileError naming the first damaged or missing file. -> True if a manifest was checked,
+    False if the folder has none (allowed only when not `required`)."""
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(path):
+        if required:
+            raise DamagedFileError(f"{path} is missing: the folder was not completely written")
+        return False
+    try:
+        with open(path) as f:
+            recorded = json.load(f)["sha256"]
+    except (ValueError, KeyError, UnicodeDecodeError) as e:
+        raise DamagedFileError(f"{path} is damaged ({type(e).__name__}: {e})") from None
+    for name, digest in recorded.items():
+        file = os.path.join(folder, name)
+        if not os.path.isfile(file):
+            raise DamagedFileError(f"{file} is missing (recorded in {path})")
+        if sha256_file(file) != digest:
+            raise DamagedFileError(f"{file} is damaged: its sha256 differs from the one recorded in {path}")
+    return True
+
+
+def check_finite(state, where):
+    """Refuse a weight dict holding NaN or inf, naming `where` (a file) and the first bad tensor."""
+    for name, t in state.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            n_bad = int((~torch.isfinite(t)).sum())
+            raise DamagedFileError(f"{where}: tensor {name} holds {n_bad} non-finite value(s) (NaN or inf)")
+
+
+def load_weights(path, device="cpu"):
+    """safetensors -> dict, naming the file when it cannot be parsed; refuses non-finite weights."""
+    try:
+        state = load_file(path, device=str(device))
+    except Exception as e:  # safetensors raises its own error types for truncated / junk files
+        raise DamagedFileError(f"{path} cannot be read as safetensors ({type(e).__name__}: {e})") from None
+    check_finite(state, path)
+    return state
+
+
+# -----------------------------------------------------------------------------
+# run folders: config.json + model.safetensors (+ manifest.json), what eval.py --ckpt reads
+
+RUN_WEIGHTS = ("model.safetensors",)  # the weights file(s) of a run folder
+
+
+def run_digest(run_dir):
+    """A digest of the run's weights: the sha256 of its weights file (of the files' digests if
+    there were several), so two evaluations can tell whether they saw the same weights."""
+    digests = [sha256_file(os.path.join(run_dir, n)) for n in RUN_WEIGHTS]
+    if len(digests) == 1:
+        return digests[0]
+    return hashlib.sha256("".join(f"{n}:{d}\n" for n, d in zip(RUN_WEIGHTS, digests)).encode()).hexdigest()
+
+
 def load_run(out_dir, device="cpu", dtype=None):
     """Rebuild a train.py run directory (config.json + model.safetensors) for evaluation:
-    -> (model, processor, image_transform)."""
+    -> (model, processor, image_transform). Verifies the digests the folder records and refuses
+    non-finite weights, naming the file and tensor."""
     config_file = os.path.join(out_dir, "config.json")
     weights_file = os.path.join(out_dir, "model.safetensors")
     for f in (config_file, weights_file):
         if not os.path.isfile(f):
             raise FileNotFoundError(f"{out_dir} is not a train.py run directory: {f} is missing")
+    verify_manifest(out_dir)
+    state = load_weights(weights_file, device)  # before the base: a damaged run fails in a second
     with open(config_file) as f:
         run = json.load(f)
     llava, processor = load_base(run["base"], device, dtype)
@@ -99,7 +183,7 @@ def load_run(out_dir, device="cpu", dtype=None):
         vision_moe = moe.build_vision_moe(llava, moe.MoEConfig.from_dict(run["moe"]), device=device, dtype=dtype)
     carpe_config = CarpeConfig.from_dict(run["carpe"]) if run.get("carpe") else CarpeConfig()
     model = build_model(run.get("method", "carpe"), llava, carpe_config, vision_moe)
-    model.load_trainable_state_dict(load_file(weights_file, device=str(device)))
+    model.load_trainable_state_dict(state)
     model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     model.eval()
     image_transform = vision_moe.preprocess if vision_moe is not None else make_image_transform(processor)

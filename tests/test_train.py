@@ -183,3 +183,25 @@ def test_fsdp_optimizer_groups_keep_plain_context_tensors_apart():
         assert sum(len(g["params"]) for g in groups) == len(model.trainable_state_dict())
         for g in groups:
             assert g["lr"] == (1e-4 if g["name"] == "adapter" else 1e-3)
+
+
+def test_load_run_refuses_damaged_or_non_finite_weights(tmp_path):
+    """common.load_run checks the digests a run folder records and refuses NaN weights, naming
+    the file (and the tensor) before it spends time building the base."""
+    from safetensors.torch import save_file
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(dict(method="carpe", base="unused")))
+    save_file({"a": torch.ones(3), "b": torch.tensor([1.0, float("nan")])}, str(run / "model.safetensors"))
+    with pytest.raises(common.DamagedFileError, match=r"model\.safetensors: tensor b holds 1 non-finite"):
+        common.load_run(str(run))
+    save_file({"a": torch.ones(3)}, str(run / "model.safetensors"))
+    common.write_manifest(str(run), ["model.safetensors", "config.json"])
+    assert common.run_digest(str(run)) == common.sha256_file(str(run / "model.safetensors"))
+    digest = common.run_digest(str(run))
+    raw = bytearray((run / "model.safetensors").read_bytes())
+    raw[-1] ^= 0xFF  # one flipped byte in the tensor data
+    (run / "model.safetensors").write_bytes(bytes(raw))
+    assert common.run_digest(str(run)) != digest
+    with pytest.raises(common.DamagedFileError, match=r"model\.safetensors is damaged: its sha256 differs"):
+        common.load_run(str(run))
