@@ -221,10 +221,16 @@ def tokenizer_adds_prefix_space(tokenizer):
     return tokenizer.convert_ids_to_tokens(ids[:1])[0].startswith("\u2581")
 
 
+TEMPLATES = ("vicuna_v1", "chat")
+
+
 class ConversationTokenizer:
     """vicuna_v1 formatting + label masking, tokenized segment by segment."""
 
-    def __init__(self, tokenizer, n_image_tokens, image_token_id, model_max_length=2048):
+    def __init__(self, tokenizer, n_image_tokens, image_token_id, model_max_length=2048, template="vicuna_v1"):
+        if template not in TEMPLATES:
+            raise ValueError(f"unknown conversation template {template!r}; expected one of {TEMPLATES}")
+        self.template = template
         self.tokenizer = tokenizer
         self.n_image_tokens = n_image_tokens
         self.image_token_id = image_token_id
@@ -240,6 +246,16 @@ class ConversationTokenizer:
             if piece:
                 ids += self.tokenizer(piece, add_special_tokens=False)["input_ids"]
         return ids
+
+    def encode_prompt(self, question, has_image=True):
+        """The generation prompt of a one-turn conversation: ids incl. BOS up to and including the
+        assistant's cue ("ASSISTANT:" for vicuna_v1), exactly what training gives for that user turn."""
+        if self.template == "chat":
+            content = IMAGE_TAG + "\n" + question if has_image else question
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                      add_generation_prompt=True)
+            return self.encode(text)
+        return [self.tokenizer.bos_token_id] + self.encode(vicuna_prompt(question, has_image))
 
     def __call__(self, turns, sample_id="?"):
         """turns: [human, gpt, human, gpt, ...] texts. -> (input_ids, labels, truncated)."""

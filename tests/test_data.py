@@ -301,3 +301,14 @@ def test_class_name_file_formats_and_errors(tmp_path):
         data.ImageNetIndex(str(tmp_path), str(tmp_path / "partial.txt"))
     with pytest.raises(data.BadSampleError, match="--imagenet .*train/<class_dir>"):
         data.ImageNetIndex(str(tmp_path / "train"))
+
+
+def test_encode_prompt_is_the_training_prefix(processor, conv_tok):
+    """encode_prompt gives the generation prompt (BOS .. "ASSISTANT:") that training gives the first user turn."""
+    tok = processor.tokenizer
+    for question, has_image in [("What is the colour of the shape?", True), ("What comes after three?", False)]:
+        prompt = conv_tok.encode_prompt(question, has_image)
+        assert prompt == [tok.bos_token_id] + conv_tok.encode(data.vicuna_prompt(question, has_image))
+        ids, labels, _ = conv_tok([("<image>\n" if has_image else "") + question, "red"])
+        first = next(i for i, l in enumerate(labels) if l != IGNORE)
+        assert ids[:first] == prompt and tok.decode(prompt).endswith("ASSISTANT:")
