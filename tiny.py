@@ -1,8 +1,33 @@
 """
-tiny.py: the offline tiny world of `--preset tiny`, used by train.py, eval.py, bench.py and the tests.
+tiny.py: the offline tiny world behind `--preset tiny`. Nothing here is needed for the paper's
+runs; everything here exists so that the whole pipeline (pre-stage, training, every benchmark's
+reader and scorer) runs in minutes on a laptop CPU with no download, and so that the tests run
+real code paths.
+
+The world has five parts, one section each:
+
+  1. A tiny LLaVA-1.5 and its tokenizer, built from configs: a 3-layer CLIP tower and a 6-layer
+     Llama (d=64), with a byte-level BPE tokenizer trained in memory on a built-in corpus. It is
+     saved as an ordinary Hugging Face folder, so `carpe.load_base` reads it like llava-1.5-7b-hf.
+  2. Synthetic data drawn with Pillow: coloured shapes on 64x48 canvases (not square, so LLaVA's
+     pad-to-square runs). An ImageFolder whose class is the shape stands in for ImageNet, and
+     LLaVA-format conversations ask about the colour, count and position of the same shapes.
+  3. The pre-stage, standing in for LLaVA-1.5's own training: the tower learns the shapes (as CLIP
+     comes pre-trained), then the LM learns the conversations (vanilla LLaVA). The result is the
+     base that `train.py --preset tiny` wraps: it answers conversations but has never seen a
+     classification prompt, which is the situation the paper starts from.
+  4. Tiny benchmarks: a few synthetic items in each benchmark's release layout (ImageFolders,
+     LLaVA's question files, the MME folders, the MMBench TSV with base64 images, ...), so every
+     reader and scorer of benchmarks.py runs on files shaped like the real ones.
+  5. A tiny CARPE-MoE expert set: four small random towers of the four expert families.
+
+Everything is drawn from fixed seeds and cached under a folder whose name is a digest of the
+settings, so `python train.py --preset tiny` gives the same numbers on every machine. Folders are
+built in a temporary sibling and renamed into place: a killed build leaves no half folder behind.
 """
 import base64
 import csv
+import glob
 import hashlib
 import io
 import json
@@ -23,12 +48,44 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 
 import carpe
 import data
-from benchmarks import CLS_BENCHES, MME_COGNITION, MME_PERCEPTION, POPE_SPLITS, SHORT_ANSWER
+from benchmarks import MME_COGNITION, MME_PERCEPTION, POPE_SPLITS, SHORT_ANSWER
 from common import cosine_schedule, print0
 from data import IMAGE_TAG, SYSTEM_PROMPT, DataConfig
 from moe import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, SIGLIP_MEAN, SIGLIP_STD, ExpertConfig, MoEConfig
 
 
+def build_folder_atomically(path, build):
+    """Run build(tmp) on a temporary sibling of `path`, then rename it to `path`: the folder either
+    does not exist or is complete, whenever the process is killed. Temporary siblings left by
+    killed processes are removed first. If another process renamed its copy first, ours goes."""
+    for stale in glob.glob(f"{path}.tmp*"):
+        pid = stale.rsplit(".tmp", 1)[1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    build(tmp)
+    try:
+        os.rename(tmp, path)  # atomic; also replaces an empty folder at `path`
+    except OSError:  # another process finished the same folder first (or `path` is not empty)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.isdir(path):
+            raise
+    return path
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+# -----------------------------------------------------------------------------
+# 1. the tiny LLaVA and its tokenizer
 
 def save_tiny_base(llava, processor, path):
     """A tiny base as an ordinary Hugging Face folder (model and processor through
@@ -104,6 +161,17 @@ def tiny_llava(seed=0, **overrides):
                                vision_feature_select_strategy="default", num_additional_image_tokens=1)
     return model, processor
 
+
+def ensure_random_base(cache_dir):
+    """The untrained tiny LLaVA (tiny_llava() as it comes, seed 0) saved as a base folder."""
+    path = os.path.join(cache_dir, "tiny-random-base")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        build_folder_atomically(path, lambda tmp: save_tiny_base(*tiny_llava(), tmp))
+    return path
+
+
+# -----------------------------------------------------------------------------
+# 2. synthetic data: coloured shapes, an ImageFolder of them and conversations about them
 
 SHAPES = ["circle", "square", "triangle", "star", "cross", "diamond"]
 
@@ -236,15 +304,9 @@ def ensure_synthetic(cache_dir, config: SyntheticConfig = None):
     """The synthetic data set's folder, drawn on first use (atomically: temp folder + rename)."""
     config = config or SyntheticConfig()
     root = os.path.join(cache_dir, config.key())
-    if os.path.isfile(os.path.join(root, "conversations.json")):
-        return root
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = f"{root}.tmp{os.getpid()}"
-    build_synthetic(tmp, config)
-    try:
-        os.rename(tmp, root)
-    except OSError:  # another process finished first
-        shutil.rmtree(tmp, ignore_errors=True)
+    if not os.path.isfile(os.path.join(root, "conversations.json")):
+        os.makedirs(cache_dir, exist_ok=True)
+        build_folder_atomically(root, lambda tmp: build_synthetic(tmp, config))
     return root
 
 
@@ -254,7 +316,10 @@ def synthetic_data_config(root, **overrides):
                       imagenet_classes=os.path.join(root, "classnames.txt"), **overrides)
 
 
-# the tiny pre-stage (vanilla LLaVA on the synthetic data); changing these changes the cache key
+# -----------------------------------------------------------------------------
+# 3. the pre-stage: the tiny base LLaVA that --preset tiny starts from
+
+# the pre-stage's settings; changing any of them changes the cache key, so a new base is trained
 PRESTAGE = dict(vision_steps=1500, vision_batch=64, vision_lr=2e-3, vision_images=4000, steps=150, batch_size=16,
                 lr=3e-3, warmup=15, projector_std=0.15, seed=0, version=5)
 
@@ -333,17 +398,9 @@ def centre_projector(llava, pixel_values):
         projector.linear_2.bias -= out.mean((0, 1))
 
 
-def train_tiny_base(synthetic_root, out_dir):
-    """The pre-stage: (1) pre-train the tiny vision tower on labelled synthetic scenes, as CLIP
-    comes pre-trained; (2) freeze it and its (centred) projector and train the LM on the
-    synthetic conversations (vanilla LLaVA), so the base the method wraps already answers them.
-    Single process; saved atomically."""
-    t0 = time.time()
-    torch.manual_seed(PRESTAGE["seed"])
-    llava, processor = tiny_llava(seed=PRESTAGE["seed"], **TINY_OVERRIDES)
-    vision_accuracy = pretrain_tiny_vision(llava, processor)
-    print0(f"tiny base pre-stage: vision tower pre-trained in {time.time() - t0:.0f}s, "
-           f"held-out shape accuracy of its linear head {vision_accuracy:.2f}")
+def train_tiny_lm(llava, processor, synthetic_root):
+    """Stands in for LLaVA-1.5's instruction tuning: the tower and the (centred) projector frozen,
+    the LM trained on the synthetic conversations. -> (losses, steps per epoch)."""
     # the conversations only, as LLaVA-1.5 itself never saw ImageNet prompts: the classification
     # share of the mix is what the method's training then adds (paper section 4.1)
     config = synthetic_data_config(synthetic_root, seed=PRESTAGE["seed"])
@@ -359,15 +416,16 @@ def train_tiny_base(synthetic_root, out_dir):
     optimizer = torch.optim.AdamW(lm_params, lr=PRESTAGE["lr"], weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(PRESTAGE["steps"], PRESTAGE["warmup"]))
     batch = PRESTAGE["batch_size"]
-    steps_per_epoch = len(dataset) // batch
     bar = tqdm(range(PRESTAGE["steps"]), desc="tiny base pre-stage", disable=int(os.environ.get("RANK", "0")) != 0)
     batches, epoch, losses = iter(()), -1, []
     for step in bar:
+        # a fixed number of steps over as many epochs as it takes, each epoch in a new seeded order
         b = next(batches, None)
         if b is None:
             epoch += 1
             batches = iter(data.make_loader(dataset, collator, batch, batch, 0, 1, epoch))
             b = next(batches)
+        # plain HF LLaVA loss: this is vanilla LLaVA training, no CARPE module exists yet
         out = llava(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"],
                     labels=b["labels"])
         out.loss.backward()
@@ -378,19 +436,32 @@ def train_tiny_base(synthetic_root, out_dir):
         losses.append(out.loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     llava.eval()
-    for p in llava.parameters():
+    for p in llava.parameters():  # a base comes with every parameter trainable, as from_pretrained gives it
         p.requires_grad_(True)
-    tmp = f"{out_dir}.tmp{os.getpid()}"
-    save_tiny_base(llava, processor, tmp)
-    with open(os.path.join(tmp, "prestage.json"), "w") as f:
-        json.dump(dict(PRESTAGE, vision_shape_accuracy=vision_accuracy, first_loss=losses[0],
-                       final_loss=sum(losses[-10:]) / 10, steps_per_epoch=steps_per_epoch,
-                       seconds=time.time() - t0), f, indent=2)
-    try:
-        os.rename(tmp, out_dir)
-    except OSError:  # another process (e.g. a concurrent run) finished the same pre-stage first
-        shutil.rmtree(tmp, ignore_errors=True)
-    print0(f"tiny base pre-stage: loss {losses[0]:.3f} -> {sum(losses[-10:]) / 10:.3f} in {PRESTAGE['steps']} steps "
+    return losses, len(dataset) // batch
+
+
+def train_tiny_base(synthetic_root, out_dir):
+    """The pre-stage: (1) pre-train the tiny vision tower on labelled synthetic scenes, as CLIP
+    comes pre-trained; (2) freeze it and its (centred) projector and train the LM on the
+    synthetic conversations (vanilla LLaVA), so the base the method wraps already answers them.
+    Single process; saved atomically with prestage.json (its settings and losses)."""
+    t0 = time.time()
+    torch.manual_seed(PRESTAGE["seed"])
+    llava, processor = tiny_llava(seed=PRESTAGE["seed"], **TINY_OVERRIDES)
+    vision_accuracy = pretrain_tiny_vision(llava, processor)
+    print0(f"tiny base pre-stage: vision tower pre-trained in {time.time() - t0:.0f}s, "
+           f"held-out shape accuracy of its linear head {vision_accuracy:.2f}")
+    losses, steps_per_epoch = train_tiny_lm(llava, processor, synthetic_root)
+    final_loss = sum(losses[-10:]) / 10
+
+    def save(tmp):
+        save_tiny_base(llava, processor, tmp)
+        with open(os.path.join(tmp, "prestage.json"), "w") as f:
+            json.dump(dict(PRESTAGE, vision_shape_accuracy=vision_accuracy, first_loss=losses[0], final_loss=final_loss,
+                           steps_per_epoch=steps_per_epoch, seconds=time.time() - t0), f, indent=2)
+    build_folder_atomically(out_dir, save)
+    print0(f"tiny base pre-stage: loss {losses[0]:.3f} -> {final_loss:.3f} in {PRESTAGE['steps']} steps "
            f"({time.time() - t0:.0f}s in all); saved to {out_dir}")
 
 
@@ -415,156 +486,6 @@ def ensure_tiny_world(cache_dir):
     return world
 
 
-def build_tiny_benchmarks(root, seed=0, per_class=4, n_vl=6):
-    """Write every benchmark's layout under root with a few synthetic items each."""
-    rng = random.Random(seed)
-    shapes, colours = sorted(SHAPES), list(COLOURS)
-    positions = ["left", "center", "right"]
-
-    def scene(shape=None, colour=None, count=None):
-        shape, colour = shape or rng.choice(shapes), colour or rng.choice(colours)
-        count = count or rng.choice([1, 1, 2, 3])
-        image = draw_scene(rng, shape, colour, count, rng.choice(positions), 64, 48)
-        return image, shape, colour, count
-
-    def save(image, *parts):
-        path = os.path.join(root, *parts)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        image.save(path)
-        return path
-
-    def write(lines_or_obj, *parts, jsonl=False):
-        path = os.path.join(root, *parts)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            if jsonl:
-                f.writelines(json.dumps(x) + "\n" for x in lines_or_obj)
-            else:
-                json.dump(lines_or_obj, f)
-
-    # classification: ImageFolder split + classnames.txt (imagenet uses val/, the others test/)
-    for bench in CLS_BENCHES:
-        split = "val" if bench == "imagenet" else "test"
-        for shape in shapes:
-            for i in range(per_class):
-                save(scene(shape)[0], bench, split, shape, f"{i:03d}.png")
-        with open(os.path.join(root, bench, "classnames.txt"), "w") as f:
-            f.write("\n".join(shapes) + "\n")
-    # ScienceQA: LLaVA's CQM-A json (one text-only item, which SQA-IMG skips) + problems.json
-    sqa, problems = [], {}
-    for i in range(n_vl):
-        image, shape, colour, _ = scene()
-        options = [colour] + rng.sample([c for c in colours if c != colour], 2)
-        rng.shuffle(options)
-        qid = str(1000 + i)
-        save(image, "scienceqa", "images", "test", qid, "image.png")
-        text = "Context: The picture shows a shape.\nWhat is the colour of the shape?\n" + \
-            "\n".join(f"{L}. {o}" for L, o in zip("ABC", options))
-        gt = "ABC"[options.index(colour)]
-        sqa.append(dict(id=qid, image=f"{qid}/image.png", conversations=[
-            {"from": "human", "value": "<image>\n" + text}, {"from": "gpt", "value": gt}]))
-        problems[qid] = dict(answer=options.index(colour), choices=options)
-    sqa.append(dict(id="9999", conversations=[{"from": "human", "value": "Which is a shape?\nA. circle\nB. red"},
-                                              {"from": "gpt", "value": "A"}]))
-    write(sqa, "scienceqa", "llava_test_CQM-A.json")
-    write(problems, "scienceqa", "problems.json")
-    # TextVQA: LLaVA's jsonl (question, OCR tokens, instruction) + the official annotation json
-    lines, annotations = [], []
-    for i in range(n_vl):
-        image, shape, colour, _ = scene()
-        image_id = f"{i:016x}"
-        save(image, "textvqa", "train_images", f"{image_id}.jpg")
-        question = "what is the colour of the shape?"
-        lines.append(dict(question_id=image_id, image=f"{image_id}.jpg", category="default",
-                          text=f"{question}\nReference OCR token: {colour}, {shape}\n{SHORT_ANSWER}"))
-        annotations.append(dict(question_id=100 + i, image_id=image_id, question=question, answers=[colour] * 8 + [shape] * 2))
-    write(lines, "textvqa", "llava_textvqa_val_v051_ocr.jsonl", jsonl=True)
-    write(dict(dataset_name="textvqa", data=annotations), "textvqa", "TextVQA_0.5.1_val.json")
-    # POPE: three splits of yes/no object questions over "COCO" images
-    for split in POPE_SPLITS:
-        rows = []
-        for i in range(n_vl // 2):
-            image, shape, _, _ = scene()
-            name = f"COCO_val2014_{split[:3]}{i:09d}.jpg"
-            save(image, "pope", "val2014", name)
-            other = rng.choice([s for s in shapes if s != shape])
-            rows.append(dict(question_id=2 * i + 1, image=name, text=f"Is there a {shape} in the image?", label="yes"))
-            rows.append(dict(question_id=2 * i + 2, image=name, text=f"Is there a {other} in the image?", label="no"))
-        write(rows, "pope", "coco", f"coco_pope_{split}.json", jsonl=True)
-    # MME: every subtask, one image with a yes and a no question (two layouts, as released)
-    for subtask in MME_PERCEPTION + MME_COGNITION:
-        image, shape, _, _ = scene()
-        other = rng.choice([s for s in shapes if s != shape])
-        split_layout = subtask in ("artwork", "celebrity", "landmark", "posters", "scene")
-        image_dir = os.path.join("MME", "MME_Benchmark_release_version", subtask, *(["images"] if split_layout else []))
-        txt_dir = os.path.join("MME", "MME_Benchmark_release_version", subtask, *(["questions_answers_YN"] if split_layout else []))
-        save(image, image_dir, "0001.png")
-        os.makedirs(os.path.join(root, txt_dir), exist_ok=True)
-        with open(os.path.join(root, txt_dir, "0001.txt"), "w") as f:
-            f.write(f"Is there a {shape} in the image? Please answer yes or no.\tYes\n"
-                    f"Is there a {other} in the image? Please answer yes or no.\tNo\n")
-    # MMBench: the dev TSV with base64 images and circular copies (index + k * 1e6)
-    header = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image", "source", "l2-category",
-              "comment", "split"]
-    rows = []
-    for i in range(n_vl // 2):
-        image, shape, _, _ = scene()
-        buf = io.BytesIO()
-        image.save(buf, format="PNG")
-        b64 = base64.b64encode(buf.getvalue()).decode()
-        options = [shape] + rng.sample([s for s in shapes if s != shape], 2)
-        for k in range(3):  # rotations, as the circular copies in the dev TSV
-            rot = options[k:] + options[:k]
-            rows.append([str(i + k * 1_000_000), "Which shape is in the image?", "" if i % 2 else "A synthetic picture.",
-                         *rot, "", "ABC"[rot.index(shape)], "shape", b64 if k == 0 else str(i), "synthetic", "shape",
-                         "", "dev"])
-    os.makedirs(os.path.join(root, "mmbench"), exist_ok=True)
-    with open(os.path.join(root, "mmbench", "mmbench_dev_20230712.tsv"), "w", newline="") as f:
-        w = csv.writer(f, delimiter="\t")
-        w.writerow(header)
-        w.writerows(rows)
-    # CV-Bench: test_2d.jsonl (ADE20K, COCO) + test_3d.jsonl (Omni3D) + img/
-    for kind, sources in (("2D", ("ADE20K", "COCO")), ("3D", ("Omni3D",))):
-        rows = []
-        for i in range(n_vl // 2):
-            image, _, _, count = scene()
-            choices = ["1", "2", "3", "4"]
-            filename = f"img/{kind}/count/{i:03d}.png"
-            save(image, "cvbench", filename)
-            prompt = "How many shapes are in the image? Select from the following choices.\n" + \
-                "\n".join(f"({L}) {c}" for L, c in zip("ABCD", choices))
-            rows.append(dict(idx=i, type=kind, task="Count", question="How many shapes are in the image?",
-                             choices=choices, answer=f"({'ABCD'[count - 1]})", prompt=prompt, filename=filename,
-                             source=sources[i % len(sources)]))
-        write(rows, "cvbench", f"test_{kind.lower()}.jsonl", jsonl=True)
-    # MMVP: Questions.csv (first column spelled "lndex" as released) + "MMVP Images/<index>.jpg", in pairs
-    os.makedirs(os.path.join(root, "MMVP", "MMVP Images"), exist_ok=True)
-    with open(os.path.join(root, "MMVP", "Questions.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["lndex", "Question", "Options", "Correct Answer"])
-        for i in range(1, 5):
-            image, _, colour, _ = scene()
-            other = rng.choice([c for c in colours if c != colour])
-            options = [colour, other] if i % 2 else [other, colour]
-            save(image, "MMVP", "MMVP Images", f"{i}.jpg")
-            w.writerow([i, "What is the colour of the shape?", f"(a) {options[0]} (b) {options[1]}",
-                        "(a)" if options[0] == colour else "(b)"])
-    return root
-
-
-def ensure_random_base(cache_dir):
-    """The untrained tiny LLaVA (tiny_llava() as it comes, seed 0) saved as a base folder."""
-    path = os.path.join(cache_dir, "tiny-random-base")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        tmp = f"{path}.tmp{os.getpid()}"
-        save_tiny_base(*tiny_llava(), tmp)
-        try:
-            os.rename(tmp, path)
-        except OSError:  # another process saved it first
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
-
-
 def tiny_default_base(cache_dir):
     """eval.py --preset tiny without --base: the cached pre-stage base when train.py has built it
     (a tiny LLaVA trained on the synthetic data, so 'vanilla LLaVA' rows are meaningful), else the
@@ -572,6 +493,199 @@ def tiny_default_base(cache_dir):
     path = prestage_dir(cache_dir)
     return path if os.path.isfile(os.path.join(path, "config.json")) else ensure_random_base(cache_dir)
 
+
+# -----------------------------------------------------------------------------
+# 4. tiny benchmarks: a few synthetic items in each benchmark's release layout
+
+TINY_CLASSIFICATION = (("imagenet", "val"), ("caltech101", "test"), ("flowers102", "test"), ("food101", "test"))
+
+
+class SceneWriter:
+    """One seeded stream of synthetic scenes and the files they go into under `root`. Every
+    benchmark below draws from the same stream in a fixed order, so a seed fixes all files."""
+
+    def __init__(self, root, seed):
+        self.root, self.rng = root, random.Random(seed)
+        self.shapes, self.colours = sorted(SHAPES), list(COLOURS)
+
+    def scene(self, shape=None, colour=None, count=None):
+        """-> (image, shape, colour, count); what is not given is drawn."""
+        rng = self.rng
+        shape, colour = shape or rng.choice(self.shapes), colour or rng.choice(self.colours)
+        count = count or rng.choice([1, 1, 2, 3])
+        image = draw_scene(rng, shape, colour, count, rng.choice(["left", "center", "right"]), 64, 48)
+        return image, shape, colour, count
+
+    def path(self, *parts):
+        path = os.path.join(self.root, *parts)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        return path
+
+    def save_image(self, image, *parts):
+        image.save(self.path(*parts))
+
+    def write_json(self, obj, *parts):
+        with open(self.path(*parts), "w") as f:
+            json.dump(obj, f)
+
+    def write_jsonl(self, rows, *parts):
+        with open(self.path(*parts), "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+
+    def other(self, choices, than):
+        """A random choice that differs from `than` (a distractor)."""
+        return self.rng.choice([c for c in choices if c != than])
+
+
+def draw_tiny_classification(w, bench, split, per_class):
+    """An ImageFolder split (<bench>/<split>/<shape>/NNN.png) + classnames.txt."""
+    for shape in w.shapes:
+        for i in range(per_class):
+            w.save_image(w.scene(shape)[0], bench, split, shape, f"{i:03d}.png")
+    with open(w.path(bench, "classnames.txt"), "w") as f:
+        f.write("\n".join(w.shapes) + "\n")
+
+
+def draw_tiny_sqa(w, n):
+    """ScienceQA as LLaVA ships it: llava_test_CQM-A.json (one text-only item, which SQA-IMG skips),
+    images/test/<id>/image.png, and problems.json with the answer index."""
+    questions, problems = [], {}
+    for i in range(n):
+        image, _, colour, _ = w.scene()
+        options = [colour] + w.rng.sample([c for c in w.colours if c != colour], 2)
+        w.rng.shuffle(options)
+        qid = str(1000 + i)
+        w.save_image(image, "scienceqa", "images", "test", qid, "image.png")
+        text = "Context: The picture shows a shape.\nWhat is the colour of the shape?\n" + \
+            "\n".join(f"{L}. {o}" for L, o in zip("ABC", options))
+        questions.append(dict(id=qid, image=f"{qid}/image.png", conversations=[
+            {"from": "human", "value": "<image>\n" + text}, {"from": "gpt", "value": "ABC"[options.index(colour)]}]))
+        problems[qid] = dict(answer=options.index(colour), choices=options)
+    questions.append(dict(id="9999", conversations=[{"from": "human", "value": "Which is a shape?\nA. circle\nB. red"},
+                                                    {"from": "gpt", "value": "A"}]))
+    w.write_json(questions, "scienceqa", "llava_test_CQM-A.json")
+    w.write_json(problems, "scienceqa", "problems.json")
+
+
+def draw_tiny_textvqa(w, n):
+    """TextVQA: LLaVA's question jsonl (question, OCR tokens, instruction) + the official
+    annotation json with 10 human answers per question."""
+    lines, annotations = [], []
+    for i in range(n):
+        image, shape, colour, _ = w.scene()
+        image_id = f"{i:016x}"
+        w.save_image(image, "textvqa", "train_images", f"{image_id}.jpg")
+        question = "what is the colour of the shape?"
+        lines.append(dict(question_id=image_id, image=f"{image_id}.jpg", category="default",
+                          text=f"{question}\nReference OCR token: {colour}, {shape}\n{SHORT_ANSWER}"))
+        annotations.append(dict(question_id=100 + i, image_id=image_id, question=question, answers=[colour] * 8 + [shape] * 2))
+    w.write_jsonl(lines, "textvqa", "llava_textvqa_val_v051_ocr.jsonl")
+    w.write_json(dict(dataset_name="textvqa", data=annotations), "textvqa", "TextVQA_0.5.1_val.json")
+
+
+def draw_tiny_pope(w, n):
+    """POPE: three splits of yes/no object questions over "COCO val2014" images."""
+    for split in POPE_SPLITS:
+        rows = []
+        for i in range(n // 2):
+            image, shape, _, _ = w.scene()
+            name = f"COCO_val2014_{split[:3]}{i:09d}.jpg"
+            w.save_image(image, "pope", "val2014", name)
+            other = w.other(w.shapes, shape)
+            rows.append(dict(question_id=2 * i + 1, image=name, text=f"Is there a {shape} in the image?", label="yes"))
+            rows.append(dict(question_id=2 * i + 2, image=name, text=f"Is there a {other} in the image?", label="no"))
+        w.write_jsonl(rows, "pope", "coco", f"coco_pope_{split}.json")
+
+
+def draw_tiny_mme(w):
+    """MME: every subtask, one image with a yes and a no question, in the release's two layouts
+    (images beside their .txt, or images/ + questions_answers_YN/)."""
+    release = os.path.join("MME", "MME_Benchmark_release_version")
+    for subtask in MME_PERCEPTION + MME_COGNITION:
+        image, shape, _, _ = w.scene()
+        other = w.other(w.shapes, shape)
+        split_layout = subtask in ("artwork", "celebrity", "landmark", "posters", "scene")
+        w.save_image(image, release, subtask, *(["images"] if split_layout else []), "0001.png")
+        with open(w.path(release, subtask, *(["questions_answers_YN"] if split_layout else []), "0001.txt"), "w") as f:
+            f.write(f"Is there a {shape} in the image? Please answer yes or no.\tYes\n"
+                    f"Is there a {other} in the image? Please answer yes or no.\tNo\n")
+
+
+def draw_tiny_mmbench(w, n):
+    """MMBench: the dev TSV with base64 images and its circular copies (index + k * 1e6, whose
+    image cell names the original row)."""
+    header = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image", "source", "l2-category",
+              "comment", "split"]
+    rows = []
+    for i in range(n // 2):
+        image, shape, _, _ = w.scene()
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        b64 = base64.b64encode(buf.getvalue()).decode()
+        options = [shape] + w.rng.sample([s for s in w.shapes if s != shape], 2)
+        for k in range(3):  # the rotations, as the circular copies in the dev TSV
+            rot = options[k:] + options[:k]
+            rows.append([str(i + k * 1_000_000), "Which shape is in the image?", "" if i % 2 else "A synthetic picture.",
+                         *rot, "", "ABC"[rot.index(shape)], "shape", b64 if k == 0 else str(i), "synthetic", "shape",
+                         "", "dev"])
+    with open(w.path("mmbench", "mmbench_dev_20230712.tsv"), "w", newline="") as f:
+        writer = csv.writer(f, delimiter="\t")
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def draw_tiny_cvbench(w, n):
+    """CV-Bench: test_2d.jsonl (ADE20K, COCO) + test_3d.jsonl (Omni3D) + img/, counting questions."""
+    for kind, sources in (("2D", ("ADE20K", "COCO")), ("3D", ("Omni3D",))):
+        rows = []
+        for i in range(n // 2):
+            image, _, _, count = w.scene()
+            choices = ["1", "2", "3", "4"]
+            filename = f"img/{kind}/count/{i:03d}.png"
+            w.save_image(image, "cvbench", filename)
+            prompt = "How many shapes are in the image? Select from the following choices.\n" + \
+                "\n".join(f"({L}) {c}" for L, c in zip("ABCD", choices))
+            rows.append(dict(idx=i, type=kind, task="Count", question="How many shapes are in the image?",
+                             choices=choices, answer=f"({'ABCD'[count - 1]})", prompt=prompt, filename=filename,
+                             source=sources[i % len(sources)]))
+        w.write_jsonl(rows, "cvbench", f"test_{kind.lower()}.jsonl")
+
+
+def draw_tiny_mmvp(w):
+    """MMVP: Questions.csv (its first column spelled "lndex", as released) + "MMVP Images/<index>.jpg",
+    two pairs of colour questions."""
+    with open(w.path("MMVP", "Questions.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["lndex", "Question", "Options", "Correct Answer"])
+        for i in range(1, 5):
+            image, _, colour, _ = w.scene()
+            other = w.other(w.colours, colour)
+            options = [colour, other] if i % 2 else [other, colour]
+            w.save_image(image, "MMVP", "MMVP Images", f"{i}.jpg")
+            writer.writerow([i, "What is the colour of the shape?", f"(a) {options[0]} (b) {options[1]}",
+                             "(a)" if options[0] == colour else "(b)"])
+
+
+def build_tiny_benchmarks(root, seed=0, per_class=4, n_vl=6):
+    """Write every benchmark's layout under root (which must not exist, or be empty) with a few
+    synthetic items each: per_class images per shape for the classifiers, about n_vl items for
+    the others. Built in a temporary folder and renamed: root is complete or absent. -> root."""
+    def draw(tmp):
+        w = SceneWriter(tmp, seed)
+        for bench, split in TINY_CLASSIFICATION:
+            draw_tiny_classification(w, bench, split, per_class)
+        draw_tiny_sqa(w, n_vl)
+        draw_tiny_textvqa(w, n_vl)
+        draw_tiny_pope(w, n_vl)
+        draw_tiny_mme(w)
+        draw_tiny_mmbench(w, n_vl)
+        draw_tiny_cvbench(w, n_vl)
+        draw_tiny_mmvp(w)
+    return build_folder_atomically(root, draw)
+
+
+# -----------------------------------------------------------------------------
+# 5. a tiny CARPE-MoE expert set
 
 def tiny_moe_config():
     """Four tiny random experts of different families and different patch grids (the base
