@@ -291,10 +291,11 @@ def test_balance_loss_is_minimal_for_uniform_routing():
 # preprocessing, config, build
 
 def test_preprocess_pads_with_each_experts_mean_and_normalises():
-    transform = moe.MoEImageTransform(tiny.tiny_moe_config().experts)
+    experts = tiny.tiny_moe_config().experts
+    transform = moe.MoEImageTransform({e.name: moe.hand_image_processor(e) for e in experts})
     wide = Image.new("RGB", (80, 40), (255, 255, 255))  # white, padded above and below
     out = transform([wide])
-    for e in tiny.tiny_moe_config().experts:
+    for e in experts:
         x = out[e.name][0]  # (3, S, S)
         assert x.shape == (3, e.image_size, e.image_size)
         mean, std = torch.tensor(e.image_mean)[:, None], torch.tensor(e.image_std)[:, None]
@@ -308,16 +309,23 @@ def test_clip_expert_preprocessing_matches_the_base_transform():
     llava, processor = tiny.tiny_llava()
     images = [Image.new("RGB", (50, 30), (10, 200, 30)), Image.effect_noise((48, 60), 40).convert("RGB")]
     want = carpe.make_image_transform(processor)(images)
-    got = moe.MoEImageTransform(tiny.tiny_moe_config().experts)(images)["clip"]
+    # the hand-written tiny clip expert, and the clip expert that takes the base's own processor
+    got = fresh_moe()[2].preprocess(images)["clip"]
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    config = tiny.tiny_moe_config()
+    config.experts[0] = moe.ExpertConfig("clip", "base_clip")
+    vm = moe.build_vision_moe(llava, config, image_processor=processor.image_processor)
+    assert torch.equal(vm.preprocess(images)["clip"], want)
+    assert vm.image_transform.backgrounds["clip"] == (122, 116, 104)  # int(255 * CLIP mean), as LLaVA
 
 
 def test_config_round_trip_and_rebuild_is_deterministic():
     for cfg in (moe.MoEConfig(), tiny.tiny_moe_config()):
         back = moe.MoEConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
         assert back == cfg
-    assert [e.model_id for e in moe.MoEConfig().experts] == [
+    assert [e.source for e in moe.MoEConfig().experts] == [
         "", "google/siglip-so400m-patch14-384", "facebook/dinov2-large", "shi-labs/CuMo-mistral-7b"]
+    assert [e.has_cls for e in moe.MoEConfig().experts] == [True, False, True, True]
     with pytest.raises(ValueError, match="family"):
         moe.MoEConfig(experts=[moe.ExpertConfig("x", "resnet")])
     # common.load_run rebuilds the frozen tiny encoders from the config: they must come back identical
