@@ -1,13 +1,16 @@
 """
 carpe.py: CARPE (Context-Aware Image Representation Prioritization via Ensemble) wrapped
-around a Hugging Face LLaVA-1.5 (`LlavaForConditionalGeneration`, transformers 5.x).
+around a Hugging Face LLaVA-1.5-style model (`LlavaForConditionalGeneration`, transformers 5.x),
+plus the paper's baselines behind the same API.
 
+    llava, processor = load_base("llava-hf/llava-1.5-7b-hf")
     model = CARPE(llava, CarpeConfig())
     out = model(input_ids=..., attention_mask=..., pixel_values=..., labels=...)
     out.loss / out.logits (B, T, V) / out.context_weights (B, 2) as (vision, language)
-    ids = model.generate(input_ids, attention_mask, pixel_values, max_new_tokens=32, eos_token_id=2)
+    out = model.generate(input_ids, attention_mask, pixel_values, max_new_tokens=32, eos_token_id=2,
+                         return_dict=True)   # out.sequences, out.context_weights, out.route
 
-A forward pass (see ../shared/DESIGN.md section 1):
+One forward pass (CARPE.forward, top to bottom):
  1. Context pass, text only: the prompt tokens (before the first supervised token; image and
     pad tokens removed) plus the learnable context prompt go through the LM. The context
     prompt's final hidden state h_ctx (B, d) gives (alpha, beta) = softmax(W_ctx h_ctx).
@@ -15,18 +18,24 @@ A forward pass (see ../shared/DESIGN.md section 1):
     on the answer), and so CARPE-MoE's router can read h_ctx before any image is encoded.
  2. Main pass: the ordinary LLaVA forward. Keep H_llm (after the final norm) and H_pen (the
     output of decoder layer `query_layer`, -2 = second-to-last) through a forward hook.
- 3. Vision integrator: raw vision features F (same tower layer the projector reads, CLS
-    dropped) -> new 2-layer MLP adapter -> memory M (B, P, d). One pre-norm block with
-    queries H_pen: cross-attention to M, *causal* self-attention, MLP. The block's output
-    projections start at zero, so at step 0 it is the identity. The LM's own final norm
-    (frozen) maps the result into the head's input space: H_vision (B, T, d).
+ 3. Vision integrator: raw vision features F (the tower layer(s) the projector reads, CLS
+    dropped as the projector's input drops it) -> new 2-layer MLP adapter -> memory M (B, P, d).
+    One pre-norm block with queries H_pen: cross-attention to M, *causal* self-attention, MLP.
+    The block's output projections start at zero, so at step 0 it is the identity. The LM's own
+    final norm (frozen) maps the result into the head's input space: H_vision (B, T, d).
  4. Mix: Z = (alpha H_vision + beta H_llm) W^T, which equals the paper's
     alpha H_vision W^T + beta H_llm W^T exactly; the loss goes through kernels.py's fused path.
 
-Choices the paper leaves open (also in the README):
+Bases: any LlavaForConditionalGeneration, whatever its text model (Llama, Mistral, Qwen2,
+Gemma, Phi, ...) and vision tower (CLIP, SigLIP), with an int or list-valued
+vision_feature_layer and the "default" or "full" feature strategy. Other LLaVA variants
+(LLaVA-NeXT, LLaVA-OneVision, ...) tile images differently and are refused by class name.
+
+Choices the paper leaves open:
  - The context encoder Linear(d, 2) starts at zero, so (alpha, beta) = (0.5, 0.5) while it is
    frozen in epoch 1.
- - The context prompt starts as a random vector with the token embeddings' scale.
+ - The context prompt starts as a random vector with the token embeddings' scale (including an
+   embedding scale such as Gemma's sqrt(d)).
  - A tied lm_head is untied (cloned) so that training the head leaves the frozen embeddings.
 """
 from contextlib import contextmanager
@@ -35,7 +44,7 @@ from dataclasses import dataclass, asdict
 import torch
 import torch.nn as nn
 from PIL import Image
-from transformers import AutoProcessor, DynamicCache, LlavaForConditionalGeneration
+from transformers import AutoConfig, AutoProcessor, DynamicCache, LlavaConfig, LlavaForConditionalGeneration
 
 from kernels import attention, fused_mixed_cross_entropy, IGNORE_INDEX
 
@@ -69,6 +78,42 @@ class CarpeOutput:
     lm_loss: torch.Tensor | None = None
     balance_loss: torch.Tensor | None = None  # CARPE-MoE only
     route: torch.Tensor | None = None  # (B,) chosen expert, -1 for samples without image; MoE only
+
+
+@dataclass
+class GenerateOutput:
+    sequences: torch.Tensor  # (B, T + new)
+    context_weights: torch.Tensor  # (B, 2)
+    route: torch.Tensor | None = None  # (B,) MoE only
+
+
+@dataclass
+class Prepared:
+    """Everything computed before the LM's main pass; shared by forward and generate."""
+    attention_mask: torch.Tensor  # (B, T)
+    inputs_embeds: torch.Tensor  # (B, T, d) token embeddings, image embeddings scattered in
+    weights: torch.Tensor  # (B, 2) context weights (vision, language)
+    has_image: torch.Tensor  # (B,) bool
+    memory: torch.Tensor | None = None  # (B, P, d) what the integrator attends to; None if no image
+    balance_loss: torch.Tensor | None = None  # CARPE-MoE only
+    route: torch.Tensor | None = None  # (B,) CARPE-MoE only
+
+
+@dataclass
+class KVCache:
+    """A preallocated self-attention cache: positions [0, length) are filled."""
+    k: torch.Tensor  # (B, h, T_max, hd)
+    v: torch.Tensor  # (B, h, T_max, hd)
+
+
+@dataclass
+class GenerationState:
+    """What greedy decoding carries from step to step."""
+    prepared: Prepared
+    lm_cache: DynamicCache  # the LM's KV cache
+    memory_kvs: list  # per integrator block: cross-attention (K, V) over the memory, or None
+    integrator_caches: list  # per integrator block: its self-attention KVCache, or None
+    cache_len: int = 0  # tokens already in the integrator caches
 
 
 # -----------------------------------------------------------------------------
@@ -135,18 +180,18 @@ class IntegratorBlock(nn.Module):
         w = self.self_attn.k.weight
         n_head, d = self.self_attn.n_head, w.size(0)
         shape = (batch_size, n_head, max_len, d // n_head)
-        return dict(k=torch.empty(shape, dtype=w.dtype, device=w.device),
-                    v=torch.empty(shape, dtype=w.dtype, device=w.device))
+        return KVCache(k=torch.empty(shape, dtype=w.dtype, device=w.device),
+                       v=torch.empty(shape, dtype=w.dtype, device=w.device))
 
     def memory_kv(self, memory):
-        """Cross-attention K/V over the image memory M (B, P, d), computed once per prompt."""
-        return self.cross_attn.project_kv(memory)
+        """Cross-attention K/V over the memory M (B, P, d), computed once per prompt; None = no image."""
+        return self.cross_attn.project_kv(memory) if memory is not None else None
 
     def forward(self, x, memory_kv, has_image, key_valid=None, cache=None, cache_len=0):
         """x (B, T, d) queries. memory_kv from memory_kv(). has_image (B,) bool.
-        key_valid (B, T_total) bool: which self-attention positions are real tokens
-        (None = no padding). cache: dict with preallocated 'k', 'v' (B, h, T_max, hd) for
-        incremental decoding; positions [cache_len, cache_len + T) are written."""
+        key_valid (B, T_total) bool: which self-attention positions are real tokens (None = no
+        padding). cache: a KVCache for incremental decoding; positions [cache_len, cache_len + T)
+        are written."""
         if memory_kv is not None:
             cross = self.cross_attn(self.norm_cross(x), *memory_kv)  # (B, T, d)
             x = x + cross * has_image[:, None, None].to(cross.dtype)  # no image: no cross term
@@ -155,15 +200,13 @@ class IntegratorBlock(nn.Module):
             k, v = self.self_attn.project_kv(h)  # (B, h, T, hd)
             T = x.size(1)
             if cache is not None:
-                cache["k"][:, :, cache_len:cache_len + T] = k
-                cache["v"][:, :, cache_len:cache_len + T] = v
-                k = cache["k"][:, :, :cache_len + T]
-                v = cache["v"][:, :, :cache_len + T]
+                cache.k[:, :, cache_len:cache_len + T] = k
+                cache.v[:, :, cache_len:cache_len + T] = v
+                k, v = cache.k[:, :, :cache_len + T], cache.v[:, :, :cache_len + T]
             mask = None
             if key_valid is not None:
                 Tk = k.size(2)
-                mask = key_valid[:, None, None, :Tk].clone()  # (B, 1, 1, Tk)
-                mask = mask.expand(-1, 1, T, -1).clone()  # (B, 1, T, Tk)
+                mask = key_valid[:, None, None, :Tk].expand(-1, 1, T, -1).clone()  # (B, 1, T, Tk)
                 # a query may always see itself: left-pad rows would otherwise be all -inf (NaN)
                 own = torch.arange(T, device=x.device) + (Tk - T)
                 mask[:, 0, torch.arange(T, device=x.device), own] = True
@@ -179,244 +222,42 @@ class VisionIntegrator(nn.Module):
         self.block = IntegratorBlock(d, config.integrator_heads, config.mlp_ratio, config.integrator_self_attn)
 
 
-# -----------------------------------------------------------------------------
-# CARPE
-
-class CARPE(nn.Module):
-    def __init__(self, llava, config: CarpeConfig = None, vision_moe=None):
-        super().__init__()
-        config = config or CarpeConfig()
-        self.config = config
-        self.llava = llava
-        text_config = llava.config.text_config
-        d = text_config.hidden_size
-        d_vision = llava.config.vision_config.hidden_size
-        n_layers = text_config.num_hidden_layers
-        assert -n_layers <= config.query_layer < n_layers, \
-            f"query_layer={config.query_layer} is outside the LM's {n_layers} layers"
-        if llava.lm_head.weight is self.language_model.embed_tokens.weight:
-            # training the head must not move the frozen input embeddings
-            llava.lm_head.weight = nn.Parameter(llava.lm_head.weight.detach().clone())
-        self.vision_integrator = VisionIntegrator(d_vision, d, config)
-        embed_std = self.language_model.embed_tokens.weight.detach().float().std().item()
-        self.context_prompt = nn.Parameter(torch.randn(1, d) * embed_std)  # (1, d)
-        self.context_encoder = nn.Linear(d, 2)
-        nn.init.zeros_(self.context_encoder.weight)
-        nn.init.zeros_(self.context_encoder.bias)
-        self.vision_moe = vision_moe  # moe.VisionMoE or None
-        # the new modules take the base's device and dtype (train.py keeps trainable tensors in fp32)
-        self.to(device=llava.lm_head.weight.device)
-        for module in (self.vision_integrator, self.context_encoder):
-            module.to(dtype=llava.lm_head.weight.dtype)
-        self.context_prompt.data = self.context_prompt.data.to(llava.lm_head.weight.dtype)
-        self.apply_freezing()
-        if config.gradient_checkpointing:
-            self.language_model.activation_checkpointing_enable({"use_reentrant": False})
-
-    # --- parts of the wrapped LLaVA --------------------------------------------------------
-    @property
-    def language_model(self):
-        return self.llava.model.language_model
-
-    @property
-    def image_token_id(self):
-        return self.llava.config.image_token_id
-
-    # --- trainable set (paper section 4.1) -------------------------------------------------
-    def is_trainable_name(self, name):
-        """The paper's trainable set: adapter (projector), head, integrator, context prompt and
-        encoder (+ MoE adapters and router). Independent of the epoch-1 freeze."""
-        if name.startswith("vision_moe."):
-            return self.vision_moe.is_trainable_name(name[len("vision_moe."):])
-        return name.startswith(("llava.model.multi_modal_projector.", "llava.lm_head.", "vision_integrator.",
-                                "context_prompt", "context_encoder."))
-
-    def is_context_name(self, name):
-        return name == "context_prompt" or name.startswith("context_encoder.")
-
-    def apply_freezing(self):
-        apply_freezing(self)
-
-    def set_context_trainable(self, trainable: bool):
-        """Freeze / unfreeze the context prompt and encoder (frozen for the whole first epoch)."""
-        for name, p in self.named_parameters():
-            if self.is_context_name(name):
-                p.requires_grad_(trainable)
-
-    def param_groups(self, lr_adapter=2e-5, lr=2e-4, weight_decay=0.0):
-        return param_groups(self, lr_adapter, lr, weight_decay)
-
-    def trainable_state_dict(self):
-        return trainable_state_dict(self)
-
-    def load_trainable_state_dict(self, state):
-        load_trainable_state_dict(self, state)
-
-    # --- 1. context pass -------------------------------------------------------------------
-    def prompt_mask(self, input_ids, attention_mask, labels=None):
-        """(B, T) bool: the tokens the context pass reads. Prompt = before the first supervised
-        token (with labels) or every non-pad token (without); image tokens excluded."""
-        keep = attention_mask.bool() & (input_ids != self.image_token_id)
-        if labels is not None:
-            supervised = labels != IGNORE_INDEX  # (B, T)
-            T = labels.size(1)
-            first = torch.where(supervised.any(1), supervised.float().argmax(1), torch.full_like(supervised[:, 0], T, dtype=torch.long))
-            keep &= torch.arange(T, device=labels.device)[None, :] < first[:, None]
-        return keep
-
-    def context_hidden(self, input_ids, attention_mask, labels=None):
-        """Run the text-only context pass. Returns h_ctx (B, d)."""
-        keep = self.prompt_mask(input_ids, attention_mask, labels)  # (B, T)
-        lengths = keep.sum(1)  # (B,)
-        L = int(lengths.max()) + 1  # + the context prompt
-        B = input_ids.size(0)
-        embed = self.language_model.embed_tokens
-        # left-pad the kept tokens so the context prompt sits at the last position of every row
-        ids = torch.zeros(B, L, dtype=input_ids.dtype, device=input_ids.device)
-        mask = torch.zeros(B, L, dtype=torch.long, device=input_ids.device)
-        for b in range(B):
-            n = int(lengths[b])
-            ids[b, L - 1 - n:L - 1] = input_ids[b][keep[b]]
-            mask[b, L - 1 - n:] = 1
-        embeds = embed(ids)  # (B, L, d)
-        ctx = self.context_prompt.to(embeds.dtype).expand(B, 1, -1)  # (B, 1, d)
-        embeds = torch.cat([embeds[:, :-1], ctx], dim=1)  # (B, L, d)
-        position_ids = positions_from_mask(mask)
-        out = self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=False)
-        return out.last_hidden_state[:, -1]  # (B, d)
-
-    def context(self, input_ids, attention_mask, labels=None):
-        """Returns (context_weights (B, 2), h_ctx (B, d) or None)."""
-        B = input_ids.size(0)
-        need_hidden = self.config.fixed_weights is None or self.vision_moe is not None
-        h_ctx = None
-        if need_hidden:
-            # nothing upstream of h_ctx trains while the context prompt is frozen (epoch 1)
-            with torch.set_grad_enabled(torch.is_grad_enabled() and self.context_prompt.requires_grad):
-                h_ctx = self.context_hidden(input_ids, attention_mask, labels)
-        if self.config.fixed_weights is not None:
-            weights = torch.tensor(self.config.fixed_weights, dtype=torch.float32, device=input_ids.device).expand(B, 2)
-        else:
-            weights = torch.softmax(self.context_encoder(h_ctx).float(), dim=-1)  # (B, 2)
-        return weights, h_ctx
-
-    # --- image encoding --------------------------------------------------------------------
-    def encode_images(self, pixel_values, h_ctx_images):
-        """-> image_embeds (n_img, P, d) for the LM, memory (n_img, P, d) for the integrator,
-        balance_loss, route (n_img,)."""
-        if self.vision_moe is not None:
-            return self.vision_moe(pixel_values, h_ctx_images)
-        feats = raw_vision_features(self.llava, pixel_values)  # (n_img, P, Dv)
-        image_embeds = self.llava.model.multi_modal_projector(feats)  # (n_img, P, d)
-        memory = self.vision_integrator.raw_adapter(feats)  # (n_img, P, d)
-        return image_embeds, memory, None, None
-
-    def prepare(self, input_ids, attention_mask, pixel_values, labels=None, context_mask=None):
-        """Everything before the LM main pass: weights, input embeddings with the image
-        embeddings scattered in, the integrator memory. Shared by forward and generate."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        weights, h_ctx = self.context(input_ids, attention_mask if context_mask is None else context_mask, labels)
-        has_image = check_images(self.llava, input_ids, pixel_values)  # (B,)
-        memory, balance_loss, route, image_embeds = None, None, None, None
-        if has_image.any():
-            image_embeds, image_memory, balance_loss, image_route = self.encode_images(
-                pixel_values, h_ctx[has_image] if h_ctx is not None else None)
-            memory = per_sample(image_memory, has_image)  # (B, P, d)
-            if image_route is not None:
-                route = per_sample(image_route, has_image, fill=-1)  # (B,)
-        inputs_embeds = embed_inputs(self.llava, input_ids, image_embeds)  # (B, T, d)
-        return dict(attention_mask=attention_mask, weights=weights, inputs_embeds=inputs_embeds,
-                    has_image=has_image, memory=memory, balance_loss=balance_loss, route=route)
-
-    # --- 2. main pass + 3. integrator ------------------------------------------------------
-    def run_language_model(self, inputs_embeds, attention_mask, position_ids, past_key_values=None):
-        """-> H_llm (B, T, d) after the final norm, H_query (B, T, d) from query_layer."""
-        h_llm, captured = run_language_model(self.language_model, inputs_embeds, attention_mask, position_ids,
-                                             [self.config.query_layer], past_key_values)
-        return h_llm, captured[self.config.query_layer]
-
-    def integrate(self, h_query, memory_kv, has_image, key_valid=None, cache=None, cache_len=0):
-        """H_vision = final_norm(block(H_query)): (B, T, d)."""
-        x = self.vision_integrator.block(h_query, memory_kv, has_image, key_valid, cache, cache_len)
-        return self.language_model.norm(x)
-
-    def memory_kv(self, memory):
-        return self.vision_integrator.block.memory_kv(memory) if memory is not None else None
-
-    def image_path_parameters(self):
-        """The trainable parameters only an image reaches: adapters and the cross-attention."""
-        block = self.vision_integrator.block
-        modules = [self.llava.model.multi_modal_projector, self.vision_integrator.raw_adapter,
-                   block.cross_attn, block.norm_cross]
-        if self.vision_moe is not None:
-            modules.append(self.vision_moe)
-        return [p for m in modules for p in m.parameters()]
-
-    def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None, context_mask=None):
-        """context_mask (B, T) bool, optional: the tokens the context pass reads, overriding the
-        default (the prompt before the first supervised token, or all non-pad tokens); image
-        tokens are always excluded. Lets a full recompute reproduce generate(), whose context
-        is the prompt alone."""
-        prep = self.prepare(input_ids, attention_mask, pixel_values, labels, context_mask)
-        attention_mask = prep["attention_mask"]
-        position_ids = positions_from_mask(attention_mask)
-        h_llm, h_query = self.run_language_model(prep["inputs_embeds"], attention_mask, position_ids)
-        key_valid = None if bool(attention_mask.all()) else attention_mask.bool()
-        h_vision = self.integrate(h_query, self.memory_kv(prep["memory"]), prep["has_image"], key_valid)
-        weights = prep["weights"]
-        head = self.llava.lm_head
-        out = CarpeOutput(context_weights=weights, balance_loss=prep["balance_loss"], route=prep["route"])
-        if labels is None:
-            mixed = weights[:, 0, None, None].to(h_vision.dtype) * h_vision + weights[:, 1, None, None].to(h_llm.dtype) * h_llm
-            out.logits = head(mixed)  # (B, T, V)
-            return out
-        out.lm_loss = fused_mixed_cross_entropy(h_vision, h_llm, weights, labels, head.weight, head.bias,
-                                                chunk_size=self.config.chunk_size)
-        out.loss = out.lm_loss
-        if prep["memory"] is None and torch.is_grad_enabled():
-            # a text-only batch leaves the image path without gradients; a zero term gives every
-            # rank the same set of gradients, which FSDP2's reduce-scatter needs
-            image_path = [p for p in self.image_path_parameters() if p.requires_grad]
-            if image_path:
-                out.loss = out.loss + 0.0 * sum(p.sum() for p in image_path)
-        if out.balance_loss is not None:
-            out.loss = out.loss + self.vision_moe.config.balance_weight * out.balance_loss
-        return out
-
-    # --- generation ------------------------------------------------------------------------
-    def start_generation(self, input_ids, attention_mask, pixel_values, max_new_tokens):
-        """Prefill state for greedy_generate: everything computed once per prompt (the context
-        weights, the MoE route, the cross-attention K/V over the image, empty KV caches)."""
-        prep = self.prepare(input_ids, attention_mask, pixel_values)
-        B, T = input_ids.shape
-        integrator_cache = self.vision_integrator.block.new_cache(B, T + max_new_tokens)
-        return dict(prep, memory_kv=self.memory_kv(prep["memory"]), integrator_cache=integrator_cache,
-                    lm_cache=DynamicCache(config=self.language_model.config), cache_len=0)
-
-    def generation_step(self, state, inputs_embeds, attention_mask, position_ids):
-        """One LM step and one integrator step over the new tokens; the mixed logits of the
-        last position: (B, V)."""
-        h_llm, h_query = self.run_language_model(inputs_embeds, attention_mask, position_ids, state["lm_cache"])
-        h_vision = self.integrate(h_query, state["memory_kv"], state["has_image"], attention_mask.bool(),
-                                  state["integrator_cache"], state["cache_len"])
-        state["cache_len"] += inputs_embeds.size(1)
-        weights = state["weights"]
-        mixed = weights[:, 0, None].to(h_vision.dtype) * h_vision[:, -1] + weights[:, 1, None].to(h_llm.dtype) * h_llm[:, -1]
-        return self.llava.lm_head(mixed)  # (B, V)
-
-    @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, pixel_values=None, max_new_tokens=32,
-                 eos_token_id=None, pad_token_id=None, return_dict=False):
-        """Greedy decoding with KV caches for the LM and the integrator. Left-padded batches.
-        Returns (B, T + new) token ids like HF generate, or with return_dict=True a
-        GenerateOutput that also carries the context weights and the MoE route."""
-        return greedy_generate(self, input_ids, attention_mask, pixel_values, max_new_tokens,
-                               eos_token_id, pad_token_id, return_dict)
+def mix(weights, h_vision, h_llm):
+    """alpha * H_vision + beta * H_llm for hidden states (B, ..., d) and weights (B, 2)."""
+    shape = (-1,) + (1,) * (h_llm.dim() - 1)
+    return (weights[:, 0].reshape(shape).to(h_vision.dtype) * h_vision
+            + weights[:, 1].reshape(shape).to(h_llm.dtype) * h_llm)
 
 
 # -----------------------------------------------------------------------------
-# pieces of the LLaVA forward, shared by CARPE and the baselines
+# parts of the wrapped LLaVA, whatever its text model and vision tower
+
+def check_base(llava):
+    """Refuse what is not LLaVA-1.5-style (one image = one fixed grid of tokens), by class name."""
+    if not isinstance(llava, LlavaForConditionalGeneration):
+        raise TypeError(f"{type(llava).__name__} is not a LLaVA-1.5-style base: CARPE and its baselines wrap "
+                        "LlavaForConditionalGeneration only")
+    decoder_layers(llava.model.language_model)
+    final_norm(llava.model.language_model)
+    encoder_layers(llava.model.vision_tower)
+
+
+def decoder_layers(language_model):
+    """The ModuleList of decoder layers of a head-less HF text model."""
+    layers = getattr(language_model, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise TypeError(f"cannot find the decoder layers (.layers) of {type(language_model).__name__}")
+    return layers
+
+
+def final_norm(language_model):
+    """The text model's final norm: `norm` (Llama, Mistral, Qwen2, Gemma) or `final_layernorm` (Phi)."""
+    for name in ("norm", "final_layernorm"):
+        norm = getattr(language_model, name, None)
+        if isinstance(norm, nn.Module):
+            return norm
+    raise TypeError(f"cannot find the final norm (.norm or .final_layernorm) of {type(language_model).__name__}")
+
 
 def encoder_layers(encoder):
     """The ModuleList of transformer blocks of a CLIP / SigLIP / DINOv2 vision model."""
@@ -431,39 +272,52 @@ def encoder_layers(encoder):
 
 def hidden_state_at(encoder, pixel_values, index):
     """What encoder(pixel_values, output_hidden_states=True).hidden_states[index] holds (index
-    0 = the embeddings, i = the output of block i-1), taken with a forward hook. Why not
+    0 = the embeddings, i = the output of block i-1), taken with forward hooks. A list of
+    indices gives those hidden states concatenated on the feature dim, as HF LLaVA does. Why not
     output_hidden_states: transformers 5 finds the modules to record by the model's class name,
     which FSDP2's fully_shard changes (FSDPCLIPVisionModel), and then returns hidden_states=None."""
     layers = encoder_layers(encoder)
     n = len(layers)
-    i = index + n + 1 if index < 0 else index
-    if not 0 <= i <= n:
-        raise ValueError(f"feature layer {index} is outside the {n + 1} hidden states of {type(encoder).__name__}")
+    indices = [index] if isinstance(index, int) else list(index)
     captured = {}
+    handles = []
+    for j in indices:
+        i = j + n + 1 if j < 0 else j
+        if not 0 <= i <= n:
+            raise ValueError(f"feature layer {j} is outside the {n + 1} hidden states of {type(encoder).__name__}")
 
-    def keep_input(module, args, kwargs):
-        captured["h"] = args[0] if args else kwargs["hidden_states"]
+        def keep_input(module, args, kwargs, j=j):
+            captured[j] = args[0] if args else kwargs["hidden_states"]
 
-    def keep_output(module, args, out):
-        captured["h"] = out[0] if isinstance(out, tuple) else out
+        def keep_output(module, args, out, j=j):
+            captured[j] = out[0] if isinstance(out, tuple) else out
 
-    if i == 0:  # the input of the first block
-        handle = layers[0].register_forward_pre_hook(keep_input, with_kwargs=True)
-    else:
-        handle = layers[i - 1].register_forward_hook(keep_output)
+        if i == 0:  # the input of the first block
+            handles.append(layers[0].register_forward_pre_hook(keep_input, with_kwargs=True))
+        else:
+            handles.append(layers[i - 1].register_forward_hook(keep_output))
     try:
         encoder(pixel_values)
     finally:
-        handle.remove()
-    return captured["h"]
+        for handle in handles:
+            handle.remove()
+    feats = [captured[j] for j in indices]  # each (n_img, tokens, Dv)
+    return feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1)  # (n_img, tokens, Dv * len(indices))
+
+
+def vision_feature_width(config):
+    """Width of the raw features: the tower's width times the number of feature layers."""
+    layer = config.vision_feature_layer
+    return config.vision_config.hidden_size * (1 if isinstance(layer, int) else len(layer))
 
 
 def raw_vision_features(llava, pixel_values):
-    """Raw features from the tower layer the projector reads, CLS dropped: (n_img, P, Dv)."""
+    """The projector's input, as HF LLaVA computes it: (n_img, P, Dv * n_layers), CLS dropped
+    with the "default" strategy, every token kept with "full"."""
     cfg = llava.config
     feats = hidden_state_at(llava.model.vision_tower, pixel_values, cfg.vision_feature_layer)
     if cfg.vision_feature_select_strategy == "default":
-        feats = feats[:, 1:]  # drop CLS
+        feats = feats[:, 1:]  # drop CLS (the same token of every concatenated layer)
     return feats
 
 
@@ -481,9 +335,10 @@ def check_images(llava, input_ids, pixel_values):
 
 
 def embed_inputs(llava, input_ids, image_embeds=None):
-    """Token embeddings with the image embeddings (n_img, P, d) scattered over the image
+    """Token embeddings (through the text model's own embedding module, so a scale such as
+    Gemma's applies as in HF) with the image embeddings (n_img, P, d) scattered over the image
     tokens, as HF LLaVA does: (B, T, d)."""
-    inputs_embeds = llava.model.language_model.embed_tokens(input_ids)  # (B, T, d)
+    inputs_embeds = llava.model.language_model.get_input_embeddings()(input_ids)  # (B, T, d)
     if image_embeds is None:
         return inputs_embeds
     is_image_token = input_ids == llava.config.image_token_id  # (B, T)
@@ -509,16 +364,23 @@ def per_sample(image_rows, has_image, fill=0):
     return out
 
 
+def positions_from_mask(attention_mask):
+    """Position ids that skip left padding, as HF generate computes them: (B, T)."""
+    position_ids = attention_mask.long().cumsum(-1) - 1
+    return position_ids.masked_fill(attention_mask == 0, 0)
+
+
 @contextmanager
 def capture_layer_outputs(language_model, layer_indices):
-    """Forward hooks that keep the outputs of the given decoder layers (cheaper than
-    output_hidden_states=True, which keeps all of them)."""
-    captured = {}
+    """Forward hooks that keep the outputs of the given decoder layers, in that order (cheaper
+    than output_hidden_states=True, which keeps all of them)."""
+    captured = [None] * len(layer_indices)
+    layers = decoder_layers(language_model)
     handles = []
-    for i in layer_indices:
-        def hook(module, args, output, i=i):
-            captured[i] = output[0] if isinstance(output, tuple) else output
-        handles.append(language_model.layers[i].register_forward_hook(hook))
+    for slot, i in enumerate(layer_indices):
+        def hook(module, args, output, slot=slot):
+            captured[slot] = output[0] if isinstance(output, tuple) else output
+        handles.append(layers[i].register_forward_hook(hook))
     try:
         yield captured
     finally:
@@ -528,11 +390,26 @@ def capture_layer_outputs(language_model, layer_indices):
 
 def run_language_model(language_model, inputs_embeds, attention_mask, position_ids, layer_indices,
                        past_key_values=None):
-    """-> H_llm (B, T, d) after the final norm, {layer index: that layer's output (B, T, d)}."""
+    """One LM pass. -> H_llm (B, T, d) after the final norm, [output (B, T, d) of each layer in
+    layer_indices]. With past_key_values the pass extends that cache."""
     with capture_layer_outputs(language_model, layer_indices) as captured:
         out = language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=past_key_values, use_cache=past_key_values is not None)
     return out.last_hidden_state, captured
+
+
+def untie_head(llava):
+    """A head tied to the input embeddings gets its own copy: training it must not move them."""
+    if llava.lm_head.weight is llava.model.language_model.get_input_embeddings().weight:
+        llava.lm_head.weight = nn.Parameter(llava.lm_head.weight.detach().clone())
+
+
+# -----------------------------------------------------------------------------
+# the trainable set (paper section 4.1), shared by CARPE and the baselines
+
+def is_context_name(name):
+    """The context prompt and encoder: frozen for the whole first epoch."""
+    return name == "context_prompt" or name.startswith("context_encoder.")
 
 
 def is_adapter_name(name):
@@ -541,46 +418,53 @@ def is_adapter_name(name):
     return "multi_modal_projector." in name or ".llm_adapters." in name
 
 
-# -----------------------------------------------------------------------------
-# trainable-set helpers, shared by CARPE and the baselines (each defines is_trainable_name)
+class TrainableSet:
+    """The trainable-set API of every model here. A model defines is_trainable_name(name);
+    freezing, the optimizer groups and the checkpoint tensors all follow from it."""
 
-def apply_freezing(model):
-    for name, p in model.named_parameters():
-        p.requires_grad_(model.is_trainable_name(name))
+    def is_trainable_name(self, name):
+        raise NotImplementedError
 
+    def apply_freezing(self):
+        for name, p in self.named_parameters():
+            p.requires_grad_(self.is_trainable_name(name))
 
-def param_groups(model, lr_adapter=2e-5, lr=2e-4, weight_decay=0.0):
-    """Two AdamW groups: the adapter(s) at lr_adapter, every other trainable tensor at lr.
-    Frozen-for-now parameters (the context prompt in epoch 1) are included: without a grad,
-    AdamW skips them."""
-    adapter, rest = [], []
-    for name, p in model.named_parameters():
-        if model.is_trainable_name(name):
-            (adapter if is_adapter_name(name) else rest).append(p)
-    return [dict(params=adapter, lr=lr_adapter, weight_decay=weight_decay, name="adapter"),
-            dict(params=rest, lr=lr, weight_decay=weight_decay, name="rest")]
+    def set_context_trainable(self, trainable: bool):
+        """Freeze / unfreeze the context prompt and encoder (a no-op for models without them)."""
+        for name, p in self.named_parameters():
+            if is_context_name(name):
+                p.requires_grad_(trainable)
 
+    def param_groups(self, lr_adapter=2e-5, lr=2e-4, weight_decay=0.0):
+        """Two AdamW groups: the adapter(s) at lr_adapter, every other trainable tensor at lr.
+        Frozen-for-now parameters (the context prompt in epoch 1) are included: without a grad,
+        AdamW skips them."""
+        adapter, rest = [], []
+        for name, p in self.named_parameters():
+            if self.is_trainable_name(name):
+                (adapter if is_adapter_name(name) else rest).append(p)
+        return [dict(params=adapter, lr=lr_adapter, weight_decay=weight_decay, name="adapter"),
+                dict(params=rest, lr=lr, weight_decay=weight_decay, name="rest")]
 
-def trainable_state_dict(model):
-    return {name: p.detach() for name, p in model.named_parameters() if model.is_trainable_name(name)}
+    def trainable_state_dict(self):
+        return {name: p.detach() for name, p in self.named_parameters() if self.is_trainable_name(name)}
 
-
-def load_trainable_state_dict(model, state):
-    """Copy a trainable_state_dict into model; a missing, unexpected or mis-shaped tensor is
-    an error that names it (a checkpoint of another base or config)."""
-    params = {name: p for name, p in model.named_parameters() if model.is_trainable_name(name)}
-    missing = sorted(set(params) - set(state))
-    extra = sorted(set(state) - set(params))
-    if missing or extra:
-        raise ValueError(f"checkpoint does not fit this model (another method, base or config?): "
-                         f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
-                         f"unexpected {extra[:5]}{' ...' if len(extra) > 5 else ''}")
-    for name, tensor in state.items():
-        if params[name].shape != tensor.shape:
-            raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, this model has "
-                             f"{tuple(params[name].shape)} (another base or config?)")
-        with torch.no_grad():
-            params[name].copy_(tensor)
+    def load_trainable_state_dict(self, state):
+        """Copy a trainable_state_dict in; a missing, unexpected or mis-shaped tensor is an
+        error that names it (a checkpoint of another base or config)."""
+        params = {name: p for name, p in self.named_parameters() if self.is_trainable_name(name)}
+        missing = sorted(set(params) - set(state))
+        extra = sorted(set(state) - set(params))
+        if missing or extra:
+            raise ValueError(f"checkpoint does not fit this model (another method, base or config?): "
+                             f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
+                             f"unexpected {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+        for name, tensor in state.items():
+            if params[name].shape != tensor.shape:
+                raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, this model has "
+                                 f"{tuple(params[name].shape)} (another base or config?)")
+            with torch.no_grad():
+                params[name].copy_(tensor)
 
 
 # -----------------------------------------------------------------------------
@@ -589,9 +473,11 @@ def load_trainable_state_dict(model, state):
 @torch.no_grad()
 def greedy_generate(model, input_ids, attention_mask=None, pixel_values=None, max_new_tokens=32,
                     eos_token_id=None, pad_token_id=None, return_dict=False):
-    """model provides start_generation(...) -> state and generation_step(state, embeds, mask,
-    positions) -> (B, V) logits of the last position. Finished rows are filled with the pad
-    token, as HF generate does."""
+    """Greedy decoding of left-padded prompts. model provides start_generation(...) ->
+    GenerationState and generation_step(state, embeds, mask, positions) -> (B, V) logits of the
+    last position. Finished rows are filled with the pad token, as HF generate does. Returns
+    (B, T + new) token ids like HF generate, or with return_dict=True a GenerateOutput that also
+    carries the context weights and the MoE route."""
     B, T = input_ids.shape
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -607,10 +493,10 @@ def greedy_generate(model, input_ids, attention_mask=None, pixel_values=None, ma
                        dtype=torch.long, device=input_ids.device)
     state = model.start_generation(input_ids, attention_mask, pixel_values, max_new_tokens)
     position_ids = positions_from_mask(attention_mask)
-    logits = model.generation_step(state, state["inputs_embeds"], attention_mask, position_ids)  # prefill
+    logits = model.generation_step(state, state.prepared.inputs_embeds, attention_mask, position_ids)  # prefill
     unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)
     sequences = input_ids
-    embed_tokens = model.llava.model.language_model.embed_tokens
+    embed_tokens = model.llava.model.language_model.get_input_embeddings()
     for step in range(max_new_tokens):
         next_tokens = logits.argmax(-1)  # (B,)
         next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_token_id))
@@ -619,86 +505,282 @@ def greedy_generate(model, input_ids, attention_mask=None, pixel_values=None, ma
             unfinished &= ~torch.isin(next_tokens, eos)
         if step == max_new_tokens - 1 or not unfinished.any():
             break
+        # one new token per row: extend the mask and positions, run one cached step
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
         position_ids = position_ids[:, -1:] + 1
         logits = model.generation_step(state, embed_tokens(next_tokens[:, None]), attention_mask, position_ids)
     if return_dict:
-        return GenerateOutput(sequences=sequences, context_weights=state["weights"], route=state.get("route"))
+        return GenerateOutput(sequences=sequences, context_weights=state.prepared.weights, route=state.prepared.route)
     return sequences
 
 
-@dataclass
-class GenerateOutput:
-    sequences: torch.Tensor  # (B, T + new)
-    context_weights: torch.Tensor  # (B, 2)
-    route: torch.Tensor | None = None  # (B,) MoE only
+# -----------------------------------------------------------------------------
+# CARPE
 
+class CARPE(TrainableSet, nn.Module):
+    def __init__(self, llava, config: CarpeConfig = None, vision_moe=None):
+        super().__init__()
+        check_base(llava)
+        config = config or CarpeConfig()
+        self.config = config
+        self.llava = llava
+        text_config = llava.config.text_config
+        d = text_config.hidden_size
+        n_layers = text_config.num_hidden_layers
+        assert -n_layers <= config.query_layer < n_layers, \
+            f"query_layer={config.query_layer} is outside the LM's {n_layers} layers"
+        untie_head(llava)
+        self.vision_integrator = VisionIntegrator(vision_feature_width(llava.config), d, config)
+        embed = self.language_model.get_input_embeddings()
+        embed_std = embed.weight.detach().float().std().item() * float(getattr(embed, "embed_scale", 1.0))
+        self.context_prompt = nn.Parameter(torch.randn(1, d) * embed_std)  # (1, d)
+        self.context_encoder = nn.Linear(d, 2)
+        nn.init.zeros_(self.context_encoder.weight)
+        nn.init.zeros_(self.context_encoder.bias)
+        self.vision_moe = vision_moe  # moe.VisionMoE or None
+        # the new modules take the base's device and dtype (train.py keeps trainable tensors in fp32)
+        self.to(device=llava.lm_head.weight.device)
+        for module in (self.vision_integrator, self.context_encoder):
+            module.to(dtype=llava.lm_head.weight.dtype)
+        self.context_prompt.data = self.context_prompt.data.to(llava.lm_head.weight.dtype)
+        self.apply_freezing()
+        if config.gradient_checkpointing:
+            self.language_model.activation_checkpointing_enable({"use_reentrant": False})
 
-def positions_from_mask(attention_mask):
-    """Position ids that skip left padding, as HF generate computes them: (B, T)."""
-    position_ids = attention_mask.long().cumsum(-1) - 1
-    return position_ids.masked_fill(attention_mask == 0, 0)
+    @property
+    def language_model(self):
+        return self.llava.model.language_model
+
+    def is_trainable_name(self, name):
+        """The paper's trainable set: adapter (projector), head, integrator, context prompt and
+        encoder (+ MoE adapters and router). Independent of the epoch-1 freeze."""
+        if name.startswith("vision_moe."):
+            return self.vision_moe.is_trainable_name(name[len("vision_moe."):])
+        return name.startswith(("llava.model.multi_modal_projector.", "llava.lm_head.", "vision_integrator.",
+                                "context_prompt", "context_encoder."))
+
+    # --- 1. context pass -------------------------------------------------------------------
+    def prompt_mask(self, input_ids, attention_mask, labels=None):
+        """(B, T) bool: the tokens the context pass reads. Prompt = before the first supervised
+        token (with labels) or every non-pad token (without); image tokens excluded."""
+        keep = attention_mask.bool() & (input_ids != self.llava.config.image_token_id)
+        if labels is not None:
+            supervised = labels != IGNORE_INDEX  # (B, T)
+            T = labels.size(1)
+            first = torch.where(supervised.any(1), supervised.float().argmax(1),
+                                torch.full_like(supervised[:, 0], T, dtype=torch.long))  # (B,)
+            keep &= torch.arange(T, device=labels.device)[None, :] < first[:, None]
+        return keep
+
+    def context_hidden(self, input_ids, attention_mask, labels=None):
+        """Run the text-only context pass. Returns h_ctx (B, d)."""
+        keep = self.prompt_mask(input_ids, attention_mask, labels)  # (B, T)
+        lengths = keep.sum(1)  # (B,)
+        L = int(lengths.max()) + 1  # + the context prompt
+        B = input_ids.size(0)
+        # left-pad the kept tokens so the context prompt sits at the last position of every row
+        ids = torch.zeros(B, L, dtype=input_ids.dtype, device=input_ids.device)
+        mask = torch.zeros(B, L, dtype=torch.long, device=input_ids.device)
+        for b in range(B):
+            n = int(lengths[b])
+            ids[b, L - 1 - n:L - 1] = input_ids[b][keep[b]]
+            mask[b, L - 1 - n:] = 1
+        embeds = self.language_model.get_input_embeddings()(ids)  # (B, L, d)
+        ctx = self.context_prompt.to(embeds.dtype).expand(B, 1, -1)  # (B, 1, d)
+        embeds = torch.cat([embeds[:, :-1], ctx], dim=1)  # (B, L, d)
+        h, _ = run_language_model(self.language_model, embeds, mask, positions_from_mask(mask), [])
+        return h[:, -1]  # (B, d)
+
+    def context(self, input_ids, attention_mask, labels=None):
+        """Returns (context_weights (B, 2), h_ctx (B, d) or None)."""
+        B = input_ids.size(0)
+        h_ctx = None
+        if self.config.fixed_weights is None or self.vision_moe is not None:
+            # nothing upstream of h_ctx trains while the context prompt is frozen (epoch 1)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.context_prompt.requires_grad):
+                h_ctx = self.context_hidden(input_ids, attention_mask, labels)
+        if self.config.fixed_weights is not None:
+            weights = torch.tensor(self.config.fixed_weights, dtype=torch.float32, device=input_ids.device).expand(B, 2)
+        else:
+            weights = torch.softmax(self.context_encoder(h_ctx).float(), dim=-1)  # (B, 2)
+        return weights, h_ctx
+
+    # --- image encoding and everything else before the main pass ------------------------------
+    def encode_images(self, pixel_values, h_ctx_images):
+        """-> image_embeds (n_img, P, d) for the LM, memory (n_img, P, d) for the integrator,
+        balance_loss, route (n_img,)."""
+        if self.vision_moe is not None:
+            return self.vision_moe(pixel_values, h_ctx_images)
+        feats = raw_vision_features(self.llava, pixel_values)  # (n_img, P, Dv)
+        image_embeds = self.llava.model.multi_modal_projector(feats)  # (n_img, P, d)
+        memory = self.vision_integrator.raw_adapter(feats)  # (n_img, P, d)
+        return image_embeds, memory, None, None
+
+    def prepare(self, input_ids, attention_mask, pixel_values, labels=None, context_mask=None):
+        """The context weights, the input embeddings with the image embeddings scattered in, and
+        the integrator memory: a Prepared. Shared by forward and generate."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        weights, h_ctx = self.context(input_ids, attention_mask if context_mask is None else context_mask, labels)
+        has_image = check_images(self.llava, input_ids, pixel_values)  # (B,)
+        image_embeds, memory, balance_loss, route = None, None, None, None
+        if has_image.any():
+            image_embeds, image_memory, balance_loss, image_route = self.encode_images(
+                pixel_values, h_ctx[has_image] if h_ctx is not None else None)  # (n_img, P, d) x 2
+            memory = per_sample(image_memory, has_image)  # (B, P, d)
+            if image_route is not None:
+                route = per_sample(image_route, has_image, fill=-1)  # (B,)
+        return Prepared(attention_mask=attention_mask, inputs_embeds=embed_inputs(self.llava, input_ids, image_embeds),
+                        weights=weights, has_image=has_image, memory=memory, balance_loss=balance_loss, route=route)
+
+    # --- 3. the integrator -----------------------------------------------------------------
+    def integrate(self, h_query, memory_kv, has_image, key_valid=None, cache=None, cache_len=0):
+        """H_vision = final_norm(block(H_query)): (B, T, d)."""
+        x = self.vision_integrator.block(h_query, memory_kv, has_image, key_valid, cache, cache_len)
+        return final_norm(self.language_model)(x)
+
+    def memory_kv(self, memory):
+        return self.vision_integrator.block.memory_kv(memory)
+
+    def image_path_parameters(self):
+        """The trainable parameters only an image reaches: adapters and the cross-attention."""
+        block = self.vision_integrator.block
+        modules = [self.llava.model.multi_modal_projector, self.vision_integrator.raw_adapter,
+                   block.cross_attn, block.norm_cross]
+        if self.vision_moe is not None:
+            modules.append(self.vision_moe)
+        return [p for m in modules for p in m.parameters()]
+
+    def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None, context_mask=None):
+        """input_ids (B, T); attention_mask (B, T); pixel_values (n_img, 3, H, W) for the samples
+        with image tokens (a dict per expert under MoE); labels (B, T) with -100 = unsupervised.
+        context_mask (B, T) bool, optional: the tokens the context pass reads, overriding the
+        default (the prompt before the first supervised token, or all non-pad tokens); image
+        tokens are always excluded. Lets a full recompute reproduce generate(), whose context
+        is the prompt alone."""
+        # 1. context pass -> weights (B, 2); images -> inputs_embeds (B, T, d), memory (B, P, d)
+        prep = self.prepare(input_ids, attention_mask, pixel_values, labels, context_mask)
+        mask = prep.attention_mask  # (B, T)
+        # 2. main pass: H_llm (B, T, d) after the final norm; H_query (B, T, d) from query_layer
+        h_llm, (h_query,) = run_language_model(self.language_model, prep.inputs_embeds, mask,
+                                               positions_from_mask(mask), [self.config.query_layer])
+        # 3. integrator: H_vision (B, T, d); left padding is masked out of its self-attention
+        key_valid = None if bool(mask.all()) else mask.bool()
+        h_vision = self.integrate(h_query, self.memory_kv(prep.memory), prep.has_image, key_valid)
+        # 4. mix through the shared head
+        head = self.llava.lm_head
+        out = CarpeOutput(context_weights=prep.weights, balance_loss=prep.balance_loss, route=prep.route)
+        if labels is None:
+            out.logits = head(mix(prep.weights, h_vision, h_llm))  # (B, T, V)
+            return out
+        out.lm_loss = fused_mixed_cross_entropy(h_vision, h_llm, prep.weights, labels, head.weight, head.bias,
+                                                chunk_size=self.config.chunk_size)  # no (N, V) logits held
+        out.loss = out.lm_loss
+        if prep.memory is None and torch.is_grad_enabled():
+            # a text-only batch leaves the image path without gradients; a zero term gives every
+            # rank the same set of gradients, which FSDP2's reduce-scatter needs
+            image_path = [p for p in self.image_path_parameters() if p.requires_grad]
+            if image_path:
+                out.loss = out.loss + 0.0 * sum(p.sum() for p in image_path)
+        if out.balance_loss is not None:
+            out.loss = out.loss + self.vision_moe.config.balance_weight * out.balance_loss
+        return out
+
+    # --- generation ------------------------------------------------------------------------
+    def start_generation(self, input_ids, attention_mask, pixel_values, max_new_tokens):
+        """Everything computed once per prompt: the context weights, the MoE route, the
+        cross-attention K/V over the image, empty KV caches."""
+        prep = self.prepare(input_ids, attention_mask, pixel_values)
+        B, T = input_ids.shape
+        block = self.vision_integrator.block
+        return GenerationState(prepared=prep, lm_cache=DynamicCache(config=self.language_model.config),
+                               memory_kvs=[block.memory_kv(prep.memory)],
+                               integrator_caches=[block.new_cache(B, T + max_new_tokens)])
+
+    def generation_step(self, state, inputs_embeds, attention_mask, position_ids):
+        """One LM step and one integrator step over the new tokens; the mixed logits of the
+        last position: (B, V)."""
+        h_llm, (h_query,) = run_language_model(self.language_model, inputs_embeds, attention_mask, position_ids,
+                                               [self.config.query_layer], state.lm_cache)
+        h_vision = self.integrate(h_query, state.memory_kvs[0], state.prepared.has_image, attention_mask.bool(),
+                                  state.integrator_caches[0], state.cache_len)
+        state.cache_len += inputs_embeds.size(1)
+        return self.llava.lm_head(mix(state.prepared.weights, h_vision[:, -1], h_llm[:, -1]))  # (B, V)
+
+    generate = greedy_generate  # with KV caches for the LM and the integrator
 
 
 # -----------------------------------------------------------------------------
 # baselines behind the same API (paper section 4.2)
 
-class LlavaBaseline(nn.Module):
+class LlavaBaseline(TrainableSet, nn.Module):
     """Vanilla LLaVA behind CARPE's API. `eval.py --method llava` uses it frozen; `train.py
-    --method imagenet-ft` trains its projector alone at the adapter lr, as Zhang et al. 2024."""
+    --method imagenet-ft` trains its projector alone at the adapter lr, as Zhang et al. 2024.
+    Its forward and decoding are LEVI's with no blocks: the head reads H_llm."""
 
-    def __init__(self, llava):
+    def __init__(self, llava, config: CarpeConfig = None):
         super().__init__()
+        check_base(llava)
         self.llava = llava
-        self.config = None
-        apply_freezing(self)
+        self.config = config
+        self.query_layers = []  # LM layers whose outputs adapted_hidden reads
+        self.blocks = nn.ModuleList()  # integrator blocks
+        self.apply_freezing()
 
     def is_trainable_name(self, name):
         return name.startswith("llava.model.multi_modal_projector.")
 
-    def set_context_trainable(self, trainable):
-        pass  # no context modules
-
-    # the shared trainable-set helpers, as methods
-    param_groups = param_groups
-    trainable_state_dict = trainable_state_dict
-    load_trainable_state_dict = load_trainable_state_dict
-
-    def prepare(self, input_ids, attention_mask, pixel_values):
+    def prepare(self, input_ids, attention_mask, pixel_values, weights=(0.0, 1.0), keep_memory=False):
+        """LLaVA's own input embeddings; memory = the projected image embeddings (B, P, d) if asked."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        has_image, image_embeds = project_images(self.llava, input_ids, pixel_values)
-        weights = torch.tensor([0.0, 1.0], device=input_ids.device).expand(input_ids.size(0), 2)
-        return dict(attention_mask=attention_mask, inputs_embeds=embed_inputs(self.llava, input_ids, image_embeds),
-                    weights=weights, has_image=has_image, route=None)
+        has_image, image_embeds = project_images(self.llava, input_ids, pixel_values)  # (B,), (n_img, P, d)
+        memory = per_sample(image_embeds, has_image) if keep_memory and image_embeds is not None else None
+        return Prepared(attention_mask=attention_mask, inputs_embeds=embed_inputs(self.llava, input_ids, image_embeds),
+                        weights=torch.tensor(weights, device=input_ids.device).expand(input_ids.size(0), 2),
+                        has_image=has_image, memory=memory)
+
+    def adapted_hidden(self, h_llm, captured, memory_kvs, has_image, key_valid, caches=None, cache_len=0):
+        """The head's input (B, T, d): H_llm itself."""
+        return h_llm
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None):
         prep = self.prepare(input_ids, attention_mask, pixel_values)
-        mask = prep["attention_mask"]
-        h_llm, _ = run_language_model(self.llava.model.language_model, prep["inputs_embeds"], mask,
-                                      positions_from_mask(mask), [])
-        out = CarpeOutput(context_weights=prep["weights"])
+        mask = prep.attention_mask  # (B, T)
+        h_llm, captured = run_language_model(self.llava.model.language_model, prep.inputs_embeds, mask,
+                                             positions_from_mask(mask), self.query_layers)  # (B, T, d), [(B, T, d)]
+        key_valid = None if bool(mask.all()) else mask.bool()
+        memory_kvs = [block.memory_kv(prep.memory) for block in self.blocks]
+        h = self.adapted_hidden(h_llm, captured, memory_kvs, prep.has_image, key_valid)  # (B, T, d)
+        out = CarpeOutput(context_weights=prep.weights)
         head = self.llava.lm_head
         if labels is None:
-            out.logits = head(h_llm)
-        else:  # weights (0, 1): the mix is h_llm itself, through the same chunked loss
-            out.loss = out.lm_loss = fused_mixed_cross_entropy(h_llm, h_llm, prep["weights"], labels,
-                                                               head.weight, head.bias)
+            out.logits = head(h)  # (B, T, V)
+        else:  # one-hot weights: the mix is h itself, through the same chunked loss
+            chunk_size = (self.config or CarpeConfig()).chunk_size
+            out.loss = out.lm_loss = fused_mixed_cross_entropy(h, h, prep.weights, labels, head.weight, head.bias,
+                                                               chunk_size=chunk_size)
         return out
 
     def start_generation(self, input_ids, attention_mask, pixel_values, max_new_tokens):
         prep = self.prepare(input_ids, attention_mask, pixel_values)
-        return dict(prep, lm_cache=DynamicCache(config=self.llava.model.language_model.config))
+        B, T = input_ids.shape
+        return GenerationState(prepared=prep, lm_cache=DynamicCache(config=self.llava.model.language_model.config),
+                               memory_kvs=[block.memory_kv(prep.memory) for block in self.blocks],
+                               integrator_caches=[block.new_cache(B, T + max_new_tokens) for block in self.blocks])
 
     def generation_step(self, state, inputs_embeds, attention_mask, position_ids):
-        h_llm, _ = run_language_model(self.llava.model.language_model, inputs_embeds, attention_mask, position_ids,
-                                      [], state["lm_cache"])
-        return self.llava.lm_head(h_llm[:, -1])  # (B, V)
+        h_llm, captured = run_language_model(self.llava.model.language_model, inputs_embeds, attention_mask,
+                                             position_ids, self.query_layers, state.lm_cache)
+        h = self.adapted_hidden(h_llm, captured, state.memory_kvs, state.prepared.has_image, attention_mask.bool(),
+                                state.integrator_caches, state.cache_len)
+        state.cache_len += inputs_embeds.size(1)
+        return self.llava.lm_head(h[:, -1])  # (B, V)
 
     generate = greedy_generate
 
 
-class LEVI(nn.Module):
+class LEVI(LlavaBaseline):
     """The paper's adaptation of LEVI (Roh et al. 2024; CARPE section 4.2): five integrator
     blocks (the same IntegratorBlock as CARPE's); block i's queries are the output of the i-th of
     the LM's last five layers, its keys/values the projector output (image embeddings already in
@@ -707,12 +789,9 @@ class LEVI(nn.Module):
     Trainable: the blocks and the head."""
 
     def __init__(self, llava, config: CarpeConfig = None, n_blocks=5):
-        super().__init__()
         config = config or CarpeConfig()
-        self.config = config
-        self.llava = llava
-        if llava.lm_head.weight is llava.model.language_model.embed_tokens.weight:
-            llava.lm_head.weight = nn.Parameter(llava.lm_head.weight.detach().clone())
+        super().__init__(llava, config)
+        untie_head(llava)
         text_config = llava.config.text_config
         n_layers = text_config.num_hidden_layers
         assert n_layers >= n_blocks, f"LEVI needs {n_blocks} LM layers, the base has {n_layers}"
@@ -722,69 +801,20 @@ class LEVI(nn.Module):
                                     for _ in range(n_blocks))
         self.to(device=llava.lm_head.weight.device)
         self.blocks.to(dtype=llava.lm_head.weight.dtype)
-        apply_freezing(self)
+        self.apply_freezing()
 
     def is_trainable_name(self, name):
         return name.startswith(("blocks.", "llava.lm_head."))
 
-    def set_context_trainable(self, trainable):
-        pass
-
-    # the shared trainable-set helpers, as methods
-    param_groups = param_groups
-    trainable_state_dict = trainable_state_dict
-    load_trainable_state_dict = load_trainable_state_dict
-
     def prepare(self, input_ids, attention_mask, pixel_values):
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        has_image, image_embeds = project_images(self.llava, input_ids, pixel_values)
-        memory_kvs = [None] * len(self.blocks)
-        if image_embeds is not None:
-            memory = per_sample(image_embeds, has_image)  # (B, P, d)
-            memory_kvs = [block.memory_kv(memory) for block in self.blocks]
-        weights = torch.tensor([1.0, 0.0], device=input_ids.device).expand(input_ids.size(0), 2)
-        return dict(attention_mask=attention_mask, inputs_embeds=embed_inputs(self.llava, input_ids, image_embeds),
-                    has_image=has_image, memory_kvs=memory_kvs, weights=weights, route=None)
+        return super().prepare(input_ids, attention_mask, pixel_values, weights=(1.0, 0.0), keep_memory=True)
 
-    def adapted_hidden(self, captured, memory_kvs, has_image, key_valid, caches=None, cache_len=0):
-        """norm(mean_i block_i(layer_i output)): (B, T, d)."""
+    def adapted_hidden(self, h_llm, captured, memory_kvs, has_image, key_valid, caches=None, cache_len=0):
+        """final_norm(mean_i block_i(layer_i output)): (B, T, d)."""
         caches = caches or [None] * len(self.blocks)
-        states = [block(captured[i], kv, has_image, key_valid, cache, cache_len)
-                  for block, i, kv, cache in zip(self.blocks, self.query_layers, memory_kvs, caches)]
-        return self.llava.model.language_model.norm(torch.stack(states).mean(0))
-
-    def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None):
-        prep = self.prepare(input_ids, attention_mask, pixel_values)
-        mask = prep["attention_mask"]
-        _, captured = run_language_model(self.llava.model.language_model, prep["inputs_embeds"], mask,
-                                         positions_from_mask(mask), self.query_layers)
-        key_valid = None if bool(mask.all()) else mask.bool()
-        h = self.adapted_hidden(captured, prep["memory_kvs"], prep["has_image"], key_valid)  # (B, T, d)
-        out = CarpeOutput(context_weights=prep["weights"])
-        head = self.llava.lm_head
-        if labels is None:
-            out.logits = head(h)
-        else:
-            out.loss = out.lm_loss = fused_mixed_cross_entropy(h, h, prep["weights"], labels, head.weight, head.bias,
-                                                               chunk_size=self.config.chunk_size)
-        return out
-
-    def start_generation(self, input_ids, attention_mask, pixel_values, max_new_tokens):
-        prep = self.prepare(input_ids, attention_mask, pixel_values)
-        B, T = input_ids.shape
-        return dict(prep, lm_cache=DynamicCache(config=self.llava.model.language_model.config), cache_len=0,
-                    caches=[block.new_cache(B, T + max_new_tokens) for block in self.blocks])
-
-    def generation_step(self, state, inputs_embeds, attention_mask, position_ids):
-        _, captured = run_language_model(self.llava.model.language_model, inputs_embeds, attention_mask, position_ids,
-                                         self.query_layers, state["lm_cache"])
-        h = self.adapted_hidden(captured, state["memory_kvs"], state["has_image"], attention_mask.bool(),
-                                state["caches"], state["cache_len"])
-        state["cache_len"] += inputs_embeds.size(1)
-        return self.llava.lm_head(h[:, -1])  # (B, V)
-
-    generate = greedy_generate
+        states = [block(h, kv, has_image, key_valid, cache, cache_len)
+                  for block, h, kv, cache in zip(self.blocks, captured, memory_kvs, caches)]
+        return final_norm(self.llava.model.language_model)(torch.stack(states).mean(0))
 
 
 METHODS = ("carpe", "llava", "imagenet-ft", "levi")
@@ -803,8 +833,26 @@ def build_model(method, llava, carpe_config=None, vision_moe=None):
     return LlavaBaseline(llava)  # "llava" (evaluated frozen) and "imagenet-ft" (projector trained)
 
 
+def repeated_blocks(model):
+    """The repeated blocks worth compiling one by one (regional compilation): each LM decoder
+    layer, each vision-tower layer, the integrator block(s) (CARPE's one, LEVI's five) and, for
+    CARPE-MoE, the layers of the other expert towers. model: CARPE, a baseline, or a bare
+    LlavaForConditionalGeneration. Each module is listed once (the MoE clip expert is the base's
+    own tower)."""
+    llava = model if isinstance(model, LlavaForConditionalGeneration) else model.llava
+    blocks = list(decoder_layers(llava.model.language_model)) + list(encoder_layers(llava.model.vision_tower))
+    if isinstance(model, CARPE):
+        blocks.append(model.vision_integrator.block)
+        if model.vision_moe is not None:
+            blocks += [layer for encoder in model.vision_moe.encoders.values() for layer in encoder_layers(encoder)]
+    elif isinstance(model, LEVI):
+        blocks += list(model.blocks)
+    seen = set()
+    return [b for b in blocks if not (id(b) in seen or seen.add(id(b)))]
+
+
 # -----------------------------------------------------------------------------
-# images, bases and run directories
+# images and bases
 
 def expand_to_square(image, background):
     """LLaVA's 'pad' aspect ratio: centre the image on a square of the background colour."""
@@ -830,16 +878,25 @@ def make_image_transform(processor):
 
 
 def load_base(base, device="cpu", dtype=None):
-    """(llava, processor) for a base LLaVA: a Hugging Face id or folder (the tiny base of
-    tiny.py is an ordinary one). dtype: a torch dtype, None = float32, or "auto" = as saved.
-    Weights come through safetensors; never trust_remote_code."""
-    llava = LlavaForConditionalGeneration.from_pretrained(base, dtype=dtype or torch.float32, use_safetensors=True)
-    processor = AutoProcessor.from_pretrained(base)
+    """(llava, processor) for a LLaVA-1.5-style base: a Hugging Face id or folder (the tiny
+    base of tiny.py is an ordinary one). dtype: a torch dtype, None = float32, or "auto" = as
+    saved. Weights come through safetensors; never trust_remote_code. The processor uses the
+    PIL image backend (transformers 5 would pick torchvision when it is installed), the one
+    training and evaluation were written against."""
+    config = AutoConfig.from_pretrained(base)
+    if not isinstance(config, LlavaConfig):
+        name = (getattr(config, "architectures", None) or [type(config).__name__])[0]
+        raise TypeError(f"{base} is a {name}, not a LLaVA-1.5-style base: CARPE and its baselines wrap "
+                        "LlavaForConditionalGeneration only")
+    llava = LlavaForConditionalGeneration.from_pretrained(base, config=config, dtype=dtype or torch.float32,
+                                                          use_safetensors=True)
+    processor = AutoProcessor.from_pretrained(base, backend="pil")
+    if getattr(processor.image_processor, "backend", None) != "pil":
+        raise TypeError(f"{base}: {type(processor.image_processor).__name__} has no PIL backend")
+    ids = processor.tokenizer.encode(processor.image_token, add_special_tokens=False)
+    if ids != [config.image_token_id]:
+        raise ValueError(f"{base}: the tokenizer encodes {processor.image_token!r} as {ids}, but "
+                         f"config.image_token_id is {config.image_token_id}")
     llava.to(device=device)
     llava.eval()
     return llava, processor
-
-
-# -----------------------------------------------------------------------------
-# a tiny offline LLaVA for tests and the --preset tiny default
-

@@ -5,7 +5,8 @@ import torch
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from carpe import CARPE, CarpeConfig, LEVI, LlavaBaseline, build_model, make_image_transform, positions_from_mask
+from carpe import (CARPE, CarpeConfig, LEVI, LlavaBaseline, build_model, make_image_transform, positions_from_mask,
+                   run_language_model)
 from data import SYSTEM_PROMPT
 from tiny import tiny_llava
 from kernels import IGNORE_INDEX
@@ -87,10 +88,11 @@ def test_integrator_starts_as_identity(tiny):
     ids, mask, pix = batch(processor, QUESTIONS[:1], [image(0)], [True])
     prep = model.prepare(ids, mask, pix)
     with torch.no_grad():
-        h_llm, h_query = model.run_language_model(prep["inputs_embeds"], mask, positions_from_mask(mask))
-        h_vision = model.integrate(h_query, model.memory_kv(prep["memory"]), prep["has_image"])
+        _, (h_query,) = run_language_model(llava.model.language_model, prep.inputs_embeds, mask,
+                                           positions_from_mask(mask), [model.config.query_layer])
+        h_vision = model.integrate(h_query, model.memory_kv(prep.memory), prep.has_image)
     torch.testing.assert_close(h_vision, llava.model.language_model.norm(h_query))
-    assert torch.allclose(prep["weights"], torch.full_like(prep["weights"], 0.5))  # zero-init context encoder
+    assert torch.allclose(prep.weights, torch.full_like(prep.weights, 0.5))  # zero-init context encoder
 
 
 @pytest.mark.parametrize("method", ["carpe", "levi"])
