@@ -1,9 +1,9 @@
 """
-data.py: the training data of CARPE (paper section 4.1; ../shared/DESIGN.md section 4).
+data.py: the training data of CARPE (paper section 4.1).
 
  - LLaVA-Instruct (`llava_v1_5_mix665k.json`): entries {id, image?, conversations: [{from, value}]},
-   images under an image root, text-only entries allowed. Formatted with LLaVA's vicuna_v1 template
-   and label-masked so that only the assistant answers and their </s> are supervised.
+   images under an image root, text-only entries allowed; checked and packed once per node into a
+   memory-mapped cache.
  - ImageNet-style classification: an ImageFolder `<root>/train/<class_dir>/*` plus a class-name
    file; one of 20 prompt templates per sample, 50% open world, 50% closed world (k shuffled
    candidates); the answer is the class name.
@@ -11,26 +11,58 @@ data.py: the training data of CARPE (paper section 4.1; ../shared/DESIGN.md sect
    a sample position.
  - A collate that right-pads, builds the attention mask and labels, and turns the images into
    pixel_values through an `image_transform` (a tensor, or a dict of tensors for CARPE-MoE).
- - The deterministic synthetic data set of `--preset tiny` (coloured shapes drawn with Pillow).
 
-Choices where the paper and LLaVA leave room (also in the README):
- - Template, exactly as LLaVA's conv_vicuna_v1 renders it:
+Templates (`DataConfig.template`):
+ - "vicuna_v1", the template of LLaVA-1.5 bases, as LLaVA's conv_vicuna_v1 renders it:
        "<s>SYSTEM USER: <image>\\nq1 ASSISTANT: a1</s>USER: q2 ASSISTANT: a2</s>"
-   (a space between the system text and each USER turn and before ASSISTANT; an assistant turn
-   ends in </s> with nothing after it, as LLaVA's sep2). The text is tokenized segment by
-   segment (prompt parts unsupervised, each " answer" + </s> supervised) and the ids are
-   concatenated, so the mask is exact with any tokenizer. A tokenizer that adds its own prefix
-   space (SentencePiece "▁") gets the answer without the leading space.
- - `<image>` is moved to the start of its turn followed by "\\n" (LLaVA's preprocess_multimodal)
-   and expanded to the P image tokens the processor uses. An entry with an image needs exactly
-   one `<image>` tag, an entry without one none (else an error naming the entry).
- - A conversation must alternate human/gpt starting with human and end with a gpt turn.
- - Entries are checked once, before training (structure, image file present and readable);
-   with skip_bad_samples they are dropped and counted, else the first problems are raised
-   with the entry ids. A file that exists but cannot be decoded fails in the loader with its
-   entry id and path (decoding every image up front would cost an epoch's worth of IO).
- - Longer than model_max_length: cut at the end and counted (the collate reports it, train.py
-   logs it). A cut that would remove image tokens is an error naming the entry.
+   Ids and labels are those of LLaVA's llava/train/train.py `preprocess_v1`: the WHOLE string is
+   tokenised, split only at <image> (llava/mm_utils.py `tokenizer_image_token`: each piece on its
+   own, BOS once), so with a non-legacy SentencePiece tokenizer a later turn starts "</s>USER" with
+   USER as the tokenizer spells it right after a special token. Labels follow preprocess_v1's
+   arithmetic: split at </s> into rounds, each round split at " ASSISTANT: "; the instruction
+   (its tokens minus BOS minus the trailing space's token) is masked, the answer and its </s> are
+   supervised; rounds after the first are one token shorter in context when the tokenizer adds
+   no SentencePiece prefix after a special token (LLaVA: `not tokenizer.legacy`). We test that
+   behaviour directly instead of reading `tokenizer.legacy`, so a byte-level BPE tokenizer (no
+   prefix at all) gets no adjustment, which is exact for it. When the arithmetic does not land on
+   the sequence's end (LLaVA prints "tokenization mismatch" and trains on nothing), the sample is
+   an error.
+ - "chat": the tokenizer's own chat template (apply_chat_template, e.g. ChatML). The whole
+   rendered string is tokenised the same way; supervised are the tokens from the end of the
+   generation prompt (the template rendered up to that assistant turn) through the first special
+   token after the answer (its end-of-turn token, e.g. <|im_end|>).
+ - Either way `<image>` moves to the start of its turn followed by "\\n" (LLaVA's
+   preprocess_multimodal) and expands to the P image tokens the processor uses, and
+   `ConversationTokenizer.encode_prompt` gives the generation prompt exactly as training tokenises it.
+
+Checks (one bad item costs one item; messages name the file and the entry):
+ - Up front, streaming the json entry by entry: JSON and UTF-8 validity (bytes that are not UTF-8
+   and lone surrogate escapes name their entry), roles alternating human/gpt and ending on gpt,
+   no empty turn, exactly one <image> tag in a human turn for an entry with an image and none
+   without, the image file present with an image header PIL can identify. A truncated image
+   passes that header check: decoding all ~565K images up front costs about an epoch of IO, so
+   pixels are decoded in the loader.
+ - In the loader: an image that fails to decode, image tokens that cutting to model_max_length
+   would cut, and samples left with no supervised token. Longer samples are cut at the end and
+   counted.
+ - With skip_bad_samples, bad entries are dropped up front and counted with their ids
+   (`TrainDataset.skipped`); a sample that fails in the loader is replaced by the next good sample
+   of the epoch order, and its id and reason travel in `Batch.skipped`. Replacing (instead of
+   dropping) keeps every micro-batch full, so no rank ever gets an empty batch under DDP/FSDP.
+   Without skip_bad_samples the first bad sample stops the run with its id, file and cause.
+
+The LLaVA json cache (`ensure_llava_cache`): a folder under `DataConfig.cache_dir` (default
+$XDG_CACHE_HOME/carpe or ~/.cache/carpe, never beside the json, whose folder may be read-only),
+keyed by the json's absolute path, size and mtime and the settings that change its content
+(image_root, skip_bad_samples). It holds the checked records as compact JSON in one byte file plus
+int64 offsets, written into a temporary folder and renamed into place, so a reader never sees half
+a cache and two writers cannot corrupt it. Every rank and every resume memory-maps it; DataLoader
+workers share its pages. Building it streams the json (one entry alive at a time), so the peak
+is the size of one read chunk plus the offsets, not the parsed list.
+
+Other choices where the paper and LLaVA leave room:
+ - A conversation must alternate human/gpt starting with human and end with a gpt turn (LLaVA
+   drops a leading gpt turn; here it is an error).
  - The mix: each epoch holds every LLaVA entry once plus round(n_llava * a / b) ImageNet
    images (a:b = 1:7), taken from a seeded permutation of ImageNet that continues across epochs
    (epoch 2 sees other images than epoch 1); the union is shuffled with a seed from (seed, epoch).
@@ -41,19 +73,23 @@ Choices where the paper and LLaVA leave room (also in the README):
  - The classification prompt of a sample (template, open/closed, candidates) is drawn from a
    RNG keyed by (seed, epoch, position): deterministic in any worker or rank.
  - Closed world: `<template> Choose one from "<c1>, <c2>, ...".` with k candidates (true + k-1
-   random others, shuffled); the same wording as eval.py's closed-world prompt.
- - Records are stored packed in one numpy byte buffer (no per-entry Python objects), so
-   DataLoader workers do not copy the 665K-entry JSON through reference counting.
+   random others, shuffled); eval builds its closed-world question with the same function.
  - No grouping by modality/length (LLaVA's group_by_modality_length): batches are small
    relative to the data and the padding cost is modest; left as a possible speed-up.
 """
+import codecs
+import hashlib
 import json
 import os
 import random
-from dataclasses import dataclass, asdict
+import re
+import shutil
+from array import array
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+from PIL import Image
 
 from kernels import IGNORE_INDEX
 
@@ -62,6 +98,10 @@ IMAGE_TAG = "<image>"
 SYSTEM_PROMPT = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+TEMPLATES = ("vicuna_v1", "chat")
+ASSISTANT_SEP = " ASSISTANT: "  # LLaVA's conv.sep + roles[1] + ": ", where preprocess_v1 splits a round
+CACHE_VERSION = 1  # bump when the cache layout or the up-front check changes
+MAX_REPLACEMENTS = 64  # consecutive bad samples the loader replaces before it calls the data broken
 
 # 20 classification prompts; the first two are the paper's (section 4.1)
 CLASSIFICATION_TEMPLATES = [
@@ -89,13 +129,17 @@ CLASSIFICATION_TEMPLATES = [
 
 
 def vicuna_prompt(question: str, has_image: bool) -> str:
-    """A one-turn vicuna_v1 prompt ending in "ASSISTANT:", for generation. The tokenizer adds <s>."""
+    """A one-turn vicuna_v1 prompt ending in "ASSISTANT:", for generation (BOS not included)."""
     image = IMAGE_TAG + "\n" if has_image else ""
     return f"{SYSTEM_PROMPT} USER: {image}{question} ASSISTANT:"
 
 
 def closed_world_question(template: str, candidates) -> str:
     return f'{template} Choose one from "{", ".join(candidates)}".'
+
+
+def default_cache_dir():
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "carpe")
 
 
 @dataclass
@@ -109,6 +153,8 @@ class DataConfig:
     model_max_length: int = 2048  # longer samples are cut (and counted)
     skip_bad_samples: bool = False  # drop (and count) bad entries instead of failing
     seed: int = 0
+    template: str = "vicuna_v1"  # "vicuna_v1" (LLaVA-1.5 bases) or "chat" (the tokenizer's chat template)
+    cache_dir: str | None = None  # where the checked LLaVA json is packed (None: default_cache_dir())
 
     def to_dict(self):
         return asdict(self)
@@ -118,15 +164,57 @@ class BadSampleError(ValueError):
     """Bad input data; the message names the entry id, file or flag."""
 
 
+@dataclass
+class SkipReport:
+    """Bad samples dropped under skip_bad_samples, each with its id and the reason."""
+    items: list = field(default_factory=list)  # [(id, reason)]
+
+    def add(self, sample_id, reason):
+        self.items.append((sample_id, reason))
+
+    def __len__(self):
+        return len(self.items)
+
+    @property
+    def ids(self):
+        return [sample_id for sample_id, _ in self.items]
+
+    def summary(self, shown=5):
+        lines = [f"{sample_id}: {reason}" for sample_id, reason in self.items[:shown]]
+        more = [f"... and {len(self.items) - shown} more"] if len(self.items) > shown else []
+        return "\n  ".join(lines + more)
+
+
 # -----------------------------------------------------------------------------
 # packed records: one byte buffer + offsets, no per-record Python objects in the workers
 
 class PackedRecords:
-    def __init__(self, records):
-        blobs = [json.dumps(r, ensure_ascii=False).encode() for r in records]
-        self.offsets = np.zeros(len(blobs) + 1, dtype=np.int64)
-        np.cumsum([len(b) for b in blobs], out=self.offsets[1:])
-        self.buffer = np.frombuffer(b"".join(blobs), dtype=np.uint8) if blobs else np.zeros(0, np.uint8)
+    """JSON values stored compactly in one uint8 buffer with int64 offsets. Built in memory
+    (from_values) or memory-mapped from a cache folder (open); pickled by path when mapped, so
+    DataLoader workers map the file instead of copying it."""
+
+    def __init__(self, buffer, offsets, folder=None):
+        self.buffer, self.offsets, self.folder = buffer, offsets, folder
+
+    @classmethod
+    def from_values(cls, values):
+        blobs = [json.dumps(v, ensure_ascii=False).encode() for v in values]
+        offsets = np.zeros(len(blobs) + 1, dtype=np.int64)
+        np.cumsum([len(b) for b in blobs], out=offsets[1:])
+        return cls(np.frombuffer(b"".join(blobs), dtype=np.uint8), offsets)
+
+    @classmethod
+    def open(cls, folder):
+        offsets = np.load(os.path.join(folder, "offsets.npy"), mmap_mode="r")
+        path = os.path.join(folder, "records.bin")
+        # np.memmap refuses an empty file: a cache whose entries were all skipped holds no bytes
+        buffer = np.memmap(path, dtype=np.uint8, mode="r") if os.path.getsize(path) else np.zeros(0, np.uint8)
+        return cls(buffer, offsets, folder)
+
+    def __reduce__(self):
+        if self.folder is not None:
+            return PackedRecords.open, (self.folder,)
+        return PackedRecords, (self.buffer, self.offsets)
 
     def __len__(self):
         return len(self.offsets) - 1
@@ -136,13 +224,185 @@ class PackedRecords:
 
 
 # -----------------------------------------------------------------------------
-# LLaVA-Instruct
+# conversation templates and tokenisation
 
-def check_conversation(entry, image_root):
-    """Problems of one LLaVA entry as a list of strings (empty = good). Returns (problems, record)."""
-    sid = entry.get("id", "<no id>") if isinstance(entry, dict) else "<not an object>"
+def move_image_tag_first(text):
+    """LLaVA's preprocess_multimodal: the <image> tag goes to the start of its turn, then a newline."""
+    if IMAGE_TAG not in text:
+        return text
+    return (IMAGE_TAG + "\n" + text.replace(IMAGE_TAG, "").strip()).strip()
+
+
+def render_vicuna(turns, round_end):
+    """LLaVA's conv_vicuna_v1.get_prompt(): "SYSTEM USER: q1 ASSISTANT: a1</s>USER: q2 ..."."""
+    text = SYSTEM_PROMPT + " "
+    for t, value in enumerate(turns):
+        text += f"USER: {value} " if t % 2 == 0 else f"ASSISTANT: {value}{round_end}"
+    return text
+
+
+def special_token_texts(tokenizer):
+    """The texts of the tokenizer's special tokens except <image>, longest first."""
+    texts = set(tokenizer.all_special_tokens)
+    texts |= {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    return sorted(texts - {IMAGE_TAG, ""}, key=len, reverse=True)
+
+
+class ConversationTokenizer:
+    """A conversation [human, gpt, human, gpt, ...] -> (input_ids, labels, truncated) in the
+    template's format, tokenised as a whole string split only at <image> (see the module docstring)."""
+
+    def __init__(self, tokenizer, n_image_tokens, image_token_id, model_max_length=2048, template="vicuna_v1"):
+        if template not in TEMPLATES:
+            raise ValueError(f"unknown conversation template {template!r}; expected one of {TEMPLATES}")
+        self.tokenizer, self.template = tokenizer, template
+        self.n_image_tokens, self.image_token_id = n_image_tokens, image_token_id
+        self.model_max_length = model_max_length
+        if template == "vicuna_v1":
+            if tokenizer.bos_token_id is None or tokenizer.eos_token is None:
+                raise ValueError("template 'vicuna_v1' needs a tokenizer with BOS and EOS tokens "
+                                 "(LLaVA-1.5 bases); use template 'chat' for this tokenizer")
+            self.round_end = tokenizer.eos_token  # LLaVA's sep2, "</s>"
+            # LLaVA's `not tokenizer.legacy`: text right after a special token gets no SentencePiece
+            # prefix, so a later round is one token shorter in context than tokenised alone
+            fresh = tokenizer("USER", add_special_tokens=False)["input_ids"]
+            after = tokenizer(self.round_end + "USER", add_special_tokens=False)["input_ids"][1:]
+            self.later_round_shift = int(after != fresh)
+        else:
+            if not getattr(tokenizer, "chat_template", None):
+                raise ValueError("template 'chat' needs a tokenizer with a chat_template; "
+                                 "use template 'vicuna_v1' for LLaVA-1.5 bases")
+            self.specials = special_token_texts(tokenizer)
+
+    def encode(self, text, offsets=False):
+        """Ids of text without added special tokens (special tokens written in the text are parsed);
+        each piece between <image> tags tokenised on its own and each tag expanded to the P image
+        tokens, as LLaVA's tokenizer_image_token. offsets=True also returns each token's start
+        character in text (an image token starts at its tag)."""
+        ids, starts, base = [], [], 0
+        for i, piece in enumerate(text.split(IMAGE_TAG)):
+            if i > 0:
+                ids += [self.image_token_id] * self.n_image_tokens
+                starts += [base - len(IMAGE_TAG)] * self.n_image_tokens
+            if piece:
+                enc = self.tokenizer(piece, add_special_tokens=False, return_offsets_mapping=offsets)
+                ids += enc["input_ids"]
+                if offsets:
+                    starts += [base + start for start, _ in enc["offset_mapping"]]
+            base += len(piece) + len(IMAGE_TAG)
+        return (ids, starts) if offsets else ids
+
+    def render_chat(self, turns, generation_prompt=False):
+        messages = [dict(role="user" if t % 2 == 0 else "assistant", content=v) for t, v in enumerate(turns)]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def encode_prompt(self, question, has_image=True):
+        """The generation prompt of a one-turn conversation: ids incl. BOS up to and including the
+        assistant's cue ("ASSISTANT:" for vicuna_v1, the generation prompt of the chat template),
+        exactly what training gives for that user turn."""
+        if self.template == "chat":
+            content = move_image_tag_first(IMAGE_TAG + question) if has_image else question
+            return self.encode(self.render_chat([content], generation_prompt=True))
+        return [self.tokenizer.bos_token_id] + self.encode(vicuna_prompt(question, has_image))
+
+    def vicuna(self, turns, sample_id):
+        """ids and labels as LLaVA's preprocess_v1 computes them."""
+        text = render_vicuna(turns, self.round_end)
+        ids = [self.tokenizer.bos_token_id] + self.encode(text)
+        labels = np.array(ids, dtype=np.int64)
+        labels[0] = IGNORE_INDEX
+        cur = 1  # after BOS
+        for r, round_text in enumerate(text.split(self.round_end)):
+            parts = round_text.split(ASSISTANT_SEP)
+            if not round_text or len(parts) != 2:
+                break
+            # both lengths as tokenizer_image_token counts them alone: BOS + the round; the BOS
+            # slot stands for the round's </s>, and "- 2" drops BOS and the space after "ASSISTANT:"
+            round_len = 1 + len(self.encode(round_text))
+            instruction_len = 1 + len(self.encode(parts[0] + ASSISTANT_SEP)) - 2
+            if r > 0:
+                round_len -= self.later_round_shift
+                instruction_len -= self.later_round_shift
+            labels[cur:cur + max(instruction_len, 0)] = IGNORE_INDEX
+            cur += round_len
+        labels[cur:] = IGNORE_INDEX
+        if cur != len(ids):
+            raise BadSampleError(f"sample {sample_id}: LLaVA's preprocess_v1 arithmetic ends at token {cur} of "
+                                 f"{len(ids)} (its 'tokenization mismatch': it would train on nothing); a turn "
+                                 f"holding {self.round_end!r} or {ASSISTANT_SEP.strip()!r}? else use template 'chat'")
+        return ids, labels.tolist()
+
+    def chat(self, turns, sample_id):
+        """ids of the rendered chat; labels on each answer through its end-of-turn token."""
+        text = self.render_chat(turns)
+        ids, starts = self.encode(text, offsets=True)
+        supervised = np.zeros(len(text) + 1, dtype=bool)  # per character of text
+        for t in range(1, len(turns), 2):
+            prompt = self.render_chat(turns[:t], generation_prompt=True)
+            answer = turns[t].strip()
+            at = text.find(answer, len(prompt))
+            if not text.startswith(prompt) or at < 0:
+                raise BadSampleError(f"sample {sample_id}: the chat template does not render turn {t} after its "
+                                     f"generation prompt; it cannot be masked by prefix")
+            end = at + len(answer)
+            hits = [(text.find(s, end), -len(s)) for s in self.specials]  # the first, longest at a tie
+            hits = [hit for hit in hits if hit[0] >= 0]
+            if not hits:
+                raise BadSampleError(f"sample {sample_id}: no special token ends turn {t} in the chat template")
+            eot, minus_length = min(hits)
+            supervised[len(prompt):eot - minus_length] = True
+        labels = [i if supervised[s] else IGNORE_INDEX for i, s in zip(ids, starts)]
+        return ids, labels
+
+    def __call__(self, turns, sample_id="?"):
+        """turns: [human, gpt, human, gpt, ...] texts. -> (input_ids, labels, truncated). Raises
+        BadSampleError (naming the sample) if cutting to model_max_length would cut image tokens or
+        leave no supervised token."""
+        turns = [move_image_tag_first(v) if t % 2 == 0 else v for t, v in enumerate(turns)]
+        ids, labels = (self.vicuna if self.template == "vicuna_v1" else self.chat)(turns, sample_id)
+        truncated = len(ids) > self.model_max_length
+        if truncated:
+            n_images = ids.count(self.image_token_id)
+            ids, labels = ids[:self.model_max_length], labels[:self.model_max_length]
+            if ids.count(self.image_token_id) != n_images:
+                raise BadSampleError(f"sample {sample_id}: cutting it to model_max_length={self.model_max_length} "
+                                     f"would cut its image tokens; raise --model-max-length or drop the entry")
+        if all(label == IGNORE_INDEX for label in labels):
+            raise BadSampleError(f"sample {sample_id}: no supervised token left"
+                                 + (f" after cutting to model_max_length={self.model_max_length}" if truncated else ""))
+        return ids, labels, truncated
+
+
+# -----------------------------------------------------------------------------
+# LLaVA-Instruct: the up-front check, streamed, packed once into a memory-mapped cache
+
+def image_problem(path):
+    """Why the image file at path cannot be used, or None. Reads the header only (PIL identifies
+    format and size without decoding pixels); a truncated file is caught when it is decoded."""
+    if not os.path.isfile(path):
+        return f"image file {path} does not exist"
+    try:
+        with Image.open(path) as im:
+            im.size
+    except Exception as e:  # PIL raises many types for junk; name the file whatever it is
+        return f"image file {path} is not an image PIL can read ({type(e).__name__}: {e})"
+    return None
+
+
+def not_utf8(text):
+    """True if text holds a lone surrogate: a "\\ud800" escape, or a byte that was not UTF-8."""
+    try:
+        text.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+def check_entry(entry, image_root):
+    """The problems of one LLaVA entry as a list of strings (empty = good) and its record
+    [id, image, turns] (None when bad)."""
     if not isinstance(entry, dict):
-        return [f"entry is not a JSON object"], None
+        return ["entry is not a JSON object"], None
     conv = entry.get("conversations")
     if not isinstance(conv, list) or not conv:
         return ["'conversations' is missing or empty"], None
@@ -156,6 +416,11 @@ def check_conversation(entry, image_root):
             problems.append(f"turn {t} has unknown 'from' {role!r} (expected 'human' or 'gpt')")
         elif role != ("human" if t % 2 == 0 else "gpt"):
             problems.append(f"turn {t} is from {role!r}: roles must alternate human, gpt, ... starting with human")
+        elif not turn["value"].strip():
+            problems.append(f"turn {t} ({role}) is empty" + (": an empty answer teaches nothing" if role == "gpt" else ""))
+        elif not_utf8(turn["value"]):
+            problems.append(f"turn {t} holds text that is not UTF-8 (a lone surrogate such as \\ud800, or a byte that "
+                            f"is not UTF-8 in the file)")
     if problems:
         return problems, None
     if conv[-1]["from"] != "gpt":
@@ -164,118 +429,166 @@ def check_conversation(entry, image_root):
     n_gpt_tags = sum(turn["value"].count(IMAGE_TAG) for turn in conv if turn["from"] == "gpt")
     image = entry.get("image")
     if image is not None:
-        if not isinstance(image, str):
-            return [f"'image' must be one path (multi-image entries are not supported), got {type(image).__name__}"], None
+        if not isinstance(image, str) or not_utf8(image):
+            return [f"'image' must be one path (multi-image entries are not supported), got {image!r}"], None
         if n_tags != 1 or n_gpt_tags:
             return [f"has an image but {n_tags} {IMAGE_TAG} tags ({n_gpt_tags} in gpt turns); expected exactly one in a human turn"], None
-        path = os.path.join(image_root or "", image)
-        if not os.path.isfile(path):
-            return [f"image file {path} does not exist"], None
-        if not os.access(path, os.R_OK) or os.path.getsize(path) == 0:
-            return [f"image file {path} is empty or unreadable"], None
+        problem = image_problem(os.path.join(image_root or "", image))
+        if problem:
+            return [problem], None
     elif n_tags:
         return [f"has no 'image' but {n_tags} {IMAGE_TAG} tag(s)"], None
-    record = dict(id=str(sid), image=image, turns=[turn["value"] for turn in conv])
-    return [], record
+    return [], [entry_id(entry), image, [turn["value"] for turn in conv]]
 
 
-def load_llava_json(path, image_root, skip_bad_samples=False):
-    """Read the LLaVA-Instruct JSON once and check every entry.
-    -> (PackedRecords of {id, image, turns}, number of skipped entries)."""
-    if not os.path.isfile(path):
-        raise BadSampleError(f"--data {path}: file not found")
-    if image_root is not None and not os.path.isdir(image_root):
-        raise BadSampleError(f"--image-root {image_root}: not a directory")
-    with open(path) as f:
-        try:
-            entries = json.load(f)
-        except json.JSONDecodeError as e:
-            raise BadSampleError(f"--data {path}: not valid JSON ({e})") from None
-    if not isinstance(entries, list):
-        raise BadSampleError(f"--data {path}: expected a JSON list of entries, got {type(entries).__name__}")
-    records, bad = [], []
-    for i, entry in enumerate(entries):
-        problems, record = check_conversation(entry, image_root)
-        if problems:
-            sid = entry.get("id", "<no id>") if isinstance(entry, dict) else "<not an object>"
-            bad.append(f"entry {i} (id {sid}): {'; '.join(problems)}")
+def entry_id(entry):
+    sid = str(entry.get("id", "<no id>")) if isinstance(entry, dict) else "<not an object>"
+    return sid.encode("utf-8", "backslashreplace").decode() if not_utf8(sid) else sid
+
+
+_WHITESPACE = re.compile(r"[ \t\r\n]*")
+
+
+def iter_json_list(path, chunk_bytes=1 << 23, max_entry_chars=1 << 26):
+    """Yield the entries of a top-level JSON list one at a time, reading the file in chunks, so
+    only one chunk and one entry are alive. Bytes that are not UTF-8 come through as lone
+    surrogates (surrogateescape) so the check names the entry holding them."""
+    decoder = json.JSONDecoder()
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
+    state = dict(buf="", pos=0, eof=False)
+
+    def fill(f):  # drop what was consumed, append the next chunk
+        chunk = f.read(chunk_bytes)
+        state["eof"] = not chunk
+        state["buf"] = state["buf"][state["pos"]:] + utf8.decode(chunk, final=not chunk)
+        state["pos"] = 0
+
+    def next_char(f):  # the next non-whitespace character ("" at the end of the file)
+        while True:
+            state["pos"] = _WHITESPACE.match(state["buf"], state["pos"]).end()
+            if state["pos"] < len(state["buf"]) or state["eof"]:
+                return state["buf"][state["pos"]:state["pos"] + 1]
+            fill(f)
+
+    def fail(index, why):
+        raise BadSampleError(f"--data {path}: not valid JSON at entry {index} ({why})")
+
+    with open(path, "rb") as f:
+        if next_char(f) != "[":
+            raise BadSampleError(f"--data {path}: expected a JSON list of entries")
+        state["pos"] += 1
+        index = 0
+        if next_char(f) == "]":
+            state["pos"] += 1
         else:
-            records.append(record)
-    if bad and not skip_bad_samples:
-        shown = "\n  ".join(bad[:10])
-        more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
-        raise BadSampleError(f"{path}: {len(bad)} bad entries (use --skip-bad-samples to drop and count them):\n  {shown}{more}")
-    return PackedRecords(records), len(bad)
+            while True:
+                while True:  # an entry may run past the chunk: read on until it parses
+                    try:
+                        entry, end = decoder.raw_decode(state["buf"], state["pos"])
+                        if end < len(state["buf"]) or state["eof"]:
+                            break
+                    except json.JSONDecodeError as e:
+                        if state["eof"] or len(state["buf"]) - state["pos"] > max_entry_chars:
+                            fail(index, e.msg)
+                    fill(f)
+                state["pos"] = end
+                yield entry
+                index += 1
+                c = next_char(f)
+                state["pos"] += 1
+                if c == "]":
+                    break
+                if c != ",":
+                    fail(index, f"expected ',' or ']' after entry {index - 1}, found {c!r}")
+                next_char(f)
+        if next_char(f):
+            fail(index, "text after the closing ']'")
 
 
-def move_image_tag_first(text):
-    """LLaVA: the <image> tag goes to the start of its turn, followed by a newline."""
-    if IMAGE_TAG not in text:
-        return text
-    return IMAGE_TAG + "\n" + text.replace(IMAGE_TAG, "").strip()
+def llava_cache_dir(config: DataConfig):
+    """The cache folder of config's LLaVA json: keyed by its absolute path, size and mtime and the
+    settings that change what the check keeps."""
+    path = os.path.abspath(config.llava_json)
+    if not os.path.isfile(path):
+        raise BadSampleError(f"--data {config.llava_json}: file not found")
+    st = os.stat(path)
+    key = dict(version=CACHE_VERSION, path=path, size=st.st_size, mtime_ns=st.st_mtime_ns,
+               image_root=os.path.abspath(config.image_root) if config.image_root else None,
+               skip_bad_samples=config.skip_bad_samples)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return os.path.join(config.cache_dir or default_cache_dir(), f"llava-{stem}-{digest}")
 
 
-def tokenizer_adds_prefix_space(tokenizer):
-    """True for SentencePiece-style tokenizers whose encoding of "a" already starts with a space."""
-    ids = tokenizer("a", add_special_tokens=False)["input_ids"]
-    return tokenizer.convert_ids_to_tokens(ids[:1])[0].startswith("\u2581")
+def pack_llava_json(config: DataConfig, folder, progress=True):
+    """Check every entry of the json, streaming, and write the good records into folder:
+    records.bin (compact JSON, back to back), offsets.npy (int64, n + 1), meta.json (counts and the
+    skipped entries). Raises BadSampleError listing the first bad entries unless skip_bad_samples."""
+    from tqdm import tqdm
+    offsets, skipped, first_bad, n_bad, n_entries = array("q", [0]), SkipReport(), [], 0, 0
+    with open(os.path.join(folder, "records.bin"), "wb") as out:
+        bar = tqdm(desc=f"checking {os.path.basename(config.llava_json)}", unit=" entries", disable=not progress,
+                   mininterval=2.0)
+        for i, entry in enumerate(iter_json_list(config.llava_json)):
+            bar.update()
+            n_entries += 1
+            problems, record = check_entry(entry, config.image_root)
+            if problems:
+                # keep all ids when skipping (they are the report), only the first ten when failing
+                n_bad += 1
+                if config.skip_bad_samples:
+                    skipped.add(entry_id(entry), f"entry {i}: {'; '.join(problems)}")
+                elif len(first_bad) < 10:
+                    first_bad.append(f"entry {i} (id {entry_id(entry)}): {'; '.join(problems)}")
+                continue
+            blob = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
+            out.write(blob)
+            offsets.append(offsets[-1] + len(blob))
+        bar.close()
+    if n_bad and not config.skip_bad_samples:
+        more = f"\n  ... and {n_bad - 10} more" if n_bad > 10 else ""
+        raise BadSampleError(f"{config.llava_json}: {n_bad} bad entries (use --skip-bad-samples to drop and count "
+                             f"them):\n  " + "\n  ".join(first_bad) + more)
+    np.save(os.path.join(folder, "offsets.npy"), np.frombuffer(offsets, dtype=np.int64))
+    meta = dict(version=CACHE_VERSION, llava_json=os.path.abspath(config.llava_json), n_entries=n_entries,
+                n_records=len(offsets) - 1, skipped=skipped.items)
+    with open(os.path.join(folder, "meta.json"), "w") as f:
+        json.dump(meta, f)
 
 
-TEMPLATES = ("vicuna_v1", "chat")
+def ensure_llava_cache(config: DataConfig, progress=True) -> str:
+    """Check and pack config.llava_json once; -> the cache folder. Call it on one process per node
+    before the others read it (they then only map the files). Safe against concurrent builders and
+    kills: the folder appears complete, by rename, or not at all."""
+    if config.image_root is not None and not os.path.isdir(config.image_root):
+        raise BadSampleError(f"--image-root {config.image_root}: not a directory")
+    folder = llava_cache_dir(config)
+    if os.path.isfile(os.path.join(folder, "meta.json")):
+        return folder
+    parent = os.path.dirname(folder)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = f"{folder}.tmp-{os.getpid()}-{random.randrange(1 << 30)}"
+        os.makedirs(tmp)
+    except OSError as e:
+        raise BadSampleError(f"cannot write the LLaVA json cache under {parent} ({e}); set --cache-dir") from e
+    try:
+        pack_llava_json(config, tmp, progress)
+        os.rename(tmp, folder)
+    except OSError:
+        if not os.path.isfile(os.path.join(folder, "meta.json")):  # another process did not win the race
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
-class ConversationTokenizer:
-    """vicuna_v1 formatting + label masking, tokenized segment by segment."""
-
-    def __init__(self, tokenizer, n_image_tokens, image_token_id, model_max_length=2048, template="vicuna_v1"):
-        if template not in TEMPLATES:
-            raise ValueError(f"unknown conversation template {template!r}; expected one of {TEMPLATES}")
-        self.template = template
-        self.tokenizer = tokenizer
-        self.n_image_tokens = n_image_tokens
-        self.image_token_id = image_token_id
-        self.model_max_length = model_max_length
-        self.answer_space = "" if tokenizer_adds_prefix_space(tokenizer) else " "
-
-    def encode(self, text):
-        """Text ids without special tokens; <image> becomes the P image tokens."""
-        ids = []
-        for i, piece in enumerate(text.split(IMAGE_TAG)):
-            if i > 0:
-                ids += [self.image_token_id] * self.n_image_tokens
-            if piece:
-                ids += self.tokenizer(piece, add_special_tokens=False)["input_ids"]
-        return ids
-
-    def encode_prompt(self, question, has_image=True):
-        """The generation prompt of a one-turn conversation: ids incl. BOS up to and including the
-        assistant's cue ("ASSISTANT:" for vicuna_v1), exactly what training gives for that user turn."""
-        if self.template == "chat":
-            content = IMAGE_TAG + "\n" + question if has_image else question
-            text = self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                                      add_generation_prompt=True)
-            return self.encode(text)
-        return [self.tokenizer.bos_token_id] + self.encode(vicuna_prompt(question, has_image))
-
-    def __call__(self, turns, sample_id="?"):
-        """turns: [human, gpt, human, gpt, ...] texts. -> (input_ids, labels, truncated)."""
-        ids = [self.tokenizer.bos_token_id]
-        labels = [IGNORE_INDEX]
-        for t in range(0, len(turns), 2):
-            question = move_image_tag_first(turns[t])
-            prompt = (SYSTEM_PROMPT + " " if t == 0 else "") + f"USER: {question} ASSISTANT:"
-            prompt_ids = self.encode(prompt)
-            answer_ids = self.encode(self.answer_space + turns[t + 1].strip()) + [self.tokenizer.eos_token_id]
-            ids += prompt_ids + answer_ids
-            labels += [IGNORE_INDEX] * len(prompt_ids) + answer_ids
-        truncated = len(ids) > self.model_max_length
-        if truncated:
-            n_images = ids.count(self.image_token_id)
-            ids, labels = ids[:self.model_max_length], labels[:self.model_max_length]
-            if ids.count(self.image_token_id) != n_images:
-                raise BadSampleError(f"sample {sample_id}: cutting it to model_max_length={self.model_max_length} "
-                                     f"would cut its image tokens; raise --model-max-length or drop the entry")
-        return ids, labels, truncated
+def load_llava_records(config: DataConfig):
+    """-> (PackedRecords of [id, image, turns], SkipReport), memory-mapped from the cache."""
+    folder = ensure_llava_cache(config)
+    with open(os.path.join(folder, "meta.json")) as f:
+        meta = json.load(f)
+    return PackedRecords.open(folder), SkipReport([tuple(item) for item in meta["skipped"]])
 
 
 # -----------------------------------------------------------------------------
@@ -320,7 +633,7 @@ class ImageNetIndex:
             paths += [os.path.join(d, name) for name in files]
             targets += [c] * len(files)
         self.root = train
-        self.paths = PackedRecords(paths)
+        self.paths = PackedRecords.from_values(paths)
         self.targets = np.array(targets, dtype=np.int64)
 
     def __len__(self):
@@ -418,62 +731,37 @@ class RankSampler(torch.utils.data.Sampler):
 # -----------------------------------------------------------------------------
 # the dataset and the collate
 
+@dataclass
+class SampleInfo:
+    """What sits at one position of an epoch, before tokenizing or decoding."""
+    source: str  # "llava" or "imagenet"
+    id: str
+    turns: list  # [human, gpt, ...]
+    image: str | None  # path
+    template: int | None = None  # classification prompt template index (ImageNet)
+    closed: bool | None = None  # closed-world prompt (ImageNet)
+    target: int | None = None  # class index (ImageNet)
+
+
+@dataclass
+class Sample:
+    """One tokenized sample with its decoded image. skipped: (id, reason) of the bad samples this one
+    replaces (skip_bad_samples)."""
+    id: str
+    source: str
+    input_ids: list
+    labels: list
+    image: object  # PIL image or None
+    truncated: bool
+    skipped: list = field(default_factory=list)
+
+
 def load_image(path, sample_id):
-    from PIL import Image
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            return im.convert("RGB")  # decodes every pixel: a truncated or corrupt file fails here
     except Exception as e:  # PIL raises many types; name the sample and file whatever it is
-        raise BadSampleError(f"sample {sample_id}: cannot read image {path}: {e}") from e
-
-
-class TrainDataset(torch.utils.data.Dataset):
-    """Map-style dataset indexed by (epoch, position) keys from RankSampler. Tokenizes and
-    decodes lazily (in the DataLoader workers)."""
-
-    def __init__(self, config: DataConfig, processor, llava_records=None, imagenet=None):
-        self.config = config
-        self.llava = llava_records
-        self.imagenet = imagenet
-        n_llava = len(llava_records) if llava_records is not None else 0
-        n_imagenet = len(imagenet) if imagenet is not None else 0
-        self.plan = MixPlan(n_llava, n_imagenet, config.mix, config.seed)
-        tokenizer = processor.tokenizer
-        self.conversation = ConversationTokenizer(tokenizer, n_image_tokens(processor),
-                                                  tokenizer.convert_tokens_to_ids(IMAGE_TAG), config.model_max_length)
-
-    @classmethod
-    def from_config(cls, config: DataConfig, processor):
-        """-> (dataset, number of skipped LLaVA entries)."""
-        records, skipped = None, 0
-        if config.llava_json:
-            records, skipped = load_llava_json(config.llava_json, config.image_root, config.skip_bad_samples)
-        imagenet = ImageNetIndex(config.imagenet, config.imagenet_classes) if config.imagenet else None
-        return cls(config, processor, records, imagenet), skipped
-
-    def __len__(self):
-        return self.plan.epoch_length
-
-    def describe(self, epoch, position):
-        """The sample at a position without tokenizing it: dict(source, id, turns, image path,
-        template, closed)."""
-        source, index = self.plan.item(epoch, position)
-        if source == 0:
-            r = self.llava[index]
-            image = os.path.join(self.config.image_root or "", r["image"]) if r["image"] else None
-            return dict(source="llava", id=r["id"], turns=r["turns"], image=image)
-        rng = random.Random(f"{self.config.seed}-{epoch}-{position}")
-        target = int(self.imagenet.targets[index])
-        turns, template, closed = classification_turns(self.imagenet.class_names, target, rng, self.config.closed_k)
-        return dict(source="imagenet", id=f"imagenet:{self.imagenet.paths[index]}", turns=turns,
-                    image=self.imagenet.path(index), template=template, closed=closed, target=target)
-
-    def __getitem__(self, key):
-        epoch, position = key
-        s = self.describe(epoch, position)
-        ids, labels, truncated = self.conversation(s["turns"], s["id"])
-        image = load_image(s["image"], s["id"]) if s["image"] else None
-        return dict(id=s["id"], source=s["source"], input_ids=ids, labels=labels, image=image, truncated=truncated)
+        raise BadSampleError(f"sample {sample_id}: cannot read image {path}: {type(e).__name__}: {e}") from e
 
 
 def n_image_tokens(processor):
@@ -486,10 +774,91 @@ def n_image_tokens(processor):
     return n
 
 
+class TrainDataset(torch.utils.data.Dataset):
+    """Map-style dataset indexed by (epoch, position) keys from RankSampler. Tokenizes and
+    decodes lazily (in the DataLoader workers). skipped: the LLaVA entries the up-front check dropped."""
+
+    def __init__(self, config: DataConfig, processor, llava_records=None, imagenet=None, skipped=None):
+        self.config = config
+        self.llava = llava_records
+        self.imagenet = imagenet
+        self.skipped = skipped or SkipReport()
+        n_llava = len(llava_records) if llava_records is not None else 0
+        n_imagenet = len(imagenet) if imagenet is not None else 0
+        self.plan = MixPlan(n_llava, n_imagenet, config.mix, config.seed)
+        tokenizer = processor.tokenizer
+        self.conversation = ConversationTokenizer(tokenizer, n_image_tokens(processor),
+                                                  tokenizer.convert_tokens_to_ids(IMAGE_TAG), config.model_max_length,
+                                                  config.template)
+
+    @classmethod
+    def from_config(cls, config: DataConfig, processor):
+        """-> (dataset, number of LLaVA entries the up-front check skipped). The LLaVA json is read
+        through its cache (built here if no process built it yet)."""
+        records, skipped = load_llava_records(config) if config.llava_json else (None, SkipReport())
+        imagenet = ImageNetIndex(config.imagenet, config.imagenet_classes) if config.imagenet else None
+        return cls(config, processor, records, imagenet, skipped), len(skipped)
+
+    def __len__(self):
+        return self.plan.epoch_length
+
+    def describe(self, epoch, position) -> SampleInfo:
+        """The sample at a position without tokenizing it."""
+        source, index = self.plan.item(epoch, position)
+        if source == 0:
+            sample_id, image, turns = self.llava[index]
+            image = os.path.join(self.config.image_root or "", image) if image else None
+            return SampleInfo("llava", sample_id, turns, image)
+        rng = random.Random(f"{self.config.seed}-{epoch}-{position}")
+        target = int(self.imagenet.targets[index])
+        turns, template, closed = classification_turns(self.imagenet.class_names, target, rng, self.config.closed_k)
+        return SampleInfo("imagenet", f"imagenet:{self.imagenet.paths[index]}", turns, self.imagenet.path(index),
+                          template, closed, target)
+
+    def load(self, info: SampleInfo) -> Sample:
+        ids, labels, truncated = self.conversation(info.turns, info.id)
+        image = load_image(info.image, info.id) if info.image else None
+        return Sample(info.id, info.source, ids, labels, image, truncated)
+
+    def __getitem__(self, key):
+        """The sample at (epoch, position). Under skip_bad_samples a bad one is replaced by the next
+        good sample of the epoch order (the batch stays full), its id and reason kept in .skipped."""
+        epoch, position = key
+        skipped = []
+        for offset in range(MAX_REPLACEMENTS + 1):
+            info = self.describe(epoch, (position + offset) % len(self))
+            try:
+                sample = self.load(info)
+            except BadSampleError as e:
+                if not self.config.skip_bad_samples:
+                    raise BadSampleError(f"{e} (use --skip-bad-samples to skip and count such samples)") from e
+                skipped.append((info.id, str(e)))
+                continue
+            sample.skipped = skipped
+            return sample
+        raise BadSampleError(f"{MAX_REPLACEMENTS + 1} bad samples in a row from epoch {epoch} position {position}; "
+                             f"the data looks broken. Last: {skipped[-1][1]}")
+
+
+@dataclass
+class Batch:
+    """A right-padded micro-batch. Item access (batch["input_ids"]) reads the same fields."""
+    input_ids: torch.Tensor  # (B, T) long
+    attention_mask: torch.Tensor  # (B, T) long, 1 on real tokens
+    labels: torch.Tensor  # (B, T) long, IGNORE_INDEX where not supervised
+    pixel_values: object  # (n_img, 3, H, W), or {expert: tensor} for CARPE-MoE, or None: images in batch order
+    n_truncated: int  # samples cut to model_max_length
+    n_imagenet: int  # classification samples
+    ids: list  # sample ids, in row order
+    skipped: list  # (id, reason) of bad samples replaced in this batch (skip_bad_samples)
+
+    def __getitem__(self, name):
+        return getattr(self, name)
+
+
 class Collator:
-    """Right-pads a list of samples. -> dict(input_ids (B, T), attention_mask (B, T),
-    labels (B, T), pixel_values (n_img, 3, H, W) or a dict of them or None, n_truncated,
-    n_imagenet, ids). pixel_values holds the images of the samples that have one, in batch order."""
+    """Right-pads a list of Samples into a Batch. pixel_values holds the images of the samples that
+    have one, in batch order."""
 
     def __init__(self, pad_token_id, image_transform):
         self.pad_token_id = pad_token_id
@@ -497,20 +866,20 @@ class Collator:
 
     def __call__(self, samples):
         B = len(samples)
-        T = max(len(s["input_ids"]) for s in samples)
+        T = max(len(s.input_ids) for s in samples)
         input_ids = torch.full((B, T), self.pad_token_id, dtype=torch.long)
         labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros(B, T, dtype=torch.long)
         for b, s in enumerate(samples):
-            n = len(s["input_ids"])
-            input_ids[b, :n] = torch.tensor(s["input_ids"])
-            labels[b, :n] = torch.tensor(s["labels"])
+            n = len(s.input_ids)
+            input_ids[b, :n] = torch.tensor(s.input_ids)
+            labels[b, :n] = torch.tensor(s.labels)
             attention_mask[b, :n] = 1
-        images = [s["image"] for s in samples if s["image"] is not None]
+        images = [s.image for s in samples if s.image is not None]
         pixel_values = self.image_transform(images) if images else None
-        return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels, pixel_values=pixel_values,
-                    n_truncated=sum(s["truncated"] for s in samples),
-                    n_imagenet=sum(s["source"] == "imagenet" for s in samples), ids=[s["id"] for s in samples])
+        return Batch(input_ids, attention_mask, labels, pixel_values, n_truncated=sum(s.truncated for s in samples),
+                     n_imagenet=sum(s.source == "imagenet" for s in samples), ids=[s.id for s in samples],
+                     skipped=[item for s in samples for item in s.skipped])
 
 
 def make_loader(dataset, collator, micro_batch_size, global_batch, rank, world, epoch, start_position=0,
@@ -519,8 +888,3 @@ def make_loader(dataset, collator, micro_batch_size, global_batch, rank, world, 
     return torch.utils.data.DataLoader(dataset, batch_size=micro_batch_size, sampler=sampler, collate_fn=collator,
                                        num_workers=num_workers, drop_last=False,
                                        persistent_workers=False, prefetch_factor=4 if num_workers else None)
-
-
-# -----------------------------------------------------------------------------
-# the synthetic data set of --preset tiny
-

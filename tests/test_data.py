@@ -173,22 +173,23 @@ def test_classification_candidates_shuffled():
 def test_collate_pads_right_and_orders_images(processor):
     tok = processor.tokenizer
     red, blue = Image.new("RGB", (30, 20), (255, 0, 0)), Image.new("RGB", (20, 20), (0, 0, 255))
-    samples = [dict(id="a", source="llava", input_ids=[1, 5, 6], labels=[IGNORE, IGNORE, 6], image=red, truncated=False),
-               dict(id="b", source="llava", input_ids=[1, 7], labels=[IGNORE, 7], image=None, truncated=True),
-               dict(id="c", source="imagenet", input_ids=[1, 8, 9, 10], labels=[IGNORE, 8, 9, 10], image=blue,
-                    truncated=False)]
+    samples = [data.Sample("a", "llava", [1, 5, 6], [IGNORE, IGNORE, 6], red, False),
+               data.Sample("b", "llava", [1, 7], [IGNORE, 7], None, True, skipped=[("bad-1", "cannot read image")]),
+               data.Sample("c", "imagenet", [1, 8, 9, 10], [IGNORE, 8, 9, 10], blue, False)]
     transform = carpe.make_image_transform(processor)
     batch = data.Collator(tok.pad_token_id, transform)(samples)
-    assert batch["input_ids"].tolist() == [[1, 5, 6, 3], [1, 7, 3, 3], [1, 8, 9, 10]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
-    assert batch["labels"].tolist() == [[IGNORE, IGNORE, 6, IGNORE], [IGNORE, 7, IGNORE, IGNORE], [IGNORE, 8, 9, 10]]
-    assert torch.equal(batch["pixel_values"], transform([red, blue]))  # only samples with an image, in order
-    assert batch["n_truncated"] == 1 and batch["n_imagenet"] == 1
+    assert batch.input_ids.tolist() == [[1, 5, 6, 3], [1, 7, 3, 3], [1, 8, 9, 10]]
+    assert batch["input_ids"] is batch.input_ids  # item access reads the same fields
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
+    assert batch.labels.tolist() == [[IGNORE, IGNORE, 6, IGNORE], [IGNORE, 7, IGNORE, IGNORE], [IGNORE, 8, 9, 10]]
+    assert torch.equal(batch.pixel_values, transform([red, blue]))  # only samples with an image, in order
+    assert batch.n_truncated == 1 and batch.n_imagenet == 1 and batch.ids == ["a", "b", "c"]
+    assert batch.skipped == [("bad-1", "cannot read image")]
     # a MoE transform returns a dict of tensors per expert: passed through as is
     moe_like = lambda images: {"clip": torch.full((len(images), 1), 1.0), "dino": torch.full((len(images), 2), 2.0)}
     batch = data.Collator(tok.pad_token_id, moe_like)(samples)
-    assert set(batch["pixel_values"]) == {"clip", "dino"} and batch["pixel_values"]["dino"].shape == (2, 2)
-    assert data.Collator(tok.pad_token_id, transform)(samples[1:2])["pixel_values"] is None
+    assert set(batch.pixel_values) == {"clip", "dino"} and batch.pixel_values["dino"].shape == (2, 2)
+    assert data.Collator(tok.pad_token_id, transform)(samples[1:2]).pixel_values is None
 
 
 def test_synthetic_data_is_consistent(synthetic, processor):
@@ -221,18 +222,20 @@ def test_synthetic_data_is_consistent(synthetic, processor):
     assert open(os.path.join(again, first), "rb").read() == open(os.path.join(synthetic, first), "rb").read()
 
 
-def test_dataset_items_follow_the_plan(synthetic, processor):
-    ds, skipped = data.TrainDataset.from_config(tiny.synthetic_data_config(synthetic, seed=1), processor)
+def test_dataset_items_follow_the_plan(synthetic, processor, tmp_path):
+    config = tiny.synthetic_data_config(synthetic, seed=1)
+    config.cache_dir = str(tmp_path)
+    ds, skipped = data.TrainDataset.from_config(config, processor)
     assert skipped == 0 and ds.plan.imagenet_per_epoch == round(ds.plan.n_llava / 7)
     tok = processor.tokenizer
     for p in range(12):
         d, item = ds.describe(0, p), ds[(0, p)]
-        assert item["id"] == d["id"] and (item["image"] is None) == (d["image"] is None)
-        answers = [tok.decode(s) for s in supervised_spans(item["input_ids"], item["labels"])]
-        assert answers == [" " + a + "</s>" for a in d["turns"][1::2]]
-        if d["source"] == "imagenet":
-            assert d["turns"][1] == ds.imagenet.class_names[d["target"]]
-            assert os.path.basename(os.path.dirname(d["image"])) == d["turns"][1]
+        assert item.id == d.id and (item.image is None) == (d.image is None) and not item.skipped
+        answers = [tok.decode(s) for s in supervised_spans(item.input_ids, item.labels)]
+        assert answers == [" " + a + "</s>" for a in d.turns[1::2]]
+        if d.source == "imagenet":
+            assert d.turns[1] == ds.imagenet.class_names[d.target]
+            assert os.path.basename(os.path.dirname(d.image)) == d.turns[1]
     assert ds.describe(0, 5) == ds.describe(0, 5)
 
 
@@ -243,6 +246,11 @@ def write_json(path, entries):
     with open(path, "w") as f:
         json.dump(entries, f)
     return str(path)
+
+
+def llava_config(tmp_path, json_path, **overrides):
+    return data.DataConfig(llava_json=str(json_path), image_root=str(tmp_path), cache_dir=str(tmp_path / "cache"),
+                           **overrides)
 
 
 def test_bad_entries_are_named_or_skipped(tmp_path):
@@ -256,32 +264,26 @@ def test_bad_entries_are_named_or_skipped(tmp_path):
         dict(id="two-tags", image="ok.png", conversations=[{"from": "human", "value": "<image> <image> q"},
                                                            {"from": "gpt", "value": "a"}]),
         dict(id="tag-no-image", conversations=[{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]),
+        dict(id="empty-answer", conversations=[{"from": "human", "value": "q"}, {"from": "gpt", "value": " \n"}]),
     ]
     path = write_json(tmp_path / "d.json", [good] + bad)
     with pytest.raises(data.BadSampleError) as e:
-        data.load_llava_json(path, str(tmp_path))
+        data.ensure_llava_cache(llava_config(tmp_path, path))
     msg = str(e.value)
-    assert "6 bad entries" in msg and "--skip-bad-samples" in msg
+    assert "7 bad entries" in msg and "--skip-bad-samples" in msg and path in msg
     assert "missing-img" in msg and str(tmp_path / "nope.png") in msg
     assert "bad-role" in msg and "'assistant'" in msg
     assert "order" in msg and "alternate" in msg
     assert "no-gpt" in msg and "gpt turn" in msg
     assert "two-tags" in msg and "tag-no-image" in msg
+    assert "id empty-answer): turn 1 (gpt) is empty" in msg
     assert "good" not in msg.replace("no-gpt", "")
-    records, skipped = data.load_llava_json(path, str(tmp_path), skip_bad_samples=True)
-    assert skipped == 6 and len(records) == 1 and records[0]["id"] == "good"
+    assert not os.listdir(tmp_path / "cache")  # nothing cached from a failed check
+    records, skipped = data.load_llava_records(llava_config(tmp_path, path, skip_bad_samples=True))
+    assert len(records) == 1 and records[0][0] == "good"
+    assert skipped.ids == [b["id"] for b in bad] and "nope.png" in skipped.items[0][1]
     with pytest.raises(data.BadSampleError, match="--data .*not found"):
-        data.load_llava_json(str(tmp_path / "absent.json"), str(tmp_path))
-
-
-def test_unreadable_image_names_sample_and_file(tmp_path, processor):
-    (tmp_path / "broken.png").write_bytes(b"not a png at all")
-    entry = dict(id="broken-1", image="broken.png", conversations=[{"from": "human", "value": "<image>\nq"},
-                                                                   {"from": "gpt", "value": "a"}])
-    path = write_json(tmp_path / "d.json", [entry])
-    ds, _ = data.TrainDataset.from_config(data.DataConfig(llava_json=path, image_root=str(tmp_path)), processor)
-    with pytest.raises(data.BadSampleError, match=f"sample broken-1: cannot read image {tmp_path / 'broken.png'}"):
-        ds[(0, 0)]
+        data.ensure_llava_cache(llava_config(tmp_path, tmp_path / "absent.json"))
 
 
 def test_class_name_file_formats_and_errors(tmp_path):
