@@ -5,10 +5,16 @@ import torch
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from carpe import (CARPE, CarpeConfig, LEVI, LlavaBaseline, build_model, make_image_transform, positions_from_mask,
-                   run_language_model)
+from carpe import (CARPE, CarpeConfig, LEVI, LlavaBaseline, build_model, load_base, make_image_transform,
+                   positions_from_mask, run_language_model)
+from transformers import (CLIPVisionConfig, GemmaConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+                          LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaProcessor, MistralConfig, PhiConfig,
+                          Qwen2Config, SiglipVisionConfig)
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
 from data import SYSTEM_PROMPT
-from tiny import tiny_llava
+from tiny import save_tiny_base, tiny_llava, tiny_tokenizer
 from kernels import IGNORE_INDEX
 
 QUESTIONS = ["What color is the shape?", "How many shapes are there?", "Where is the circle?"]
@@ -317,3 +323,107 @@ def test_generate_refuses_right_padding(tiny):
     right_mask = mask.sort(dim=1, descending=True).values
     with pytest.raises(ValueError, match="left-padded"):
         LlavaBaseline(llava).generate(right_ids, right_mask, pix, max_new_tokens=2)
+
+
+# -----------------------------------------------------------------------------
+# other LLaVA-1.5-style bases: tiny mirrors built from configs (random weights, offline)
+
+def tiny_mirror(text="llama", vision="clip", feature_layer=-2, strategy="default", seed=0):
+    """A tiny LlavaForConditionalGeneration with the given text model and vision tower, and its
+    processor (the tiny byte-level tokenizer)."""
+    tok = tiny_tokenizer()
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  vocab_size=len(tok), max_position_embeddings=512, bos_token_id=tok.bos_token_id,
+                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    text_config = {
+        "llama": lambda: LlamaConfig(num_key_value_heads=2, tie_word_embeddings=False, **common),
+        "phi": lambda: PhiConfig(num_key_value_heads=4, tie_word_embeddings=False, **common),
+        "mistral": lambda: MistralConfig(num_key_value_heads=2, head_dim=16, sliding_window=256,
+                                         tie_word_embeddings=False, **common),
+        "qwen2": lambda: Qwen2Config(num_key_value_heads=2, tie_word_embeddings=False, **common),
+        "gemma": lambda: GemmaConfig(num_key_value_heads=1, head_dim=16, tie_word_embeddings=True, **common),
+    }[text]()
+    vision_kw = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                     image_size=48, patch_size=8)
+    if vision == "clip":
+        vision_config, extra_tokens = CLIPVisionConfig(projection_dim=32, **vision_kw), 1
+        image_processor = CLIPImageProcessorPil(size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48})
+    else:  # SigLIP: no CLS token
+        vision_config, extra_tokens = SiglipVisionConfig(**vision_kw), 0
+        image_processor = SiglipImageProcessorPil(size={"height": 48, "width": 48})
+    config = LlavaConfig(vision_config=vision_config, text_config=text_config,
+                         image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=feature_layer,
+                         vision_feature_select_strategy=strategy, projector_hidden_act="gelu",
+                         tie_word_embeddings=text_config.tie_word_embeddings)
+    torch.manual_seed(seed)
+    llava = LlavaForConditionalGeneration(config).eval()
+    llava.generation_config.pad_token_id = tok.pad_token_id
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=8,
+                               vision_feature_select_strategy=strategy, num_additional_image_tokens=extra_tokens)
+    return llava, processor
+
+
+MIRRORS = {
+    "phi": dict(text="phi"),
+    "mistral": dict(text="mistral"),
+    "qwen2-siglip-full": dict(text="qwen2", vision="siglip", feature_layer=-1, strategy="full"),
+    "gemma": dict(text="gemma"),
+    "llama-feature-layers": dict(text="llama", feature_layer=[-3, -1]),
+    "llama-clip-full": dict(text="llama", strategy="full"),
+}
+
+
+@pytest.mark.parametrize("name", list(MIRRORS))
+def test_other_bases_match_hf_and_decode_like_a_full_recompute(name):
+    llava, processor = tiny_mirror(**MIRRORS[name])
+    tied = llava.lm_head.weight is llava.model.language_model.get_input_embeddings().weight
+    assert tied == (name == "gemma")  # Gemma's head is tied to its (sqrt(d)-scaled) embeddings
+    ids, mask, pix = batch(processor, QUESTIONS, [image(0), image(1), image(2)], [True, False, True])
+    with torch.no_grad():
+        ref = llava(input_ids=ids, attention_mask=mask, pixel_values=pix, position_ids=positions_from_mask(mask)).logits
+    model = make_carpe(llava, fixed_weights=(0.0, 1.0))
+    assert llava.lm_head.weight is not llava.model.language_model.get_input_embeddings().weight  # untied
+    layers = llava.config.vision_feature_layer
+    n_layers = 1 if isinstance(layers, int) else len(layers)
+    assert model.vision_integrator.raw_adapter.fc.in_features == 32 * n_layers
+    with torch.no_grad():
+        ours = model(input_ids=ids, attention_mask=mask, pixel_values=pix).logits
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+    # a mixing CARPE: cached greedy decoding equals recomputing the whole sequence each step
+    model = make_carpe(llava)
+    out = model.generate(ids, mask, pix, max_new_tokens=6, return_dict=True)
+    seq, full_mask = ids, mask
+    with torch.no_grad():
+        for _ in range(6):
+            context_mask = torch.cat([mask, torch.zeros_like(full_mask[:, mask.size(1):])], 1)
+            logits = model(input_ids=seq, attention_mask=full_mask, pixel_values=pix, context_mask=context_mask).logits
+            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
+            full_mask = torch.cat([full_mask, torch.ones_like(full_mask[:, :1])], 1)
+    assert torch.equal(out.sequences, seq)
+    assert (out.context_weights[:, 0] - 0.5).abs().max() > 1e-3  # the mix is really used
+
+
+def test_llava_next_is_refused_by_name(tmp_path):
+    llava, _ = tiny_mirror()
+    config = LlavaNextConfig(vision_config=llava.config.vision_config, text_config=llava.config.text_config,
+                             image_token_id=llava.config.image_token_id, image_grid_pinpoints=[[48, 48]])
+    next_model = LlavaNextForConditionalGeneration(config)
+    for build in (lambda: CARPE(next_model, CarpeConfig(integrator_heads=4)), lambda: LlavaBaseline(next_model),
+                  lambda: LEVI(next_model, CarpeConfig(integrator_heads=4))):
+        with pytest.raises(TypeError, match="LlavaNextForConditionalGeneration is not a LLaVA-1.5-style base"):
+            build()
+    next_model.save_pretrained(tmp_path / "next")
+    with pytest.raises(TypeError, match="LlavaNextForConditionalGeneration, not a LLaVA-1.5-style base"):
+        load_base(str(tmp_path / "next"))
+
+
+def test_load_base_gives_a_pil_processor_and_checks_the_image_token(tmp_path):
+    llava, processor = tiny_mirror("qwen2", "siglip", -1, "full")
+    save_tiny_base(llava, processor, tmp_path / "ok")
+    loaded, loaded_processor = load_base(str(tmp_path / "ok"))
+    assert loaded_processor.image_processor.backend == "pil"
+    assert torch.equal(loaded.lm_head.weight, llava.lm_head.weight)
+    llava.config.image_token_id = 5  # a config whose <image> id disagrees with the tokenizer's
+    save_tiny_base(llava, processor, tmp_path / "bad")
+    with pytest.raises(ValueError, match=r"encodes '<image>' as \[4\], but config.image_token_id is 5"):
+        load_base(str(tmp_path / "bad"))
