@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
 
 import carpe
 import data
@@ -314,3 +316,153 @@ def test_encode_prompt_is_the_training_prefix(processor, conv_tok):
         ids, labels, _ = conv_tok([("<image>\n" if has_image else "") + question, "red"])
         first = next(i for i, l in enumerate(labels) if l != IGNORE)
         assert ids[:first] == prompt and tok.decode(prompt).endswith("ASSISTANT:")
+
+
+# -----------------------------------------------------------------------------
+# LLaVA's preprocess_v1, written independently: the reference for ids and labels
+
+@pytest.fixture(scope="module")
+def sentencepiece():
+    """A SentencePiece-style tokenizer in memory: a Unigram model trained on a small corpus with a
+    Metaspace pre-tokenizer that prefixes "▁" only at the start of the text (transformers'
+    non-legacy LLaMA behaviour). As in LLaMA's vocabulary, "USER" is one piece but "▁USER" is not:
+    alone "USER" becomes "▁US" "ER", right after </s> it stays "USER"."""
+    corpus = (SYSTEM_PROMPT + " USER: What is the colour of the shape? ASSISTANT: The shape is red and round.\n"
+              "How many shapes are there? Two. Describe the picture in detail. 1234 apples, 56 pears.\n") * 20
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)
+    alphabet = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,?!:'\n")
+    tok.train_from_iterator([corpus], trainer=trainers.UnigramTrainer(
+        vocab_size=200, special_tokens=["<unk>", "<s>", "</s>", "<pad>", "<image>"], unk_token="<unk>",
+        initial_alphabet=alphabet, show_progress=False))
+    state = json.loads(tok.to_str())
+    vocab = [p for p in state["model"]["vocab"] if "USER" not in p[0] and p[0] not in ("\u2581US", "US", "ER")]
+    state["model"]["vocab"] = vocab + [["\u2581US", -1.0], ["ER", -1.0], ["USER", -1.5]]
+    tok = Tokenizer.from_str(json.dumps(state))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
+
+
+def llava_v1_reference(tokenizer, turns, n_image, legacy):
+    """ids and labels as LLaVA's preprocess_multimodal + conv_vicuna_v1 + tokenizer_image_token +
+    preprocess_v1 give them, with the single image placeholder expanded to the n_image tokens HF's
+    LLaVA uses. legacy: LLaVA's `tokenizer.legacy`."""
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+
+    def image_token_ids(prompt):  # each <image>-separated chunk tokenised with BOS, the BOS kept once
+        chunks = [tokenizer(c)["input_ids"] for c in prompt.split("<image>")]
+        drop = 1 if chunks[0][:1] == [tokenizer.bos_token_id] else 0
+        out = chunks[0][:drop]
+        for k, chunk in enumerate(chunks):
+            out += ([image_id] * n_image if k else []) + chunk[drop:]
+        return out
+
+    conversation = SYSTEM_PROMPT + " "
+    for t, value in enumerate(turns):
+        if "<image>" in value:
+            value = ("<image>\n" + value.replace("<image>", "").strip()).strip()
+        conversation += ("USER: " + value + " ") if t % 2 == 0 else ("ASSISTANT: " + value + "</s>")
+    ids = image_token_ids(conversation)
+    labels = list(ids)
+    sep, position = " ASSISTANT: ", 1
+    labels[0] = IGNORE
+    for r, rou in enumerate(conversation.split("</s>")):
+        if rou == "" or len(rou.split(sep)) != 2:
+            break
+        round_len = len(image_token_ids(rou))
+        instruction_len = len(image_token_ids(rou.split(sep)[0] + sep)) - 2
+        if r != 0 and not legacy:
+            round_len, instruction_len = round_len - 1, instruction_len - 1
+        for j in range(position, min(position + instruction_len, len(labels))):
+            labels[j] = IGNORE
+        position += round_len
+    labels[position:] = [IGNORE] * max(len(labels) - position, 0)
+    if position != len(ids):
+        labels = [IGNORE] * len(ids)  # LLaVA's "tokenization mismatch"
+    return ids, labels
+
+
+CONVERSATIONS = [
+    ["What is the colour of the shape?\n<image>", "The shape is red.", "How many shapes are there?", "Two.",
+     "Describe the picture in detail.", "1234 apples, 56 pears."],
+    ["<image>\nHow many shapes are there?", "12", "What is the colour?", "red\nand round"],
+    ["Describe the picture in detail.", "Two shapes.", "<image> What is the colour of the shape?", "red"],
+    ["How many apples?", "1234", "And pears?", "56", "What is the colour?", "red"],
+]
+
+
+@pytest.mark.parametrize("turns", CONVERSATIONS)
+def test_sentencepiece_multiturn_equals_llava_preprocess_v1(sentencepiece, turns):
+    tok = sentencepiece
+    eos, user = tok.eos_token_id, tok.convert_tokens_to_ids("USER")
+    assert tok.convert_ids_to_tokens(tok("USER:", add_special_tokens=False)["input_ids"]) == ["\u2581US", "ER", ":"]
+    conv = data.ConversationTokenizer(tok, 5, tok.convert_tokens_to_ids("<image>"))
+    ids, labels, truncated = conv(turns, "sp")
+    ref_ids, ref_labels = llava_v1_reference(tok, turns, 5, legacy=False)
+    assert (ids, labels) == (ref_ids, ref_labels) and not truncated
+    # every later turn starts "</s>USER" as LLaVA tokenises the whole string, and each answer with
+    # its </s> is supervised (the reference did not fall into its all-masked mismatch case)
+    assert sum(a == eos and b == user for a, b in zip(ids, ids[1:])) == len(turns) // 2 - 1
+    spans = supervised_spans(ids, labels)
+    assert len(spans) == len(turns) // 2 and all(span[-1] == eos for span in spans)
+    assert [tok.decode(span[:-1]).strip() for span in spans] == [a.strip() for a in turns[1::2]]
+    # the generation prompt is the training prefix
+    if "<image>" in turns[0]:
+        question = turns[0].replace("<image>", "").strip()
+        first = next(i for i, label in enumerate(labels) if label != IGNORE)
+        assert conv.encode_prompt(question) == ids[:first]
+
+
+@pytest.mark.parametrize("turns", CONVERSATIONS)
+def test_byte_level_bpe_equals_llava_preprocess_v1(processor, conv_tok, turns):
+    """The tiny byte-level tokenizer adds no prefix space anywhere (LLaVA's legacy branch)."""
+    ids, labels, _ = conv_tok(turns, "bpe")
+    assert (ids, labels) == llava_v1_reference(processor.tokenizer, turns, 36, legacy=True)
+    assert len(supervised_spans(ids, labels)) == len(turns) // 2
+
+
+def test_mismatch_is_an_error_not_silence(conv_tok):
+    """An answer holding " ASSISTANT: " breaks preprocess_v1's arithmetic (LLaVA masks the sample
+    and trains on nothing); here it is an error naming the sample."""
+    with pytest.raises(data.BadSampleError, match="sample odd: .*tokenization mismatch"):
+        conv_tok(["q", "see ASSISTANT: here"], "odd")
+
+
+CHATML = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+          "{% endif %}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chatml(processor):
+    tok = tiny.tiny_tokenizer()
+    tok.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+    tok.chat_template = CHATML
+    return tok
+
+
+def test_chat_template_supervises_answers_and_end_of_turn(chatml):
+    tok = chatml
+    image_id = tok.convert_tokens_to_ids("<image>")
+    conv = data.ConversationTokenizer(tok, 4, image_id, template="chat")
+    turns = ["What is the colour of the shape? <image>", "red", "How many shapes are there?", "two shapes"]
+    ids, labels, _ = conv(turns, "c1")
+    assert [tok.decode(s) for s in supervised_spans(ids, labels)] == ["red<|im_end|>", "two shapes<|im_end|>"]
+    text = tok.decode([i for i in ids if i != image_id])
+    assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n\n"
+                    "What is the colour of the shape?<|im_end|>\n<|im_start|>assistant\nred<|im_end|>\n"
+                    "<|im_start|>user\nHow many shapes are there?<|im_end|>\n<|im_start|>assistant\ntwo shapes<|im_end|>\n")
+    first_image = ids.index(image_id)
+    assert ids[first_image:first_image + 4] == [image_id] * 4 and tok.decode(ids[:first_image]).endswith("user\n")
+    # the generation prompt is the training prefix, and a text-only chat is HF's own tokenisation
+    prompt = conv.encode_prompt("What is the colour of the shape?")
+    first = next(i for i, label in enumerate(labels) if label != IGNORE)
+    assert prompt == ids[:first] and tok.decode(prompt).endswith("<|im_start|>assistant\n")
+    text_turns = ["How many shapes are there?", "two shapes"]
+    messages = [dict(role="user", content=text_turns[0]), dict(role="assistant", content=text_turns[1])]
+    hf = tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    assert conv(text_turns)[0] == list(hf)
+    with pytest.raises(ValueError, match="needs a tokenizer with a chat_template"):
+        data.ConversationTokenizer(tiny.tiny_tokenizer(), 4, image_id, template="chat")
