@@ -17,11 +17,19 @@ kernels.py: the two hot paths of CARPE, plus the reference forms the tests compa
    naive path's 6 (2 forward, 4 backward). `reference_mixed_cross_entropy` is the paper's
    two-matmul form, kept for the tests and bench.py.
 
+3. `compile_blocks(blocks)`: regional torch.compile of the model's repeated blocks (each LM
+   decoder layer, each vision-tower layer, the integrator block), leaving the data-dependent
+   glue between them eager. Its reference twin is the same blocks uncompiled; see its
+   docstring for why identical blocks share one compiled graph.
+
 Labels follow the Hugging Face convention: `labels` has the input's shape, -100 marks
 unsupervised positions, and position t's hidden state predicts labels[t + 1].
 """
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters as dynamo_counters
 
 IGNORE_INDEX = -100
 
@@ -185,3 +193,93 @@ def fused_mixed_cross_entropy(h_vision, h_llm, weights, labels, head_weight, hea
     """Equal (loss and gradients) to reference_mixed_cross_entropy, without (N, V) logits."""
     mixed, targets = mix_supervised(h_vision, h_llm, weights, labels)  # (N, d), (N,)
     return chunked_linear_cross_entropy(mixed, head_weight, head_bias, targets, chunk_size)
+
+
+# -----------------------------------------------------------------------------
+# regional compilation
+
+def compile_blocks(blocks, backend="inductor", mode=None):
+    """Compile each block's forward in place with torch.compile; the rest of the model stays eager.
+
+    Why per block and not the whole model: CARPE's forward is full of data-dependent shapes
+    (the image-token scatter, the per-sample packing of the context pass, the gather of the
+    supervised positions). Compiled whole, dynamo breaks the graph at each of them and a
+    32-layer step takes many minutes to compile. The blocks in between are where the FLOPs are,
+    and their shapes depend only on (batch, length).
+
+    Why identical blocks share one graph (no raised cache limits): dynamo stores compiled code
+    on the Python code object (its co_extra slot), as a list of (guards, code) entries, not on
+    the module instance. Every LlamaDecoderLayer runs the same `forward` code, and since torch
+    2.5 (`torch._dynamo.config.inline_inbuilt_nn_modules`, on by default) a module's parameters
+    and buffers are inputs of the graph, not constants guarded by the instance's id. So the
+    graph traced for layer 0 passes layer 31's guards too: 32 layers cost one trace and one
+    compile, and `recompile_limit` (8 entries per code object) is never approached by the
+    layer count. What does fill entries are shapes and modes, hence:
+    - `dynamic=True`: the same LM layers run the context pass (S prompt tokens + 1) and the
+      main pass (T tokens), and both lengths change from batch to batch. Symbolic (batch,
+      length) from the first trace give one graph for all of them, where dynamo's default
+      (static first, dynamic after the first mismatch) would compile every block twice.
+    - `fullgraph=True`: a graph break inside a block is an error, not a silent split; and a
+      block whose code object runs out of cache entries raises (torch/_dynamo/convert_frame.py
+      turns the recompile limit into FailOnRecompileLimitHit under fullgraph) instead of
+      running eagerly from then on. Grad mode is guarded, so the epoch-1 context pass (no
+      grad) adds one entry per kind of block; HF's layers of every kind share one code object
+      (transformers' GradientCheckpointingLayer wraps each class's forward in the same
+      `forward_with_checkpointing`), so the limit counts entries over all of them.
+    - the block's `forward` is compiled, not its `__call__` (`module.compile()` compiles
+      `_call_impl`): module hooks run eagerly around the compiled region. FSDP2's unshard /
+      reshard hooks therefore keep working when this is called after `fully_shard` (per-block
+      all-gathers, as torchtitan composes them), and the forward hooks that capture a layer's
+      output (carpe.capture_layer_outputs, carpe.hidden_state_at), added and removed on every
+      call, stay plain Python (dynamo does not guard on hooks: `skip_nnmodule_hook_guards`).
+    - calls with a KV cache (`past_key_values`, generation's prefill and decode steps) run
+      eagerly: transformers' cache is a list indexed by the layer's own `layer_idx`, a Python
+      int that dynamo must burn into the graph (guards on `past_key_values.layers[i]`), so each
+      of the 32 layers would need its own graph. Full-sequence passes (training, the context
+      pass, scoring) have no cache and run compiled.
+    `torch.compiler.nested_compile_region` solves the same sharing inside a whole-program
+    compile (one subgraph traced once, called per layer); with the glue eager there is no outer
+    program to compile, so plain per-block compilation is the simpler tool.
+
+    blocks: iterable of nn.Module (e.g. carpe.repeated_blocks(model)); backend: "inductor",
+    "aot_eager" (tracing and autograd only: fast, for tests), ...; mode: torch.compile's mode.
+    """
+    blocks = list(blocks)
+    if not blocks:
+        raise ValueError("compile_blocks: no blocks given")
+    for i, block in enumerate(blocks):
+        if "forward" in vars(block):  # an instance-level forward: compiled already (or patched)
+            raise ValueError(f"compile_blocks: block {i} ({type(block).__name__}) has its own forward already; "
+                             f"compile each block once")
+        block.forward = compiled_unless_cached(block.forward, backend, mode)
+
+
+def compiled_unless_cached(forward, backend, mode):
+    """forward compiled, except for calls that carry a Hugging Face KV cache (see compile_blocks)."""
+    compiled = torch.compile(forward, backend=backend, mode=mode, dynamic=True, fullgraph=True)
+
+    def block_forward(*args, **kwargs):
+        if kwargs.get("past_key_values") is not None:
+            return forward(*args, **kwargs)  # a generation step: the layer indexes the cache by its own id
+        return compiled(*args, **kwargs)
+    block_forward.compiled = compiled
+    return block_forward
+
+
+@dataclass
+class CompileCounts:
+    """What dynamo did since the last reset_compile_counts(): the graphs it traced (one per
+    cache entry, so graphs beyond one per kind of block are recompiles) and the graph breaks
+    it met (fullgraph=True makes those an error inside compiled blocks; the count is for
+    whole-model compiles)."""
+    unique_graphs: int
+    graph_breaks: int
+
+
+def reset_compile_counts():
+    dynamo_counters.clear()
+
+
+def compile_counts():
+    return CompileCounts(unique_graphs=dynamo_counters["stats"]["unique_graphs"],
+                         graph_breaks=sum(dynamo_counters["graph_break"].values()))
