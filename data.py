@@ -825,7 +825,7 @@ class TrainDataset(torch.utils.data.Dataset):
         good sample of the epoch order (the batch stays full), its id and reason kept in .skipped."""
         epoch, position = key
         skipped = []
-        for offset in range(MAX_REPLACEMENTS + 1):
+        for offset in range(min(MAX_REPLACEMENTS + 1, len(self))):
             info = self.describe(epoch, (position + offset) % len(self))
             try:
                 sample = self.load(info)
@@ -836,7 +836,7 @@ class TrainDataset(torch.utils.data.Dataset):
                 continue
             sample.skipped = skipped
             return sample
-        raise BadSampleError(f"{MAX_REPLACEMENTS + 1} bad samples in a row from epoch {epoch} position {position}; "
+        raise BadSampleError(f"{len(skipped)} bad samples in a row from epoch {epoch} position {position}; "
                              f"the data looks broken. Last: {skipped[-1][1]}")
 
 

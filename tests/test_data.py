@@ -2,6 +2,7 @@
 rank shards, the collate, the synthetic data set, and errors on bad input."""
 import json
 import os
+import pickle
 import random
 from collections import Counter
 
@@ -466,3 +467,143 @@ def test_chat_template_supervises_answers_and_end_of_turn(chatml):
     assert conv(text_turns)[0] == list(hf)
     with pytest.raises(ValueError, match="needs a tokenizer with a chat_template"):
         data.ConversationTokenizer(tiny.tiny_tokenizer(), 4, image_id, template="chat")
+
+
+# -----------------------------------------------------------------------------
+# faults: one bad item costs one item, and the message names the cause
+
+def conversation(sample_id, image=None, question="What is the colour of the shape?", answer="red"):
+    entry = dict(id=sample_id, conversations=[{"from": "human", "value": ("<image>\n" if image else "") + question},
+                                              {"from": "gpt", "value": answer}])
+    if image:
+        entry["image"] = image
+    return entry
+
+
+def truncated_images(tmp_path):
+    """A PNG and a JPEG cut in half: their headers read, their pixels do not decode."""
+    rng = np.random.default_rng(0)
+    noise = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    for name in ("cut.png", "cut.jpg"):
+        noise.save(tmp_path / name)
+        raw = (tmp_path / name).read_bytes()
+        (tmp_path / name).write_bytes(raw[:len(raw) // 2])
+    noise.save(tmp_path / "ok.png")
+
+
+def test_undecodable_images_fail_naming_file_or_are_replaced_and_counted(tmp_path, processor):
+    truncated_images(tmp_path)
+    entries = [conversation(f"good-{i}", "ok.png") for i in range(6)]
+    entries[2], entries[4] = conversation("cut-png", "cut.png"), conversation("cut-jpg", "cut.jpg")
+    path = write_json(tmp_path / "d.json", entries)
+    ds, skipped = data.TrainDataset.from_config(llava_config(tmp_path, path), processor)
+    assert skipped == 0  # the headers are fine: the up-front check keeps them
+    bad_position = next(p for p in range(len(ds)) if ds.describe(0, p).id == "cut-jpg")
+    with pytest.raises(data.BadSampleError, match=f"sample cut-jpg: cannot read image {tmp_path / 'cut.jpg'}.*truncated"):
+        ds[(0, bad_position)]
+    ds, _ = data.TrainDataset.from_config(llava_config(tmp_path, path, skip_bad_samples=True), processor)
+    collate = data.Collator(processor.tokenizer.pad_token_id, carpe.make_image_transform(processor))
+    batch = collate([ds[(0, p)] for p in range(len(ds))])
+    assert batch.input_ids.shape[0] == 6 and batch.pixel_values.shape[0] == 6  # the batch stays full
+    assert sorted(sample_id for sample_id, _ in batch.skipped) == ["cut-jpg", "cut-png"]
+    assert all(i.startswith("good-") for i in batch.ids)
+    assert any("cut.png" in reason for _, reason in batch.skipped)
+
+
+def test_junk_image_is_caught_up_front(tmp_path):
+    (tmp_path / "junk.jpg").write_bytes(b"\xff\xd8 this is not a JPEG at all" * 10)
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    path = write_json(tmp_path / "d.json", [conversation("junk-1", "junk.jpg"), conversation("fine", "ok.png")])
+    with pytest.raises(data.BadSampleError, match=f"id junk-1\\): image file {tmp_path / 'junk.jpg'} is not an image"):
+        data.ensure_llava_cache(llava_config(tmp_path, path))
+    records, skipped = data.load_llava_records(llava_config(tmp_path, path, skip_bad_samples=True))
+    assert len(records) == 1 and skipped.ids == ["junk-1"]
+
+
+def test_text_that_is_not_utf8_names_file_and_entry(tmp_path):
+    good = json.dumps(conversation("fine"))
+    surrogate = good.replace('"fine"', '"lone"').replace("red", "re\\ud800d")  # valid JSON, invalid text
+    (tmp_path / "s.json").write_text(f"[{good}, {surrogate}]")
+    latin1 = f"[{good}, {good.replace('fine', 'caf-latin1').replace('red', 'rouge')}]".encode()
+    (tmp_path / "l.json").write_bytes(latin1.replace(b"rouge", "rougé".encode("latin-1")))
+    for name, sample_id in [("s.json", "lone"), ("l.json", "caf-latin1")]:
+        with pytest.raises(data.BadSampleError) as e:
+            data.ensure_llava_cache(llava_config(tmp_path, tmp_path / name))
+        assert str(tmp_path / name) in str(e.value) and f"entry 1 (id {sample_id}): turn 1 holds text that is not UTF-8" in str(e.value)
+        records, skipped = data.load_llava_records(llava_config(tmp_path, tmp_path / name, skip_bad_samples=True))
+        assert [r[0] for r in records] == ["fine"] and skipped.ids == [sample_id]
+    (tmp_path / "broken.json").write_text(f"[{good}, {good}, {{\"id\": \"x\" \"conversations\": []}}, {good}]")
+    with pytest.raises(data.BadSampleError, match="broken.json: not valid JSON at entry 2"):
+        data.ensure_llava_cache(llava_config(tmp_path, tmp_path / "broken.json"))
+
+
+def test_over_long_samples_fail_or_are_replaced(tmp_path, processor):
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    question = "What is the colour of the shape?"
+    image_late = dict(id="image-cut", image="ok.png", conversations=[
+        {"from": "human", "value": question * 5}, {"from": "gpt", "value": "a"},
+        {"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": "red"}])
+    entries = [conversation("short", "ok.png"), image_late, conversation("no-answer-left", question=question * 60),
+               conversation("short-2")]
+    path = write_json(tmp_path / "d.json", entries)
+    # 120 tokens: "short" (111) and "short-2" (73) fit; the image of the second turn starts past 120
+    config = llava_config(tmp_path, path, model_max_length=120)
+    ds, _ = data.TrainDataset.from_config(config, processor)
+    positions = {ds.describe(0, p).id: p for p in range(len(ds))}
+    with pytest.raises(data.BadSampleError, match="sample no-answer-left: no supervised token left after cutting"):
+        ds[(0, positions["no-answer-left"])]
+    with pytest.raises(data.BadSampleError, match="sample image-cut: cutting it to model_max_length=120 would cut its image"):
+        ds[(0, positions["image-cut"])]
+    config.skip_bad_samples = True
+    ds, _ = data.TrainDataset.from_config(config, processor)
+    samples = [ds[(0, p)] for p in range(len(ds))]
+    assert sorted(sample_id for s in samples for sample_id, _ in s.skipped) == ["image-cut", "no-answer-left"]
+    assert {s.id for s in samples} == {"short", "short-2"} and len(samples) == 4
+    assert all(any(label != IGNORE for label in s.labels) for s in samples)
+    config.model_max_length = 30  # nothing fits: the loader gives up with the cause instead of looping
+    ds, _ = data.TrainDataset.from_config(config, processor)
+    with pytest.raises(data.BadSampleError, match="4 bad samples in a row .*no supervised token left"):
+        ds[(0, 0)]
+
+
+# -----------------------------------------------------------------------------
+# the LLaVA json cache
+
+def test_streaming_reader_equals_json_load(tmp_path):
+    entries = [conversation(f"e{i}", answer="réponse ✓ " * i + "🙂", question="Q" * (i * 7 % 50) + "?") for i in range(40)]
+    entries.append(dict(id=3, nested=[{"a": [1, 2.5, None, True]}], conversations=[]))
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(entries, indent=2, ensure_ascii=False))
+    for chunk in (1, 7, 64, 1 << 20):  # chunk edges fall inside multi-byte characters and entries
+        assert list(data.iter_json_list(str(path), chunk_bytes=chunk)) == entries
+    (tmp_path / "empty.json").write_text(" [ ] ")
+    assert list(data.iter_json_list(str(tmp_path / "empty.json"))) == []
+    (tmp_path / "obj.json").write_text('{"a": 1}')
+    with pytest.raises(data.BadSampleError, match="obj.json: expected a JSON list"):
+        list(data.iter_json_list(str(tmp_path / "obj.json")))
+
+
+def test_cache_built_once_keyed_and_mapped(tmp_path, processor, monkeypatch):
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    entries = [conversation(f"s{i}", "ok.png" if i % 2 else None, answer=f"answer {i}") for i in range(50)]
+    path = write_json(tmp_path / "d.json", entries)
+    config = llava_config(tmp_path, path)
+    folder = data.ensure_llava_cache(config)
+    assert sorted(os.listdir(tmp_path / "cache")) == [os.path.basename(folder)]  # no temporary folder left
+    # every later load (another rank, a resume) maps the files and checks nothing
+    monkeypatch.setattr(data, "pack_llava_json", lambda *a, **k: pytest.fail("the json was packed twice"))
+    ds, skipped = data.TrainDataset.from_config(config, processor)
+    assert skipped == 0 and isinstance(ds.llava.buffer, np.memmap) and len(ds.llava) == 50
+    assert [ds.llava[i][0] for i in range(50)] == [e["id"] for e in entries]
+    assert ds.llava[3] == ["s3", "ok.png", ["<image>\nWhat is the colour of the shape?", "answer 3"]]
+    assert len(pickle.dumps(ds.llava)) < 500 and pickle.loads(pickle.dumps(ds.llava))[7] == ds.llava[7]  # by path
+    monkeypatch.undo()
+    # the key: a changed file, another image root or another skip setting is another cache
+    assert data.ensure_llava_cache(llava_config(tmp_path, path, skip_bad_samples=True)) != folder
+    os.utime(path, ns=(1, 1))
+    assert data.ensure_llava_cache(config) != folder
+    # a folder that cannot be written is named with the flag to change
+    blocked = tmp_path / "file-not-dir"
+    blocked.write_text("")
+    with pytest.raises(data.BadSampleError, match="cannot write the LLaVA json cache under .*file-not-dir.*--cache-dir"):
+        data.ensure_llava_cache(data.DataConfig(llava_json=path, image_root=str(tmp_path), cache_dir=str(blocked / "x")))
