@@ -38,7 +38,6 @@ Choices the paper leaves open:
    embedding scale such as Gemma's sqrt(d)).
  - A tied lm_head is untied (cloned) so that training the head leaves the frozen embeddings.
 """
-from contextlib import contextmanager
 from dataclasses import dataclass, asdict
 
 import torch
@@ -100,8 +99,7 @@ class Prepared:
 
 
 @dataclass
-class KVCache:
-    """A preallocated self-attention cache: positions [0, length) are filled."""
+class KVCache:  # an integrator block's preallocated self-attention cache
     k: torch.Tensor  # (B, h, T_max, hd)
     v: torch.Tensor  # (B, h, T_max, hd)
 
@@ -270,6 +268,13 @@ def encoder_layers(encoder):
     raise TypeError(f"cannot find the encoder layers of {type(encoder).__name__}")
 
 
+def keep_output(store, key):
+    """A forward hook that puts a block's output (the first element of a tuple) in store[key]."""
+    def hook(module, args, output):
+        store[key] = output[0] if isinstance(output, tuple) else output
+    return hook
+
+
 def hidden_state_at(encoder, pixel_values, index):
     """What encoder(pixel_values, output_hidden_states=True).hidden_states[index] holds (index
     0 = the embeddings, i = the output of block i-1), taken with forward hooks. A list of
@@ -279,23 +284,17 @@ def hidden_state_at(encoder, pixel_values, index):
     layers = encoder_layers(encoder)
     n = len(layers)
     indices = [index] if isinstance(index, int) else list(index)
-    captured = {}
-    handles = []
+    captured, handles = {}, []
     for j in indices:
         i = j + n + 1 if j < 0 else j
         if not 0 <= i <= n:
             raise ValueError(f"feature layer {j} is outside the {n + 1} hidden states of {type(encoder).__name__}")
-
-        def keep_input(module, args, kwargs, j=j):
-            captured[j] = args[0] if args else kwargs["hidden_states"]
-
-        def keep_output(module, args, out, j=j):
-            captured[j] = out[0] if isinstance(out, tuple) else out
-
-        if i == 0:  # the input of the first block
-            handles.append(layers[0].register_forward_pre_hook(keep_input, with_kwargs=True))
+        if i == 0:  # the embeddings: the input of the first block
+            handles.append(layers[0].register_forward_pre_hook(
+                lambda module, args, kwargs, j=j: captured.__setitem__(j, args[0] if args else kwargs["hidden_states"]),
+                with_kwargs=True))
         else:
-            handles.append(layers[i - 1].register_forward_hook(keep_output))
+            handles.append(layers[i - 1].register_forward_hook(keep_output(captured, j)))
     try:
         encoder(pixel_values)
     finally:
@@ -349,14 +348,6 @@ def embed_inputs(llava, input_ids, image_embeds=None):
     return inputs_embeds.masked_scatter(is_image_token[..., None], image_embeds.to(inputs_embeds.dtype))
 
 
-def project_images(llava, input_ids, pixel_values):
-    """LLaVA's own image path: -> has_image (B,), image_embeds (n_img, P, d) or None."""
-    has_image = check_images(llava, input_ids, pixel_values)
-    if not has_image.any():
-        return has_image, None
-    return has_image, llava.model.multi_modal_projector(raw_vision_features(llava, pixel_values))
-
-
 def per_sample(image_rows, has_image, fill=0):
     """Spread per-image rows (n_img, ...) over the batch (B, ...), `fill` where no image."""
     out = image_rows.new_full((has_image.size(0),) + image_rows.shape[1:], fill)
@@ -370,32 +361,21 @@ def positions_from_mask(attention_mask):
     return position_ids.masked_fill(attention_mask == 0, 0)
 
 
-@contextmanager
-def capture_layer_outputs(language_model, layer_indices):
-    """Forward hooks that keep the outputs of the given decoder layers, in that order (cheaper
-    than output_hidden_states=True, which keeps all of them)."""
-    captured = [None] * len(layer_indices)
-    layers = decoder_layers(language_model)
-    handles = []
-    for slot, i in enumerate(layer_indices):
-        def hook(module, args, output, slot=slot):
-            captured[slot] = output[0] if isinstance(output, tuple) else output
-        handles.append(layers[i].register_forward_hook(hook))
-    try:
-        yield captured
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def run_language_model(language_model, inputs_embeds, attention_mask, position_ids, layer_indices,
                        past_key_values=None):
     """One LM pass. -> H_llm (B, T, d) after the final norm, [output (B, T, d) of each layer in
-    layer_indices]. With past_key_values the pass extends that cache."""
-    with capture_layer_outputs(language_model, layer_indices) as captured:
+    layer_indices], kept by forward hooks (output_hidden_states=True would keep every layer's).
+    With past_key_values the pass extends that cache."""
+    captured = {}
+    layers = decoder_layers(language_model)
+    handles = [layers[i].register_forward_hook(keep_output(captured, slot)) for slot, i in enumerate(layer_indices)]
+    try:
         out = language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=past_key_values, use_cache=past_key_values is not None)
-    return out.last_hidden_state, captured
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out.last_hidden_state, [captured[slot] for slot in range(len(layer_indices))]
 
 
 def untie_head(llava):
@@ -405,17 +385,11 @@ def untie_head(llava):
 
 
 # -----------------------------------------------------------------------------
-# the trainable set (paper section 4.1), shared by CARPE and the baselines
+# what CARPE and the baselines share: the trainable set (paper section 4.1), cached decoding
 
 def is_context_name(name):
     """The context prompt and encoder: frozen for the whole first epoch."""
     return name == "context_prompt" or name.startswith("context_encoder.")
-
-
-def is_adapter_name(name):
-    """Parameters trained at the adapter learning rate (2e-5): LLaVA's projector and the MoE
-    experts' LLM adapters."""
-    return "multi_modal_projector." in name or ".llm_adapters." in name
 
 
 class TrainableSet:
@@ -441,8 +415,9 @@ class TrainableSet:
         AdamW skips them."""
         adapter, rest = [], []
         for name, p in self.named_parameters():
-            if self.is_trainable_name(name):
-                (adapter if is_adapter_name(name) else rest).append(p)
+            if self.is_trainable_name(name):  # adapters: LLaVA's projector and the MoE experts' LLM adapters
+                is_adapter = "multi_modal_projector." in name or ".llm_adapters." in name
+                (adapter if is_adapter else rest).append(p)
         return [dict(params=adapter, lr=lr_adapter, weight_decay=weight_decay, name="adapter"),
                 dict(params=rest, lr=lr, weight_decay=weight_decay, name="rest")]
 
@@ -467,57 +442,85 @@ class TrainableSet:
                 params[name].copy_(tensor)
 
 
-# -----------------------------------------------------------------------------
-# greedy decoding, shared by CARPE and the baselines
+class LlavaWrapper(TrainableSet, nn.Module):
+    """A model around a LLaVA (self.llava) with cached greedy decoding. A subclass defines
+    prepare(input_ids, attention_mask, pixel_values) -> Prepared, query_layers (the LM layers
+    its integrator blocks read), integrator_blocks() and vision_hidden(...) (the hidden state
+    that gets the vision weight)."""
 
-@torch.no_grad()
-def greedy_generate(model, input_ids, attention_mask=None, pixel_values=None, max_new_tokens=32,
-                    eos_token_id=None, pad_token_id=None, return_dict=False):
-    """Greedy decoding of left-padded prompts. model provides start_generation(...) ->
-    GenerationState and generation_step(state, embeds, mask, positions) -> (B, V) logits of the
-    last position. Finished rows are filled with the pad token, as HF generate does. Returns
-    (B, T + new) token ids like HF generate, or with return_dict=True a GenerateOutput that also
-    carries the context weights and the MoE route."""
-    B, T = input_ids.shape
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    attention_mask = attention_mask.long()
-    if not bool(attention_mask[:, -1].all()):
-        raise ValueError("generate needs left-padded prompts (attention_mask[:, -1] must be 1): "
-                         "set tokenizer.padding_side = 'left'")
-    if pad_token_id is None:
-        pad_token_id = model.llava.generation_config.pad_token_id
-    if pad_token_id is None:
-        pad_token_id = eos_token_id if isinstance(eos_token_id, int) else 0
-    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
-                       dtype=torch.long, device=input_ids.device)
-    state = model.start_generation(input_ids, attention_mask, pixel_values, max_new_tokens)
-    position_ids = positions_from_mask(attention_mask)
-    logits = model.generation_step(state, state.prepared.inputs_embeds, attention_mask, position_ids)  # prefill
-    unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)
-    sequences = input_ids
-    embed_tokens = model.llava.model.language_model.get_input_embeddings()
-    for step in range(max_new_tokens):
-        next_tokens = logits.argmax(-1)  # (B,)
-        next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_token_id))
-        sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
-        if eos.numel():
-            unfinished &= ~torch.isin(next_tokens, eos)
-        if step == max_new_tokens - 1 or not unfinished.any():
-            break
-        # one new token per row: extend the mask and positions, run one cached step
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
-        position_ids = position_ids[:, -1:] + 1
-        logits = model.generation_step(state, embed_tokens(next_tokens[:, None]), attention_mask, position_ids)
-    if return_dict:
-        return GenerateOutput(sequences=sequences, context_weights=state.prepared.weights, route=state.prepared.route)
-    return sequences
+    @property
+    def language_model(self):
+        return self.llava.model.language_model
+
+    def integrator_blocks(self):
+        return []
+
+    def start_generation(self, input_ids, attention_mask, pixel_values, max_new_tokens):
+        """Everything computed once per prompt: the context weights, the MoE route, the
+        cross-attention K/V over the image, empty KV caches."""
+        prep = self.prepare(input_ids, attention_mask, pixel_values)
+        B, T = input_ids.shape
+        blocks = self.integrator_blocks()
+        return GenerationState(prepared=prep, lm_cache=DynamicCache(config=self.language_model.config),
+                               memory_kvs=[block.memory_kv(prep.memory) for block in blocks],
+                               integrator_caches=[block.new_cache(B, T + max_new_tokens) for block in blocks])
+
+    def generation_step(self, state, inputs_embeds, attention_mask, position_ids):
+        """One cached LM step and one cached step of each integrator block over the new tokens;
+        the mixed logits of the last position: (B, V)."""
+        h_llm, captured = run_language_model(self.language_model, inputs_embeds, attention_mask,
+                                             position_ids, self.query_layers, state.lm_cache)
+        h_vision = self.vision_hidden(h_llm, captured, state.memory_kvs, state.prepared.has_image,
+                                      attention_mask.bool(), state.integrator_caches, state.cache_len)
+        state.cache_len += inputs_embeds.size(1)
+        return self.llava.lm_head(mix(state.prepared.weights, h_vision[:, -1], h_llm[:, -1]))  # (B, V)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, max_new_tokens=32,
+                 eos_token_id=None, pad_token_id=None, return_dict=False):
+        """Greedy decoding of left-padded prompts; finished rows are filled with the pad token,
+        as HF generate does. Returns (B, T + new) token ids like HF generate, or with
+        return_dict=True a GenerateOutput that also carries the context weights and the MoE route."""
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.long()
+        if not bool(attention_mask[:, -1].all()):
+            raise ValueError("generate needs left-padded prompts (attention_mask[:, -1] must be 1): "
+                             "set tokenizer.padding_side = 'left'")
+        if pad_token_id is None:
+            pad_token_id = self.llava.generation_config.pad_token_id
+        if pad_token_id is None:
+            pad_token_id = eos_token_id if isinstance(eos_token_id, int) else 0
+        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
+                           dtype=torch.long, device=input_ids.device)
+        state = self.start_generation(input_ids, attention_mask, pixel_values, max_new_tokens)
+        position_ids = positions_from_mask(attention_mask)
+        logits = self.generation_step(state, state.prepared.inputs_embeds, attention_mask, position_ids)  # prefill
+        unfinished = torch.ones(B, dtype=torch.bool, device=input_ids.device)
+        sequences = input_ids
+        embed_tokens = self.language_model.get_input_embeddings()
+        for step in range(max_new_tokens):
+            next_tokens = logits.argmax(-1)  # (B,)
+            next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad_token_id))
+            sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
+            if eos.numel():
+                unfinished &= ~torch.isin(next_tokens, eos)
+            if step == max_new_tokens - 1 or not unfinished.any():
+                break
+            # one new token per row: extend the mask and positions, run one cached step
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
+            position_ids = position_ids[:, -1:] + 1
+            logits = self.generation_step(state, embed_tokens(next_tokens[:, None]), attention_mask, position_ids)
+        if return_dict:
+            return GenerateOutput(sequences=sequences, context_weights=state.prepared.weights, route=state.prepared.route)
+        return sequences
 
 
 # -----------------------------------------------------------------------------
 # CARPE
 
-class CARPE(TrainableSet, nn.Module):
+class CARPE(LlavaWrapper):
     def __init__(self, llava, config: CarpeConfig = None, vision_moe=None):
         super().__init__()
         check_base(llava)
@@ -530,6 +533,7 @@ class CARPE(TrainableSet, nn.Module):
         assert -n_layers <= config.query_layer < n_layers, \
             f"query_layer={config.query_layer} is outside the LM's {n_layers} layers"
         untie_head(llava)
+        self.query_layers = [config.query_layer]  # the integrator's queries: H_pen
         self.vision_integrator = VisionIntegrator(vision_feature_width(llava.config), d, config)
         embed = self.language_model.get_input_embeddings()
         embed_std = embed.weight.detach().float().std().item() * float(getattr(embed, "embed_scale", 1.0))
@@ -546,10 +550,6 @@ class CARPE(TrainableSet, nn.Module):
         self.apply_freezing()
         if config.gradient_checkpointing:
             self.language_model.activation_checkpointing_enable({"use_reentrant": False})
-
-    @property
-    def language_model(self):
-        return self.llava.model.language_model
 
     def is_trainable_name(self, name):
         """The paper's trainable set: adapter (projector), head, integrator, context prompt and
@@ -642,6 +642,13 @@ class CARPE(TrainableSet, nn.Module):
     def memory_kv(self, memory):
         return self.vision_integrator.block.memory_kv(memory)
 
+    def integrator_blocks(self):
+        return [self.vision_integrator.block]
+
+    def vision_hidden(self, h_llm, captured, memory_kvs, has_image, key_valid, caches, cache_len):
+        """H_vision for a cached decoding step (B, T, d)."""
+        return self.integrate(captured[0], memory_kvs[0], has_image, key_valid, caches[0], cache_len)
+
     def image_path_parameters(self):
         """The trainable parameters only an image reaches: adapters and the cross-attention."""
         block = self.vision_integrator.block
@@ -663,7 +670,7 @@ class CARPE(TrainableSet, nn.Module):
         mask = prep.attention_mask  # (B, T)
         # 2. main pass: H_llm (B, T, d) after the final norm; H_query (B, T, d) from query_layer
         h_llm, (h_query,) = run_language_model(self.language_model, prep.inputs_embeds, mask,
-                                               positions_from_mask(mask), [self.config.query_layer])
+                                               positions_from_mask(mask), self.query_layers)
         # 3. integrator: H_vision (B, T, d); left padding is masked out of its self-attention
         key_valid = None if bool(mask.all()) else mask.bool()
         h_vision = self.integrate(h_query, self.memory_kv(prep.memory), prep.has_image, key_valid)
@@ -686,45 +693,21 @@ class CARPE(TrainableSet, nn.Module):
             out.loss = out.loss + self.vision_moe.config.balance_weight * out.balance_loss
         return out
 
-    # --- generation ------------------------------------------------------------------------
-    def start_generation(self, input_ids, attention_mask, pixel_values, max_new_tokens):
-        """Everything computed once per prompt: the context weights, the MoE route, the
-        cross-attention K/V over the image, empty KV caches."""
-        prep = self.prepare(input_ids, attention_mask, pixel_values)
-        B, T = input_ids.shape
-        block = self.vision_integrator.block
-        return GenerationState(prepared=prep, lm_cache=DynamicCache(config=self.language_model.config),
-                               memory_kvs=[block.memory_kv(prep.memory)],
-                               integrator_caches=[block.new_cache(B, T + max_new_tokens)])
-
-    def generation_step(self, state, inputs_embeds, attention_mask, position_ids):
-        """One LM step and one integrator step over the new tokens; the mixed logits of the
-        last position: (B, V)."""
-        h_llm, (h_query,) = run_language_model(self.language_model, inputs_embeds, attention_mask, position_ids,
-                                               [self.config.query_layer], state.lm_cache)
-        h_vision = self.integrate(h_query, state.memory_kvs[0], state.prepared.has_image, attention_mask.bool(),
-                                  state.integrator_caches[0], state.cache_len)
-        state.cache_len += inputs_embeds.size(1)
-        return self.llava.lm_head(mix(state.prepared.weights, h_vision[:, -1], h_llm[:, -1]))  # (B, V)
-
-    generate = greedy_generate  # with KV caches for the LM and the integrator
-
 
 # -----------------------------------------------------------------------------
 # baselines behind the same API (paper section 4.2)
 
-class LlavaBaseline(TrainableSet, nn.Module):
+class LlavaBaseline(LlavaWrapper):
     """Vanilla LLaVA behind CARPE's API. `eval.py --method llava` uses it frozen; `train.py
     --method imagenet-ft` trains its projector alone at the adapter lr, as Zhang et al. 2024.
-    Its forward and decoding are LEVI's with no blocks: the head reads H_llm."""
+    LEVI adds its blocks to this forward; here the head reads H_llm."""
 
     def __init__(self, llava, config: CarpeConfig = None):
         super().__init__()
         check_base(llava)
         self.llava = llava
         self.config = config
-        self.query_layers = []  # LM layers whose outputs adapted_hidden reads
-        self.blocks = nn.ModuleList()  # integrator blocks
+        self.query_layers = []
         self.apply_freezing()
 
     def is_trainable_name(self, name):
@@ -734,24 +717,27 @@ class LlavaBaseline(TrainableSet, nn.Module):
         """LLaVA's own input embeddings; memory = the projected image embeddings (B, P, d) if asked."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        has_image, image_embeds = project_images(self.llava, input_ids, pixel_values)  # (B,), (n_img, P, d)
+        has_image = check_images(self.llava, input_ids, pixel_values)  # (B,)
+        image_embeds = None
+        if has_image.any():  # LLaVA's own image path
+            image_embeds = self.llava.model.multi_modal_projector(raw_vision_features(self.llava, pixel_values))
         memory = per_sample(image_embeds, has_image) if keep_memory and image_embeds is not None else None
         return Prepared(attention_mask=attention_mask, inputs_embeds=embed_inputs(self.llava, input_ids, image_embeds),
                         weights=torch.tensor(weights, device=input_ids.device).expand(input_ids.size(0), 2),
                         has_image=has_image, memory=memory)
 
-    def adapted_hidden(self, h_llm, captured, memory_kvs, has_image, key_valid, caches=None, cache_len=0):
-        """The head's input (B, T, d): H_llm itself."""
+    def vision_hidden(self, h_llm, captured, memory_kvs, has_image, key_valid, caches=None, cache_len=0):
+        """No vision side: H_llm itself (its weight is 0 anyway)."""
         return h_llm
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None):
         prep = self.prepare(input_ids, attention_mask, pixel_values)
         mask = prep.attention_mask  # (B, T)
-        h_llm, captured = run_language_model(self.llava.model.language_model, prep.inputs_embeds, mask,
+        h_llm, captured = run_language_model(self.language_model, prep.inputs_embeds, mask,
                                              positions_from_mask(mask), self.query_layers)  # (B, T, d), [(B, T, d)]
         key_valid = None if bool(mask.all()) else mask.bool()
-        memory_kvs = [block.memory_kv(prep.memory) for block in self.blocks]
-        h = self.adapted_hidden(h_llm, captured, memory_kvs, prep.has_image, key_valid)  # (B, T, d)
+        memory_kvs = [block.memory_kv(prep.memory) for block in self.integrator_blocks()]
+        h = self.vision_hidden(h_llm, captured, memory_kvs, prep.has_image, key_valid)  # (B, T, d)
         out = CarpeOutput(context_weights=prep.weights)
         head = self.llava.lm_head
         if labels is None:
@@ -761,23 +747,6 @@ class LlavaBaseline(TrainableSet, nn.Module):
             out.loss = out.lm_loss = fused_mixed_cross_entropy(h, h, prep.weights, labels, head.weight, head.bias,
                                                                chunk_size=chunk_size)
         return out
-
-    def start_generation(self, input_ids, attention_mask, pixel_values, max_new_tokens):
-        prep = self.prepare(input_ids, attention_mask, pixel_values)
-        B, T = input_ids.shape
-        return GenerationState(prepared=prep, lm_cache=DynamicCache(config=self.llava.model.language_model.config),
-                               memory_kvs=[block.memory_kv(prep.memory) for block in self.blocks],
-                               integrator_caches=[block.new_cache(B, T + max_new_tokens) for block in self.blocks])
-
-    def generation_step(self, state, inputs_embeds, attention_mask, position_ids):
-        h_llm, captured = run_language_model(self.llava.model.language_model, inputs_embeds, attention_mask,
-                                             position_ids, self.query_layers, state.lm_cache)
-        h = self.adapted_hidden(h_llm, captured, state.memory_kvs, state.prepared.has_image, attention_mask.bool(),
-                                state.integrator_caches, state.cache_len)
-        state.cache_len += inputs_embeds.size(1)
-        return self.llava.lm_head(h[:, -1])  # (B, V)
-
-    generate = greedy_generate
 
 
 class LEVI(LlavaBaseline):
@@ -809,12 +778,15 @@ class LEVI(LlavaBaseline):
     def prepare(self, input_ids, attention_mask, pixel_values):
         return super().prepare(input_ids, attention_mask, pixel_values, weights=(1.0, 0.0), keep_memory=True)
 
-    def adapted_hidden(self, h_llm, captured, memory_kvs, has_image, key_valid, caches=None, cache_len=0):
+    def integrator_blocks(self):
+        return list(self.blocks)
+
+    def vision_hidden(self, h_llm, captured, memory_kvs, has_image, key_valid, caches=None, cache_len=0):
         """final_norm(mean_i block_i(layer_i output)): (B, T, d)."""
         caches = caches or [None] * len(self.blocks)
         states = [block(h, kv, has_image, key_valid, cache, cache_len)
                   for block, h, kv, cache in zip(self.blocks, captured, memory_kvs, caches)]
-        return final_norm(self.llava.model.language_model)(torch.stack(states).mean(0))
+        return final_norm(self.language_model)(torch.stack(states).mean(0))
 
 
 METHODS = ("carpe", "llava", "imagenet-ft", "levi")
@@ -841,12 +813,10 @@ def repeated_blocks(model):
     own tower)."""
     llava = model if isinstance(model, LlavaForConditionalGeneration) else model.llava
     blocks = list(decoder_layers(llava.model.language_model)) + list(encoder_layers(llava.model.vision_tower))
-    if isinstance(model, CARPE):
-        blocks.append(model.vision_integrator.block)
-        if model.vision_moe is not None:
-            blocks += [layer for encoder in model.vision_moe.encoders.values() for layer in encoder_layers(encoder)]
-    elif isinstance(model, LEVI):
-        blocks += list(model.blocks)
+    if model is not llava:
+        blocks += model.integrator_blocks()
+    if getattr(model, "vision_moe", None) is not None:
+        blocks += [layer for encoder in model.vision_moe.encoders.values() for layer in encoder_layers(encoder)]
     seen = set()
     return [b for b in blocks if not (id(b) in seen or seen.add(id(b)))]
 

@@ -4,18 +4,18 @@ import pytest
 import torch
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
-
-from carpe import (CARPE, CarpeConfig, LEVI, LlavaBaseline, build_model, load_base, make_image_transform,
-                   positions_from_mask, run_language_model)
 from transformers import (CLIPVisionConfig, GemmaConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
                           LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaProcessor, MistralConfig, PhiConfig,
                           Qwen2Config, SiglipVisionConfig)
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
+import moe
+from carpe import (CARPE, CarpeConfig, LEVI, LlavaBaseline, build_model, encoder_layers, load_base, make_image_transform,
+                   positions_from_mask, repeated_blocks, run_language_model)
 from data import SYSTEM_PROMPT
-from tiny import save_tiny_base, tiny_llava, tiny_tokenizer
 from kernels import IGNORE_INDEX
+from tiny import save_tiny_base, tiny_llava, tiny_moe_config, tiny_tokenizer
 
 QUESTIONS = ["What color is the shape?", "How many shapes are there?", "Where is the circle?"]
 
@@ -38,8 +38,7 @@ def tiny():
 def batch(processor, questions, images, with_image):
     """Left-padded prompts; images only for the samples that have one (HF LLaVA's layout)."""
     texts = [prompt(q, w) for q, w in zip(questions, with_image)]
-    enc = processor.tokenizer(texts, return_tensors="pt", padding=True)
-    # expand <image> to the image tokens, as the processor does
+    # the processor expands <image> to the image tokens
     enc = processor(text=texts, images=[im for im, w in zip(images, with_image) if w] or None,
                     return_tensors="pt", padding=True)
     pixel_values = make_image_transform(processor)([im for im, w in zip(images, with_image) if w])
@@ -150,7 +149,7 @@ def trainable_names():
 
 def train_batch(processor, n=4):
     """Prompt + answer with labels on the answer (right padding, like training)."""
-    texts, answers = [], ["red</s>", "two</s>", "left</s>", "blue square</s>"][:n]
+    answers = ["red</s>", "two</s>", "left</s>", "blue square</s>"][:n]
     tok = processor.tokenizer
     rows, label_rows = [], []
     for q, a in zip(QUESTIONS * 2, answers):
@@ -427,3 +426,23 @@ def test_load_base_gives_a_pil_processor_and_checks_the_image_token(tmp_path):
     save_tiny_base(llava, processor, tmp_path / "bad")
     with pytest.raises(ValueError, match=r"encodes '<image>' as \[4\], but config.image_token_id is 5"):
         load_base(str(tmp_path / "bad"))
+
+
+def test_repeated_blocks_lists_every_repeated_module_once(tiny):
+    llava, _ = tiny
+    lm = list(llava.model.language_model.layers)  # 6
+    tower = list(llava.model.vision_tower.encoder.layers)  # 3
+    assert repeated_blocks(llava) == lm + tower
+    model = make_carpe(llava)
+    assert repeated_blocks(model) == lm + tower + [model.vision_integrator.block]
+    levi = LEVI(llava, CarpeConfig(integrator_heads=4))
+    assert repeated_blocks(levi) == lm + tower + list(levi.blocks) and len(levi.blocks) == 5
+    assert repeated_blocks(LlavaBaseline(llava)) == lm + tower
+    # CARPE-MoE: the other experts' towers too; the clip expert is the base tower, listed once
+    vision_moe = moe.build_vision_moe(llava, tiny_moe_config())
+    moe_model = CARPE(llava, CarpeConfig(integrator_heads=4), vision_moe=vision_moe)
+    experts = [layer for name in ("siglip", "dinov2", "cumo") for layer in encoder_layers(vision_moe.encoders[name])]
+    assert len(experts) == 2 + 2 + 3
+    blocks = repeated_blocks(moe_model)
+    assert blocks == lm + tower + [moe_model.vision_integrator.block] + experts
+    assert len({id(b) for b in blocks}) == len(blocks)
