@@ -1,104 +1,79 @@
 """
-eval.py: evaluate CARPE, CARPE-MoE and the baselines on the paper's 11 benchmarks, with each
-benchmark's official scoring rule, greedy cached batched generation, resumable runs, sharding
-under torchrun, and the paper's Tables 2-4.
+eval.py: evaluate CARPE, CARPE-MoE and the baselines on the paper's benchmarks: greedy, cached,
+batched generation, resumable, sharded under torchrun, scored by benchmarks.py, summarised as the
+paper's Tables 2-4.
 
     python eval.py --bench all --ckpt runs/carpe                  # a train.py run dir (CARPE, MoE, baselines)
     python eval.py --bench vl --method llava --preset llava-7b    # vanilla LLaVA-1.5-7B, no CARPE modules
     python eval.py --bench cls --wise-ft BASE_DIR FT_DIR --alpha 0.5   # WiSE-FT
     torchrun --nproc_per_node 8 eval.py --bench all --ckpt runs/carpe  # sharded, gathered on rank 0
     python eval.py --table runs/llava/eval runs/carpe/eval          # one Markdown table, a row per dir
+    python eval.py --bench all --preset tiny                         # offline: tiny model, synthetic benchmarks
+
+What a benchmark is (its data layout, prompt, reader, official scorer, answer length, display
+name) lives in benchmarks.py; this file only runs the model over the items.
 
 Outputs under <out>/<bench>/ (default <out> = <ckpt>/eval, or runs/eval-<method>):
-  predictions.jsonl  one line per item, appended (and flushed) after every batch; a rerun skips
-                     the ids already there, so a crash loses at most one batch. Under torchrun each
-                     rank appends to predictions.rank<r>.jsonl, and rank 0 merges them at the end.
-  metrics.json       headline + sub-scores, mean (vision, language) context weights (Table 4) and,
-                     for CARPE-MoE, the routing histogram.
-  run.json           what produced the predictions; a rerun with another model or prompt setting
-                     into the same folder is refused instead of mixing predictions.
+  predictions.jsonl  one line per item: {id, answer, error, context_weights, route, prompt, **meta},
+                     appended and flushed after every batch. `prompt` is a short digest of the
+                     question; the question itself is rebuilt from the item id and run.json (world,
+                     closed_k, template), so lines stay short even for closed-world ImageNet.
+                     Under torchrun each rank appends to predictions.rank<r>.jsonl and rank 0
+                     appends those lines to predictions.jsonl at the end.
+  metrics.json       the scorer's output (headline + sub-scores), n, n_failed and the failed ids,
+                     mean (vision, language) context weights (Table 4), the MoE routing histogram
+                     keyed by expert name.
+  run.json           what produced the predictions: the method, the weights' digest, the dtype,
+                     the template and the prompt settings.
 and <out>/summary.md (+ summary.json): Tables 2 / 3 / 4 in the paper's layout for every bench there.
 
-Benchmarks, data layout under --data-root (LLaVA's playground/data/eval layout where LLaVA has one):
-  imagenet     imagenet/val/<class folder>/*.JPEG   + imagenet/classnames.txt (or .json)
-  caltech101   caltech101/test/<class folder>/*     + caltech101/classnames.txt (optional)
-  flowers102   flowers102/test/<class folder>/*     + flowers102/classnames.txt
-  food101      food101/test/<class folder>/*        + food101/classnames.txt (optional)
-               (split folder: the first of test/, val/ that exists; classnames.txt has one name per
-               line in the sorted order of the class folders, classnames.json maps folder -> name;
-               without either, the folder name with "_" -> " " is the class name)
-  sqa          scienceqa/llava_test_CQM-A.json + scienceqa/images/test/ (+ optional problems.json)
-  textvqa      textvqa/llava_textvqa_val_v051_ocr.jsonl + textvqa/TextVQA_0.5.1_val.json + textvqa/train_images/
-  pope         pope/coco/coco_pope_{adversarial,popular,random}.json + pope/val2014/
-  mme          MME/MME_Benchmark_release_version/<subtask>/ (images + question txt files, as released)
-  mmbench      mmbench/mmbench_dev_20230712.tsv (base64 images)
-  cvbench      cvbench/test_2d.jsonl + cvbench/test_3d.jsonl (or test.jsonl) + cvbench/img/
-               (the parquet release is read only when pyarrow is installed)
-  mmvp         MMVP/Questions.csv + "MMVP/MMVP Images/<index>.jpg"
+What a fault costs:
+  - a crash or kill mid-run: at most one batch; a rerun reads the predictions once, cuts a torn
+    last line in place, and generates only what is missing (nothing is rewritten);
+  - a rerun into the same --out with other weights (a run retrained in place), another dtype or
+    other prompt settings: refused, naming both;
+  - an unreadable item (truncated image, broken base64, an answer missing from its options): that
+    item. It is recorded as a failed prediction (answer "", error naming the file) and scored as
+    an empty answer; metrics.json counts it. Failed items are final: a rerun does not retry them
+    unless --retry-failed;
+  - a benchmark folder with no items, non-finite weights, a prompt longer than the model's
+    positions: an error naming the folder / tensor / both lengths, before any score is written;
+  - run.json, metrics.json, summary.* and the tiny benchmark folders are written atomically.
 
-Scoring (one pure function per benchmark; we follow LLaVA's official eval scripts and each
-benchmark's own rules, not lmms-eval, so the numbers compare with the paper's LLaVA-1.5 rows):
-  classification  Zhang et al. 2024: the lower-cased label is a substring of the lower-cased answer
-                  (--match exact: the answer, stripped of trailing punctuation, equals the label).
-  sqa             LLaVA's letter parser: a bare letter, "X. ...", or "The answer is X"; else wrong.
-                  Accuracy over the items with an image (SQA-IMG).
-  textvqa         VQA answer normalisation (punctuation, number words -> digits, articles,
-                  contractions) and soft accuracy min(1, #matches / 3) averaged over the 10
-                  leave-one-out subsets of the 10 human answers.
-  pope            "no" if the first sentence contains the word no / not / No, else "yes";
-                  headline = mean F1 over the 3 splits; accuracy, precision, recall, yes-ratio too.
-  mme             yes/no read from the answer's first 4 characters; per subtask 100*acc + 100*acc+
-                  (acc+ = both questions of an image right); P = 10 perception subtasks,
-                  C = 4 cognition subtasks; headline P+C.
-  mmbench         circular: the dev TSV's copies (index + k*1e6) are rotations of one question;
-                  without copies in the file we make the rotations ourselves. The letter is read by
-                  rules (option letter, then a unique option-text match; no GPT grader); a question
-                  counts when all its rotations are right.
-  cvbench         accuracy per source; headline ((ADE20K + COCO)/2 + Omni3D)/2.
-  mmvp            letter or option text by rules; headline = share of the 150 pairs with both right.
-
-Choices where the issue and DESIGN.md are silent:
-  - Prompts: vicuna_v1 (data.vicuna_prompt). Classification: "What type of object is in this
-    photo?" (+ ' Choose one from "<labels shuffled per item, seeded by its id>".' when closed).
-    SQA / MMBench / CV-Bench / MMVP end with "Answer with the option's letter from the given
-    choices directly."; TextVQA / POPE / MME with "Answer the question using a single word or
-    phrase." (both as LLaVA-1.5's eval does; never appended twice). MMVP options go one per line
-    as "(a) ...".
+Choices:
   - Items are batched in dataset order after the finished ones are removed; whole batches are
     dealt to ranks round-robin, so a sharded run sees the same batches as a single process.
-  - --limit N keeps the first N items in file order (for MMBench: N whole circular groups are
-    not guaranteed; use it for smoke tests only).
-  - WiSE-FT (--wise-ft A B --alpha a) accepts, for A and B alike: a train.py run dir (its
-    model.safetensors: the trainable tensors), an HF model dir (model.safetensors or *.safetensors
-    shards, with or without model.safetensors.index.json), or a tiny-base dir
-    (carpe.save_tiny_base). Both must have the same tensor names and shapes, else the error names
-    the first tensor that differs. The merge runs on CPU one shard at a time:
-    (1 - a) * A + a * B in fp32, cast back to A's dtype (so a = 0 / 1 give A / B exactly); the
-    merged copy of A's folder goes to <out>/wise_ft_weights/ and is loaded from there.
-    One pairing of kinds is allowed: a base (HF id / dir / tiny-base dir) with a run dir trained
-    from it. The base side is then the base's own values of the run's trainable tensors (for an
-    imagenet-ft run, the base projector), written to <out>/wise_ft_base_side/. So
-    `--wise-ft llava-hf/llava-1.5-7b-hf runs/imagenet-ft --alpha 0.5` is the paper's WiSE-FT
-    row made from our own ImageNet fine-tune.
-  - The paper's Table 2/3 averages are its rows' means truncated (not rounded) to one decimal
-    (CARPE 45.48 -> 45.4, SPHINX 69.47 -> 69.4); our tables round.
+  - --limit N keeps the first N items in file order (for MMBench, whole circular groups are not
+    guaranteed; use it for smoke tests only).
+  - The digest of a run dir's weights is common.run_digest (sha256 of its weights file). For a
+    bare base it is the sha256 of its config.json and of the name, size and mtime of each weights
+    file (hashing 14 GB at every start would cost minutes; a base is rarely rewritten in place and
+    any rewrite changes the mtime). WiSE-FT: the digest of both inputs and alpha.
+  - WiSE-FT (--wise-ft A B --alpha a): see common.interpolate_weights; a base (HF id / dir) paired
+    with a run dir trained from it interpolates the run's tensors with the base's own values of
+    them, so `--wise-ft llava-hf/llava-1.5-7b-hf runs/imagenet-ft --alpha 0.5` is the paper's
+    WiSE-FT row made from our own ImageNet fine-tune.
 """
 import argparse
-import glob
+import hashlib
 import json
 import os
 import sys
+from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import carpe
+import kernels
 import tiny
-from benchmarks import (BENCH_GROUPS, CLS_BENCHES, MAX_NEW_TOKENS, comparison_table, markdown_tables, open_image,
-                        read_bench, read_eval_dir, score_bench, table2_average, table3_average, table_name)
-from common import (barrier, base_side_of_run, interpolate_weights, is_run_dir, load_run, print0,
-                    setup_distributed)
-from data import ConversationTokenizer, n_image_tokens, vicuna_prompt
+from benchmarks import (BENCH_GROUPS, BENCHMARKS, MATCH_RULES, comparison_table, markdown_tables, open_image, read_eval_dir,
+                        table2_average, table3_average, table_name)
+from common import (barrier, base_side_of_run, interpolate_weights, is_run_dir, load_run, print0, run_digest,
+                    setup_distributed, write_json_atomic)
+from data import TEMPLATES, ConversationTokenizer, n_image_tokens
 
 PRESETS = {  # defaults a preset fills in when the flag is not given
     "tiny": dict(base="tiny", data_root="runs/tiny-eval-data", batch_size=4, max_new_tokens=8, workers=0, dtype="float32"),
@@ -107,33 +82,36 @@ PRESETS = {  # defaults a preset fills in when the flag is not given
 }
 
 
+class EvalError(Exception):
+    """A refusal with a one-line message naming the cause (printed without a traceback)."""
+
+
+def short_digest(text):
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 # -----------------------------------------------------------------------------
-# data readers: each returns a list of items dict(id, question, image, meta). `image` is a
-# file path or {"b64": str} / {"bytes": bytes}; `meta` holds what the scorer needs and is
-# copied into predictions.jsonl, so scoring reads the predictions file alone.
+# the model and what identifies it
+
+@dataclass
+class ModelSource:
+    """What produced the predictions; stored in run.json, a rerun must match it."""
+    method: str
+    ckpt: str | None  # a train.py run dir
+    base: str | None  # a bare base (without --ckpt)
+    wise_ft: list | None  # [A, B]
+    alpha: float | None
+    template: str  # the conversation template of the prompts
+    weights: str  # a digest of the weights
+    dtype: str
 
 
-# -----------------------------------------------------------------------------
-# --preset tiny: small synthetic copies of every benchmark's release format, drawn with the
-# shapes of data.py's synthetic set (so a tiny CARPE trained by train.py can score on them)
-
-
-# -----------------------------------------------------------------------------
-# answer parsers and scorers (pure functions of predictions records)
-
-
-# -----------------------------------------------------------------------------
-# the paper's tables
-
-
-# -----------------------------------------------------------------------------
-# WiSE-FT: stream-interpolate two weight sets on CPU
-
-
-# -----------------------------------------------------------------------------
-# the model
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    processor: object
+    image_transform: object  # list of PIL images -> pixel_values (a dict of them for CARPE-MoE)
+    source: ModelSource
 
 
 def resolve_dtype(name, device):
@@ -142,97 +120,158 @@ def resolve_dtype(name, device):
     return dict(float32=torch.float32, float16=torch.float16, bfloat16=torch.bfloat16)[name]
 
 
+def base_digest(base):
+    """sha256 of a base folder's config.json and of its weights files' names, sizes and mtimes. A
+    Hub id is looked up in the local Hub cache (after loading, it is there)."""
+    folder = base
+    if not os.path.isdir(base):
+        from huggingface_hub import try_to_load_from_cache
+        cached = try_to_load_from_cache(base, "config.json")
+        if not isinstance(cached, str):
+            return short_digest(f"hub:{base}")  # not in the cache: the id is all we know
+        folder = os.path.dirname(cached)
+    h = hashlib.sha256()
+    with open(os.path.join(folder, "config.json"), "rb") as f:
+        h.update(f.read())
+    for name in sorted(os.listdir(folder)):
+        if name.endswith((".safetensors", ".bin", ".index.json")):
+            st = os.stat(os.path.join(folder, name))  # follows the Hub cache's symlinks to the blobs
+            h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def weights_digest(path):
+    return run_digest(path) if is_run_dir(path) else base_digest(path)
+
+
+def check_finite_weights(model, where):
+    """Refuse NaN / inf anywhere in the model (also after a cast to float16 that overflowed)."""
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise EvalError(f"{where}: weight {name} holds non-finite values (NaN or inf); refusing to evaluate it")
+
+
+def merge_wise_ft(args):
+    """Rank 0 writes the WiSE-FT weights into <out>/wise_ft_weights. -> (run dir or None, base dir or None)."""
+    a, b = args.wise_ft
+    merged = os.path.join(args.out, "wise_ft_weights")
+    if int(os.environ.get("RANK", 0)) == 0:
+        if is_run_dir(a) != is_run_dir(b):  # a base against a run of it: the base side of the run's tensors
+            run, other = (a, b) if is_run_dir(a) else (b, a)
+            side = base_side_of_run(run, other, os.path.join(args.out, "wise_ft_base_side"))
+            a, b = (a, side) if run == a else (side, b)
+        print0(f"WiSE-FT: {1 - args.alpha:g} * {a} + {args.alpha:g} * {b} -> {merged}")
+        interpolate_weights(a, b, args.alpha, merged)
+    barrier()
+    return (merged, None) if is_run_dir(merged) else (None, merged)
+
+
 def load_model(args, device):
-    """-> (model, processor, image_transform, description dict). Rank 0 merges the WiSE-FT weights."""
+    """-> LoadedModel: a run dir (--ckpt), WiSE-FT weights, or a model built around a bare base."""
     dtype = resolve_dtype(args.dtype, device)
-    ckpt = args.ckpt
-    base = args.base
+    norm = lambda p: os.path.normpath(p) if p and os.path.exists(p) else p  # ./runs/x and runs/x are one run
     if args.wise_ft:
-        a, b = args.wise_ft
-        merged = os.path.join(args.out, "wise_ft_weights")
-        if int(os.environ.get("RANK", 0)) == 0:
-            if is_run_dir(a) != is_run_dir(b):  # a base against a run of it: the base side of the run's tensors
-                run, other = (a, b) if is_run_dir(a) else (b, a)
-                side = base_side_of_run(run, other, os.path.join(args.out, "wise_ft_base_side"))
-                a, b = (a, side) if run == a else (side, b)
-            print0(f"WiSE-FT: {1 - args.alpha:g} * {a} + {args.alpha:g} * {b} -> {merged}")
-            interpolate_weights(a, b, args.alpha, merged)
-        barrier()
-        if is_run_dir(merged):  # a copy of A's folder (or of the run's base side)
-            ckpt = merged
-        else:
-            base = merged
+        ckpt, base = merge_wise_ft(args)
+        digest = short_digest(f"{weights_digest(args.wise_ft[0])} {weights_digest(args.wise_ft[1])} {args.alpha!r}")
+    else:
+        ckpt, base = args.ckpt, args.base
     if ckpt:
         model, processor, image_transform = load_run(ckpt, device=device, dtype=dtype)
         with open(os.path.join(ckpt, "config.json")) as f:
-            method = json.load(f)["method"]
+            run = json.load(f)
+        method, template = run["method"], run.get("template", "vicuna_v1")
     else:
-        method = args.method or "llava"
+        method, template = args.method or "llava", args.template
         llava, processor = carpe.load_base(base, device=device, dtype=dtype)
         model = carpe.build_model(method, llava, carpe.CarpeConfig(integrator_heads=args.integrator_heads))
         model.to(device=device, dtype=dtype)
         image_transform = carpe.make_image_transform(processor)
     model.eval()
-    norm = lambda p: os.path.normpath(p) if p and os.path.exists(p) else p  # ./runs/x and runs/x are one run
-    return model, processor, image_transform, dict(method=method, ckpt=norm(args.ckpt), base=norm(base) if not ckpt else None,
-                                                             wise_ft=args.wise_ft, alpha=args.alpha if args.wise_ft else None)
+    check_finite_weights(model, ckpt or base)
+    if not args.wise_ft:
+        digest = weights_digest(ckpt) if ckpt else base_digest(base)
+    if args.compile:  # regional: each repeated block compiled once, the data-dependent glue stays eager
+        kernels.compile_blocks(carpe.repeated_blocks(model))
+    source = ModelSource(method=method, ckpt=norm(args.ckpt), base=None if ckpt else norm(base), wise_ft=args.wise_ft,
+                         alpha=args.alpha if args.wise_ft else None, template=template, weights=digest,
+                         dtype=str(dtype).removeprefix("torch."))
+    return LoadedModel(model, processor, image_transform, source)
+
+
+def expert_names(model):
+    """CARPE-MoE's expert names in route order, or None for a model without experts."""
+    vision_moe = getattr(model, "vision_moe", None)
+    if vision_moe is None:
+        return None
+    return getattr(vision_moe, "expert_names", None) or [e.name for e in vision_moe.config.experts]
 
 
 # -----------------------------------------------------------------------------
-# generation with resume and sharding
+# batches: prompts, images and the items that failed to load
+
+@dataclass
+class Batch:
+    items: list  # the benchmark Items that go to the model, in order
+    failed: list  # prediction records of the items that could not be read
+    input_ids: torch.Tensor | None  # (B, T), left-padded; None when every item failed
+    attention_mask: torch.Tensor | None  # (B, T)
+    pixel_values: object  # (B, 3, H, W), or {expert: tensor} for CARPE-MoE
 
 
-
-def read_predictions(path, repair=False):
-    """Records of a predictions file. A torn last line (a crash mid-write) is dropped, and with
-    repair=True cut from the file so that appending continues cleanly."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        lines = f.read().split("\n")
-    records, good = [], []
-    for n, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-            good.append(line)
-        except json.JSONDecodeError:
-            if any(l.strip() for l in lines[n + 1:]):
-                raise ValueError(f"{path}: line {n + 1} is not valid JSON (and it is not the last line)") from None
-            if repair:
-                with open(path, "w") as f:
-                    f.write("".join(l + "\n" for l in good))
-    return records
+def describe_image(ref):
+    return ref if isinstance(ref, str) else "<image embedded in the benchmark file>"
 
 
-def prediction_files(bench_dir):
-    return [os.path.join(bench_dir, "predictions.jsonl")] + sorted(glob.glob(os.path.join(bench_dir, "predictions.rank*.jsonl")))
+def failed_record(item, error):
+    return dict(id=item.id, answer="", error=error, path=describe_image(item.image), context_weights=None,
+                route=None, prompt=short_digest(item.question), **item.meta)
 
 
 class BatchCollator:
-    """Turns a batch of items into model inputs (runs in DataLoader workers: images decode there).
-    Prompts are tokenised as training tokenises them (data.ConversationTokenizer: text pieces around
-    the image tokens encoded separately, as LLaVA's tokenizer_image_token does), so the ids next to
-    the image match training whatever the tokenizer, then left-padded for generate()."""
+    """Turns a list of items into a Batch (runs in DataLoader workers: images decode there). Prompts
+    come from data.ConversationTokenizer.encode_prompt, the ids training gives that user turn. An
+    item whose image does not decode becomes a failed record instead of stopping the benchmark."""
 
-    def __init__(self, tokenizer, image_transform, n_image_tokens):
-        self.tokenizer, self.image_transform = tokenizer, image_transform
-        self.conversation = ConversationTokenizer(tokenizer, n_image_tokens, tokenizer.convert_tokens_to_ids("<image>"))
+    def __init__(self, tokenizer, image_transform, n_image_tokens, template):
+        self.image_transform = image_transform
+        self.conversation = ConversationTokenizer(tokenizer, n_image_tokens, tokenizer.convert_tokens_to_ids("<image>"),
+                                                  template=template)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def __call__(self, batch):
-        items = batch[0]
-        rows = [[self.tokenizer.bos_token_id] + self.conversation.encode(vicuna_prompt(it["question"], has_image=True))
-                for it in items]
+        good, images, failed = [], [], []
+        for item in batch[0]:
+            if item.error:  # the reader could not make sense of this item
+                failed.append(failed_record(item, item.error))
+                continue
+            try:
+                images.append(open_image(item.image))
+            except Exception as e:  # truncated file, broken base64, not an image: this item only
+                failed.append(failed_record(item, f"cannot read image {describe_image(item.image)}: {type(e).__name__}: {e}"))
+                continue
+            good.append(item)
+        if not good:
+            return Batch([], failed, None, None, None)
+        rows = [self.conversation.encode_prompt(item.question, has_image=True) for item in good]
         T = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)  # (B, T), left-padded
+        input_ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)  # (B, T), left-padded for generate()
         attention_mask = torch.zeros(len(rows), T, dtype=torch.long)
         for b, r in enumerate(rows):
             input_ids[b, T - len(r):] = torch.tensor(r)
             attention_mask[b, T - len(r):] = 1
-        pixel_values = self.image_transform([open_image(it["image"]) for it in items])
-        return items, input_ids, attention_mask, pixel_values
+        return Batch(good, failed, input_ids, attention_mask, self.image_transform(images))
+
+
+def check_length(batch, max_new, max_positions, closed_world):
+    """A prompt plus its answer must fit the model's positions (closed-world ImageNet lists 1000
+    names: about 5-6k tokens, past Vicuna's 4096)."""
+    lengths = batch.attention_mask.sum(1)  # (B,) prompt lengths without padding
+    longest = int(lengths.argmax())
+    if int(lengths[longest]) + max_new > max_positions:
+        advice = (" Use --closed-k K to list K candidates (the true class among them, as training does) instead "
+                  "of every class." if closed_world else " Lower --max-new-tokens or use a base with more positions.")
+        raise EvalError(f"item {batch.items[longest].id}: its prompt is {int(lengths[longest])} tokens, + {max_new} new "
+                        f"tokens > the model's {max_positions} positions (text_config.max_position_embeddings).{advice}")
 
 
 def to_device(pixel_values, device, dtype):
@@ -241,51 +280,145 @@ def to_device(pixel_values, device, dtype):
     return pixel_values.to(device=device, dtype=dtype)
 
 
-def generate_records(model, processor, image_transform, batches, args, device, bench, out_file):
-    """Greedy answers for each batch, appended to out_file (flushed per batch). -> the new records."""
-    from torch.utils.data import DataLoader
-    tokenizer = processor.tokenizer
-    collate = BatchCollator(tokenizer, image_transform, n_image_tokens(processor))
-    loader = DataLoader(batches, batch_size=1, collate_fn=collate, num_workers=args.workers)
-    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-    max_new = args.max_new_tokens or MAX_NEW_TOKENS[bench]
-    records = []
-    rank = int(os.environ.get("RANK", 0))
-    with open(out_file, "a") as f:
-        for items, input_ids, attention_mask, pixel_values in tqdm(loader, desc=bench, disable=rank != 0):
-            out = model.generate(input_ids.to(device), attention_mask.to(device), to_device(pixel_values, device, dtype),
-                                 max_new_tokens=max_new, eos_token_id=tokenizer.eos_token_id,
-                                 pad_token_id=tokenizer.pad_token_id, return_dict=True)
-            answers = tokenizer.batch_decode(out.sequences[:, input_ids.size(1):], skip_special_tokens=True)
-            weights = out.context_weights.float().cpu().tolist() if out.context_weights is not None else [None] * len(items)
-            routes = out.route.cpu().tolist() if out.route is not None else [None] * len(items)
-            for it, answer, w, route in zip(items, answers, weights, routes):
-                rec = dict(id=it["id"], answer=answer.strip(), question=it["question"], **it["meta"])
-                rec["context_weights"] = w
-                rec["route"] = route
-                records.append(rec)
-                f.write(json.dumps(rec) + "\n")
-            f.flush()
+# -----------------------------------------------------------------------------
+# predictions files: append-only, read once, torn tails cut in place
+
+def read_predictions(path):
+    """Records of a predictions file, in file order. A last line without its newline (a crash
+    mid-write) is cut from the file in place (os.truncate), so appending continues cleanly."""
+    if not os.path.exists(path):
+        return []
+    records, good_end = [], 0
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.endswith(b"\n"):
+                break  # only the last line can lack its newline
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise EvalError(f"{path}: line {n} is not valid JSON (and it is not a torn last line); "
+                                    f"fix or delete the file") from None
+            good_end += len(line)
+    if good_end < os.path.getsize(path):
+        os.truncate(path, good_end)
     return records
 
 
-def eval_signature(args, model_desc, bench):
-    """What the predictions depend on; a rerun into the same folder must match it."""
-    return dict(model=model_desc, bench=bench, world=args.world if bench in CLS_BENCHES else None,
-                max_new_tokens=args.max_new_tokens or MAX_NEW_TOKENS[bench])
+def append_records(path, records):
+    with open(path, "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+        f.flush()
+        os.fsync(f.fileno())
 
 
-def check_signature(bench_dir, signature):
+def rank_files(bench_dir):
+    return sorted(os.path.join(bench_dir, n) for n in os.listdir(bench_dir) if n.startswith("predictions.rank"))
+
+
+@dataclass
+class Predictions:
+    """What the predictions file of a benchmark holds (rank 0's view)."""
+    records: dict  # id -> record; a later line of an id (a retried failure) wins
+    n_lines: int
+
+
+def absorb_rank_files(bench_dir, known: Predictions, order):
+    """Append the ranks' own files to predictions.jsonl (only lines not already there, in item
+    order), then remove them. Safe to repeat after a crash between the append and the removal."""
+    new = []
+    for path in rank_files(bench_dir):
+        new += [r for r in read_predictions(path) if known.records.get(r["id"]) != r]
+    new.sort(key=lambda r: order.get(r["id"], len(order)))
+    if new:
+        append_records(os.path.join(bench_dir, "predictions.jsonl"), new)
+    for path in rank_files(bench_dir):
+        os.remove(path)
+    known.records.update((r["id"], r) for r in new)
+    known.n_lines += len(new)
+
+
+def compact(bench_dir, known: Predictions, order):
+    """Rewrite predictions.jsonl with one line per id (only after --retry-failed replaced lines)."""
+    path = os.path.join(bench_dir, "predictions.jsonl")
+    records = sorted(known.records.values(), key=lambda r: order.get(r["id"], len(order)))
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    os.replace(path + ".tmp", path)
+    known.n_lines = len(records)
+
+
+# -----------------------------------------------------------------------------
+# one benchmark: generate what is missing, gather, score
+
+@dataclass
+class RunSignature:
+    """Everything the predictions of <out>/<bench> depend on (run.json)."""
+    model: dict  # ModelSource
+    bench: str
+    world: str | None  # classification only
+    closed_k: int | None
+    max_new_tokens: int
+
+
+def flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_signature(bench_dir, signature: RunSignature):
+    """Write run.json on the first run; refuse a rerun whose weights, dtype or settings differ."""
     path = os.path.join(bench_dir, "run.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        if old != json.loads(json.dumps(signature)):
-            raise ValueError(f"{bench_dir} holds predictions from another setting ({old}); now {signature}. "
-                             f"Use another --out, or delete that folder to start over.")
-    else:
-        with open(path, "w") as f:
-            json.dump(signature, f, indent=1)
+    new = json.loads(json.dumps(asdict(signature)))
+    if not os.path.exists(path):
+        write_json_atomic(path, new)
+        return
+    with open(path) as f:
+        old = json.load(f)
+    if old != new:
+        a, b = flatten(old), flatten(new)
+        diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        there = ", ".join(f"{k}={a.get(k)}" for k in diff)
+        now = ", ".join(f"{k}={b.get(k)}" for k in diff)
+        raise EvalError(f"{bench_dir} holds predictions from another setting ({there}); this run has ({now}). "
+                        f"Use another --out, or delete {bench_dir} to start over.")
+
+
+def generate_records(loaded: LoadedModel, batches, args, device, bench, out_file):
+    """Greedy answers for each batch, appended to out_file and flushed per batch. -> the new records."""
+    model, tokenizer = loaded.model, loaded.processor.tokenizer
+    max_new = args.max_new_tokens or bench.max_new_tokens
+    collate = BatchCollator(tokenizer, loaded.image_transform, n_image_tokens(loaded.processor), loaded.source.template)
+    max_positions = model.llava.config.text_config.max_position_embeddings
+    loader = DataLoader(batches, batch_size=1, collate_fn=collate, num_workers=args.workers)
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    names = expert_names(model)
+    new = []
+    with open(out_file, "a") as f:
+        for batch, items in zip(tqdm(loader, desc=bench.name, disable=int(os.environ.get("RANK", 0)) != 0), batches):
+            records = {r["id"]: r for r in batch.failed}
+            if batch.items:
+                check_length(batch, max_new, max_positions, bench.group == "cls" and args.world == "closed")
+                out = model.generate(batch.input_ids.to(device), batch.attention_mask.to(device),
+                                     to_device(batch.pixel_values, device, dtype), max_new_tokens=max_new,
+                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                     return_dict=True)
+                answers = tokenizer.batch_decode(out.sequences[:, batch.input_ids.size(1):], skip_special_tokens=True)
+                weights = out.context_weights.float().cpu().tolist() if out.context_weights is not None else None
+                routes = out.route.cpu().tolist() if out.route is not None else None
+                for b, item in enumerate(batch.items):
+                    route = routes[b] if routes is not None and routes[b] >= 0 else None  # -1: no image
+                    records[item.id] = dict(id=item.id, answer=answers[b].strip(), error=None,
+                                            context_weights=weights[b] if weights else None,
+                                            route=names[route] if route is not None else None,
+                                            prompt=short_digest(item.question), **item.meta)
+            ordered = [records[item.id] for item in items]  # the batch's item order, failures included
+            f.writelines(json.dumps(r) + "\n" for r in ordered)
+            f.flush()  # a crash loses at most this batch
+            new += ordered
+    return new
 
 
 def summarize_weights(records):
@@ -295,126 +428,174 @@ def summarize_weights(records):
     return dict(vision=sum(w[0] for w in ws) / len(ws), language=sum(w[1] for w in ws) / len(ws))
 
 
-def routing_histogram(records):
-    routes = [r["route"] for r in records if r.get("route") is not None]
-    if not routes:
+def routing_histogram(records, names):
+    """{expert name: number of items routed to it}, in the experts' order (None without experts)."""
+    if not names:
         return None
-    hist = {}
-    for route in routes:
-        hist[str(route)] = hist.get(str(route), 0) + 1
-    return dict(sorted(hist.items()))
+    counts = {name: 0 for name in names}
+    for r in records:
+        if r.get("route") is not None:
+            counts[r["route"]] += 1
+    return counts
 
 
 def load_items(bench, args):
-    items = read_bench(bench, args.data_root, args.world)
+    items = bench.read(args.data_root, world=args.world, closed_k=args.closed_k)
     if args.limit:
         items = items[:args.limit]
+    if not items:
+        raise EvalError(f"{bench.name}: no items were read from the benchmark's folder under {os.path.abspath(args.data_root)} "
+                        f"(an empty benchmark scores nothing; check the data layout in benchmarks.py)")
     seen = set()
     for it in items:
-        if it["id"] in seen:
-            raise ValueError(f"{bench}: item id {it['id']} appears twice in the data")
-        seen.add(it["id"])
+        if it.id in seen:
+            raise EvalError(f"{bench.name}: item id {it.id} appears twice in the data under {args.data_root}")
+        seen.add(it.id)
     return items
 
 
-def run_bench(bench, items, model, processor, image_transform, model_desc, args, device):
-    """Generate what is missing (sharded), gather, score. -> metrics (rank 0) or None."""
+def resume_state(bench_dir, items):
+    """Rank 0: read the predictions once (cutting a torn tail, absorbing rank files of a crashed
+    sharded run), check that finished items were asked the same prompts. -> Predictions."""
+    order = {it.id: n for n, it in enumerate(items)}
+    lines = read_predictions(os.path.join(bench_dir, "predictions.jsonl"))
+    known = Predictions(records={r["id"]: r for r in lines}, n_lines=len(lines))
+    absorb_rank_files(bench_dir, known, order)
+    prompts = {it.id: short_digest(it.question) for it in items}
+    for r in known.records.values():
+        if r["id"] in prompts and r.get("prompt") != prompts[r["id"]]:
+            raise EvalError(f"{bench_dir}: item {r['id']} was answered for another prompt than the reader builds now "
+                            f"(the data or the prompt code changed). Use another --out, or delete {bench_dir}.")
+    return known
+
+
+def run_bench(bench, items, loaded: LoadedModel, args, device):
+    """Generate what is missing (sharded), gather, score. -> metrics dict (rank 0) or None."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    bench_dir = os.path.join(args.out, bench)
-    ids = [it["id"] for it in items]
+    bench_dir = os.path.join(args.out, bench.name)
+    max_new = args.max_new_tokens or bench.max_new_tokens
+    is_cls = bench.group == "cls"
+    known, done = None, None
     if rank == 0:
         os.makedirs(bench_dir, exist_ok=True)
-        check_signature(bench_dir, eval_signature(args, model_desc, bench))
-        for path in prediction_files(bench_dir):
-            read_predictions(path, repair=True)
-    barrier()
-    done = {r["id"] for path in prediction_files(bench_dir) for r in read_predictions(path)}
-    todo = [it for it in items if it["id"] not in done]
-    print0(f"{bench}: {len(items)} items, {len(items) - len(todo)} already done, {len(todo)} to generate")
+        check_signature(bench_dir, RunSignature(asdict(loaded.source), bench.name, args.world if is_cls else None,
+                                                args.closed_k if is_cls else None, max_new))
+        known = resume_state(bench_dir, items)
+        done = {i for i, r in known.records.items() if not (args.retry_failed and r.get("error"))}
+    shared = [done]
+    if world > 1:
+        dist.broadcast_object_list(shared, src=0)  # only rank 0 reads the file; the others get the finished ids
+    todo = [it for it in items if it.id not in shared[0]]
+    print0(f"{bench.name}: {len(items)} items, {len(items) - len(todo)} already done, {len(todo)} to generate")
     batches = [todo[i:i + args.batch_size] for i in range(0, len(todo), args.batch_size)]
     out_file = os.path.join(bench_dir, "predictions.jsonl" if world == 1 else f"predictions.rank{rank}.jsonl")
-    barrier()  # every rank has read the finished ids before anyone appends
-    new = generate_records(model, processor, image_transform, batches[rank::world], args, device, bench, out_file)
-    if world > 1:
-        gathered = [None] * world if rank == 0 else None
-        torch.distributed.gather_object(new, gathered, dst=0)
-        new = [r for part in gathered for r in part] if rank == 0 else []
-    metrics = None
-    if rank == 0:
-        records = {}
-        for r in [r for path in prediction_files(bench_dir) for r in read_predictions(path)] + new:
-            records.setdefault(r["id"], r)  # first copy wins: no duplicates
-        order = {i: n for n, i in enumerate(ids)}
-        merged = sorted(records.values(), key=lambda r: order.get(r["id"], len(order)))
-        tmp = os.path.join(bench_dir, "predictions.jsonl.tmp")
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in merged)
-        os.replace(tmp, os.path.join(bench_dir, "predictions.jsonl"))
-        for path in prediction_files(bench_dir)[1:]:
-            os.remove(path)
-        scored = [records[i] for i in ids if i in records]
-        missing = [i for i in ids if i not in records]
-        if missing:
-            raise RuntimeError(f"{bench}: {len(missing)} items have no prediction after generation (e.g. {missing[:3]})")
-        metrics = dict(bench=bench)
-        metrics.update(score_bench(bench, scored, args.match))
-        metrics.update(n=len(scored), context_weights=summarize_weights(scored), routing=routing_histogram(scored),
-                       model=model_desc, settings=dict(world=args.world, match=args.match, limit=args.limit,
-                                                       max_new_tokens=args.max_new_tokens or MAX_NEW_TOKENS[bench]))
-        with open(os.path.join(bench_dir, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=1)
-        print0(f"{bench}: {metrics['headline']:.2f}")
+    new = generate_records(loaded, batches[rank::world], args, device, bench, out_file) if batches[rank::world] else []
+    barrier()  # every rank has flushed its file
+    if rank != 0:
+        barrier()
+        return None
+    order = {it.id: n for n, it in enumerate(items)}
+    if world == 1:
+        known.records.update((r["id"], r) for r in new)
+        known.n_lines += len(new)
+    else:
+        absorb_rank_files(bench_dir, known, order)
+    if known.n_lines > len(known.records):
+        compact(bench_dir, known, order)
+    missing = [it.id for it in items if it.id not in known.records]
+    if missing:
+        raise EvalError(f"{bench.name}: {len(missing)} items have no prediction after generation (e.g. {missing[:3]})")
+    metrics = score(bench, [known.records[it.id] for it in items], loaded, args, max_new)
+    write_json_atomic(os.path.join(bench_dir, "metrics.json"), metrics)
+    failed = f" ({metrics['n_failed']} failed items scored as empty answers)" if metrics["n_failed"] else ""
+    print0(f"{bench.display}: {metrics['headline']:.2f}{failed}")
     barrier()
+    return metrics
+
+
+def score(bench, records, loaded: LoadedModel, args, max_new):
+    """metrics.json: the official score of every item (failed ones as empty answers) and the rest."""
+    failed = [r["id"] for r in records if r.get("error")]
+    metrics = dict(bench=bench.name, **bench.score(records, match=args.match))
+    metrics.update(n=len(records), n_failed=len(failed), failed_ids=failed,
+                   context_weights=summarize_weights(records),
+                   routing=routing_histogram(records, expert_names(loaded.model)), model=asdict(loaded.source),
+                   settings=dict(world=args.world, closed_k=args.closed_k, match=args.match, limit=args.limit,
+                                 max_new_tokens=max_new))
     return metrics
 
 
 def write_summary(out_dir, name):
     scores, weights = read_eval_dir(out_dir)
     text = markdown_tables([(name, scores, weights)])
-    with open(os.path.join(out_dir, "summary.md"), "w") as f:
+    with open(os.path.join(out_dir, "summary.md.tmp"), "w") as f:
         f.write(text)
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(dict(name=name, scores=scores, context_weights=weights, table2_average=table2_average(scores),
-                       table3_average=table3_average(scores)), f, indent=1)
+    os.replace(os.path.join(out_dir, "summary.md.tmp"), os.path.join(out_dir, "summary.md"))
+    write_json_atomic(os.path.join(out_dir, "summary.json"),
+                      dict(name=name, scores=scores, context_weights=weights, table2_average=table2_average(scores),
+                           table3_average=table3_average(scores)))
     return text
 
 
 # -----------------------------------------------------------------------------
 # command line
 
+def positive(flag):
+    def parse(text):
+        value = int(text)
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{flag} must be at least 1, got {value}")
+        return value
+    return parse
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate CARPE / CARPE-MoE / baselines on the paper's benchmarks.")
-    p.add_argument("--bench", default=None, help="a benchmark (" + ", ".join(BENCH_GROUPS["all"]) +
-                   ") or a group: cls (the 4 classifiers), vl (the 7 VL sets), all; comma-separated lists work too")
-    p.add_argument("--ckpt", default=None, help="a train.py run dir (config.json + model.safetensors), CARPE or MoE or a baseline")
+    p.add_argument("--bench", default=None, help="a benchmark (" + ", ".join(BENCHMARKS) + ") or a group (" +
+                   ", ".join(BENCH_GROUPS) + "); comma-separated lists work too")
+    p.add_argument("--ckpt", default=None, help="a train.py run dir (config.json + model.safetensors): CARPE, MoE or a baseline")
     p.add_argument("--method", default=None, choices=["llava", "carpe", "imagenet-ft", "levi"],
                    help="without --ckpt: the model built around --base (llava = vanilla LLaVA, no CARPE modules; default llava)")
-    p.add_argument("--base", default=None, help="base LLaVA: an HF id, an HF dir, a tiny-base dir, or 'tiny' (the random "
-                   "tiny LLaVA); default: the preset's (tiny: train.py's cached pre-stage base if present, else 'tiny')")
+    p.add_argument("--base", default=None, help="base LLaVA: an HF id, an HF dir, or 'tiny' (the random tiny LLaVA); "
+                   "default: the preset's (tiny: train.py's cached pre-stage base if present, else 'tiny')")
+    p.add_argument("--template", default=None, choices=TEMPLATES, help="conversation template of the prompts for a "
+                   "model built around --base (default vicuna_v1); a --ckpt run uses the template it was trained with")
     p.add_argument("--preset", default="llava-7b", choices=list(PRESETS), help="defaults for base, data root, batch size, dtype")
     p.add_argument("--data-root", default=None, help="root of the benchmark folders (default: the preset's)")
     p.add_argument("--out", default=None, help="output folder (default <ckpt>/eval, else runs/eval-<method>)")
-    p.add_argument("--world", default="open", choices=["open", "closed"], help="classification prompt: open, or closed with all labels listed")
-    p.add_argument("--match", default="substring", choices=["substring", "exact"], help="classification scoring rule")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N items of each benchmark")
-    p.add_argument("--batch-size", type=int, default=None, help="prompts per generate call, per rank")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="generation length cap (default: per benchmark)")
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers that decode images")
+    p.add_argument("--world", default="open", choices=["open", "closed"],
+                   help="classification prompt: open, or closed with the candidate classes listed")
+    p.add_argument("--closed-k", type=positive("--closed-k"), default=None,
+                   help="closed world: list K candidates (the true class and K-1 others, shuffled per item, as "
+                   "training does) instead of every class; needed when all names do not fit the model's positions")
+    p.add_argument("--match", default="official", choices=MATCH_RULES, help="answer-matching rule: official (each "
+                   "benchmark's own script; substring for classification), exact (classification), lenient (a looser "
+                   "letter / option-text reader for the multiple-choice sets, for diagnosis only)")
+    p.add_argument("--limit", type=positive("--limit"), default=None, help="evaluate only the first N items of each benchmark")
+    p.add_argument("--batch-size", type=positive("--batch-size"), default=None, help="prompts per generate call, per rank")
+    p.add_argument("--max-new-tokens", type=positive("--max-new-tokens"), default=None,
+                   help="generation length cap (default: the preset's, else each benchmark's)")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers that decode images (0: in the main process)")
     p.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"],
-                   help="model dtype (auto: float16 on GPU, float32 on CPU)")
-    p.add_argument("--integrator-heads", type=int, default=32, help="CarpeConfig.integrator_heads for a model built without --ckpt")
+                   help="model dtype (auto: float16 on GPU, float32 on CPU); recorded in run.json")
+    p.add_argument("--compile", action="store_true", help="torch.compile each repeated block (decoder layers, vision "
+                   "layers, integrator blocks); the first batches pay the compile time")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="generate again the items recorded as failed (unreadable image, ...) by an earlier run")
+    p.add_argument("--integrator-heads", type=positive("--integrator-heads"), default=32,
+                   help="CarpeConfig.integrator_heads for a model built without --ckpt")
     p.add_argument("--wise-ft", nargs=2, metavar=("A", "B"), default=None,
-                   help="WiSE-FT: evaluate (1 - alpha) * A + alpha * B; A, B: two run dirs, two HF / tiny-base dirs with the "
+                   help="WiSE-FT: evaluate (1 - alpha) * A + alpha * B; A, B: two run dirs, two HF dirs with the "
                    "same tensors, or a base (HF id or dir) and a run dir trained from it")
     p.add_argument("--alpha", type=float, default=0.5, help="WiSE-FT mixing coefficient (0 = A, 1 = B)")
     p.add_argument("--table", nargs="+", metavar="DIR", default=None,
                    help="only print one Markdown table (Tables 2-4) with a row per eval dir (or run dir with eval/)")
+    p.add_argument("--table-out", default=None, help="also write the --table Markdown to this file")
     p.add_argument("--cache-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache"),
                    help="where --preset tiny finds train.py's tiny base and keeps the untrained tiny LLaVA ('tiny')")
-    p.add_argument("--table-out", default=None, help="also write the --table Markdown to this file")
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
-    for key in ("base", "data_root", "batch_size", "workers", "dtype"):
+    for key in ("base", "data_root", "batch_size", "workers", "dtype", "max_new_tokens"):
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
     base_given = any(a == "--base" or a.startswith("--base=") for a in (argv if argv is not None else sys.argv[1:]))
@@ -422,37 +603,38 @@ def parse_args(argv=None):
         args.base = tiny.tiny_default_base(args.cache_dir)
     elif args.base == "tiny":
         args.base = tiny.ensure_random_base(args.cache_dir)
-    if args.max_new_tokens is None:
-        args.max_new_tokens = preset["max_new_tokens"]
     if args.table is None:
         if args.bench is None:
             p.error("--bench is required (or --table DIR ...)")
-        if args.ckpt and args.method:
-            p.error("--method builds a model around --base; a --ckpt run dir already names its method")
+        if args.ckpt and (args.method or args.template):
+            p.error("--method and --template build a model around --base; a --ckpt run dir names its own")
         if args.ckpt and args.wise_ft:
             p.error("--wise-ft takes its two weight sets itself; drop --ckpt")
         if not 0.0 <= args.alpha <= 1.0:
             p.error(f"--alpha must be in [0, 1], got {args.alpha}")
-        if args.batch_size < 1:
-            p.error("--batch-size must be at least 1")
+        if args.workers < 0:
+            p.error(f"--workers must be 0 or more, got {args.workers}")
+        if args.closed_k and args.world != "closed":
+            p.error("--closed-k applies to --world closed only")
+        args.template = args.template or "vicuna_v1"
         if args.out is None:
             args.out = os.path.join(args.ckpt, "eval") if args.ckpt else f"runs/eval-{'wise-ft' if args.wise_ft else args.method or 'llava'}"
     return args
 
 
 def bench_list(spec):
-    benches = []
+    """--bench value -> the Benchmarks, registry order within a group, duplicates dropped."""
+    names = []
     for name in spec.split(","):
         name = name.strip()
         if name in BENCH_GROUPS:
-            benches += BENCH_GROUPS[name]
-        elif name in BENCH_GROUPS["all"]:
-            benches.append(name)
+            names += BENCH_GROUPS[name]
+        elif name in BENCHMARKS:
+            names.append(name)
         else:
-            raise SystemExit(f"--bench: unknown benchmark {name!r}; choose from {', '.join(BENCH_GROUPS['all'])}, cls, vl, all")
-    return list(dict.fromkeys(benches))
-
-
+            raise EvalError(f"--bench: unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)} "
+                            f"or a group ({', '.join(BENCH_GROUPS)})")
+    return [BENCHMARKS[n] for n in dict.fromkeys(names)]
 
 
 def main(argv=None):
@@ -469,22 +651,25 @@ def main(argv=None):
     if args.preset == "tiny" and device.type == "cpu":
         torch.set_num_threads(1)  # a tiny model gains nothing from threads, and loses much on a busy machine
     try:
-        if int(os.environ.get("RANK", 0)) == 0:
+        if rank == 0:
             os.makedirs(args.out, exist_ok=True)
             if args.preset == "tiny" and not os.path.isdir(args.data_root):
                 print0(f"drawing the synthetic tiny benchmarks into {args.data_root}")
-                tiny.build_tiny_benchmarks(args.data_root)
+                tiny.build_tiny_benchmarks(args.data_root)  # atomic: complete, or absent and drawn again
         barrier()
-        items = {bench: load_items(bench, args) for bench in benches}  # missing data fails before the model loads
-        model, processor, image_transform, model_desc = load_model(args, device)
+        items = {bench.name: load_items(bench, args) for bench in benches}  # missing data fails before the model loads
+        loaded = load_model(args, device)
         for bench in benches:
-            run_bench(bench, items.pop(bench), model, processor, image_transform, model_desc, args, device)
-        if int(os.environ.get("RANK", 0)) == 0:
+            run_bench(bench, items.pop(bench.name), loaded, args, device)
+        if rank == 0:
             print0(write_summary(args.out, table_name(args.ckpt) if args.ckpt else table_name(args.out)))
     finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except EvalError as e:
+        sys.exit(f"eval.py: {e}")

@@ -1,6 +1,11 @@
-"""Tests for eval.py: every scorer on hand-made answers, the paper's table averages, and
-end-to-end runs of `eval.py --preset tiny` over synthetic copies of each benchmark's format
-(resume, torchrun sharding, WiSE-FT, the comparison table)."""
+"""Tests for eval.py (and tiny.py's benchmark folders): end-to-end runs of `eval.py --preset tiny`
+over synthetic copies of every benchmark's release format: outputs, resume after a crash (torn
+line cut in place, predictions read once, nothing rewritten), torchrun sharding, injected faults
+(other weights or dtype in the same --out, a corrupt image, broken base64, an empty benchmark,
+non-finite weights, a kill while drawing the tiny benchmarks, a closed-world prompt longer than
+the model's positions), WiSE-FT, CARPE-MoE routing by expert name, --compile, the comparison
+table, and the tiny training run beating chance."""
+import collections
 import json
 import math
 import os
@@ -10,185 +15,21 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 torch.set_num_threads(1)  # tiny models; threads only fight the other test processes
 
-import carpe  # noqa: E402
-import eval as E  # noqa: E402
 import benchmarks as B  # noqa: E402
+import carpe  # noqa: E402
 import common  # noqa: E402
+import data  # noqa: E402
+import eval as E  # noqa: E402
+import kernels  # noqa: E402
+import moe  # noqa: E402
 import tiny  # noqa: E402
 
-
-# -----------------------------------------------------------------------------
-# scorers on hand-made predictions
-
-def test_classification_substring_and_exact():
-    recs = [dict(label="Golden Retriever", answer="This is a golden retriever."),
-            dict(label="cat", answer="A dog"),
-            dict(label="tench", answer="Tench.")]
-    sub = B.score_classification(recs, "substring")
-    assert sub["correct"] == 3 - 1 and math.isclose(sub["headline"], 200 / 3)
-    exact = B.score_classification(recs, "exact")
-    assert exact["correct"] == 1  # only "Tench." equals its label once the trailing period goes
-
-
-def test_sqa_letter_parser():
-    assert B.parse_sqa_letter("B", 3) == "B"
-    assert B.parse_sqa_letter("C. a magnet", 3) == "C"
-    assert B.parse_sqa_letter("Looking at it, the answer is A.", 3) is None  # LLaVA wants "The answer is"
-    assert B.parse_sqa_letter("Looking at it. The answer is A.", 3) == "A"
-    assert B.parse_sqa_letter("D", 3) is None  # not an option of a 3-option question
-    assert B.parse_sqa_letter("b", 3) is None
-    recs = [dict(answer="The answer is B.", gt="B", n_options=2), dict(answer="A", gt="B", n_options=2)]
-    assert B.score_sqa(recs)["headline"] == 50.0
-
-
-def test_textvqa_normalisation_and_soft_accuracy():
-    assert B.normalize_vqa_answer("Two") == B.normalize_vqa_answer("2") == "2"
-    assert B.normalize_vqa_answer("The Apple.") == "apple"
-    assert B.normalize_vqa_answer("an apple!") == "apple"
-    assert B.normalize_vqa_answer("coca-cola") == "coca cola"
-    assert B.normalize_vqa_answer("dont") == "don't"
-    assert B.normalize_vqa_answer("3.5") == "3.5"  # decimal point kept
-    gts = ["2"] * 3 + ["3"] * 7
-    # leave-one-out: 3 subsets keep 2 matches (2/3), 7 keep 3 (1.0)
-    assert math.isclose(B.vqa_soft_accuracy("two", gts), (3 * 2 / 3 + 7) / 10)
-    assert math.isclose(B.vqa_soft_accuracy("2", ["2"] + ["x"] * 9), 9 * (1 / 3) / 10)
-    assert B.vqa_soft_accuracy("the 3", gts) == 1.0
-    assert B.vqa_soft_accuracy("four", gts) == 0.0
-
-
-def test_pope_parser_and_f1():
-    assert B.parse_pope_yes_no("No, there is no dog.") == "no"
-    assert B.parse_pope_yes_no("There is not a dog in the image.") == "no"
-    assert B.parse_pope_yes_no("Yes. There is no other animal.") == "yes"  # only the first sentence counts
-    assert B.parse_pope_yes_no("Nothing like that") == "yes"  # "Nothing" is not the word "no"
-    assert B.parse_pope_yes_no("yes") == "yes"
-    recs = []
-    # adversarial: tp=1 fp=1 fn=0 tn=0 -> P=.5 R=1 F1=2/3; popular: all right -> F1=1; random: tp=0 -> F1=0
-    for split, pairs in dict(adversarial=[("Yes", "yes"), ("Yes", "no")], popular=[("Yes", "yes"), ("No", "no")],
-                             random=[("No", "yes"), ("No", "no")]).items():
-        recs += [dict(split=split, answer=a, label=l) for a, l in pairs]
-    s = B.score_pope(recs)
-    assert math.isclose(s["headline"], 100 * (2 / 3 + 1 + 0) / 3)
-    assert math.isclose(s["splits"]["adversarial"]["yes_ratio"], 100.0)
-    assert math.isclose(s["accuracy"], 100 * (0.5 + 1 + 0.5) / 3)
-
-
-def test_mme_pairs_and_totals():
-    assert B.parse_mme_yes_no("Yes, it is.") == "yes"
-    assert B.parse_mme_yes_no("No") == "no"
-    assert B.parse_mme_yes_no("There is a dog") == "other"
-    recs = []
-    # existence: image 1 both right, image 2 one right -> acc 75, acc+ 50 -> 125
-    recs += [dict(subtask="existence", image="e/1", gt="yes", answer="Yes"), dict(subtask="existence", image="e/1", gt="no", answer="no"),
-             dict(subtask="existence", image="e/2", gt="yes", answer="yes"), dict(subtask="existence", image="e/2", gt="no", answer="yes")]
-    # code_reasoning (cognition): one image, both right -> 200
-    recs += [dict(subtask="code_reasoning", image="c/1", gt="yes", answer="yes"),
-             dict(subtask="code_reasoning", image="c/1", gt="no", answer="No.")]
-    s = B.score_mme(recs)
-    assert s["subtasks"]["existence"] == dict(score=125.0, acc=75.0, acc_plus=50.0, total=4)
-    assert s["perception"] == 125.0 and s["cognition"] == 200.0 and s["headline"] == 325.0
-
-
-def test_choice_extraction_rules():
-    opts = dict(A="dog", B="cat", C="red fox")
-    assert B.extract_choice("B", opts) == "B"
-    assert B.extract_choice("(c)", opts) == "C"
-    assert B.extract_choice("C. red fox", opts) == "C"
-    assert B.extract_choice("The answer is B.", opts) == "B"
-    assert B.extract_choice("A cat sits on the mat.", opts) == "B"  # article "A", then the option text
-    assert B.extract_choice("I see a red fox", opts) == "C"
-    assert B.extract_choice("a dog and a cat", opts) is None  # two option texts: no answer
-    assert B.extract_choice("E", opts) is None
-
-
-def test_mmbench_circular():
-    opts = lambda *t: dict(zip("ABC", t))
-    recs = [  # question 0: all rotations right; question 1: one rotation wrong
-        dict(group=0, gt="A", options=opts("x", "y", "z"), answer="A"),
-        dict(group=0, gt="C", options=opts("y", "z", "x"), answer="C"),
-        dict(group=0, gt="B", options=opts("z", "x", "y"), answer="x"),  # option-text match
-        dict(group=1, gt="A", options=opts("p", "q", "r"), answer="A"),
-        dict(group=1, gt="C", options=opts("q", "r", "p"), answer="A")]
-    s = B.score_mmbench(recs)
-    assert s["headline"] == 50.0 and s["questions"] == 2 and math.isclose(s["per_rotation_accuracy"], 80.0)
-
-
-def test_mmbench_reader_makes_rotations_without_copies(tmp_path):
-    import base64, csv, io
-    from PIL import Image
-    buf = io.BytesIO()
-    Image.new("RGB", (8, 8)).save(buf, format="PNG")
-    os.makedirs(tmp_path / "mmbench")
-    with open(tmp_path / "mmbench" / "mmbench_dev_20230712.tsv", "w", newline="") as f:
-        w = csv.writer(f, delimiter="\t")
-        w.writerow(["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "image"])
-        w.writerow(["7", "Which?", "nan", "x", "y", "z", "", "B", "cat", base64.b64encode(buf.getvalue()).decode()])
-    items = B.read_mmbench(str(tmp_path))
-    assert [it["id"] for it in items] == ["7/r0", "7/r1", "7/r2"]
-    for it in items:  # the right answer follows "y" through the rotations
-        assert it["meta"]["options"][it["meta"]["gt"]] == "y" and it["meta"]["group"] == 7
-        assert "\nD." not in it["question"]
-    assert [it["meta"]["gt"] for it in items] == ["B", "A", "C"]
-
-
-def test_cvbench_and_mmvp():
-    opts = dict(A="1", B="2")
-    recs = [dict(source="ADE20K", gt="A", options=opts, answer="A"), dict(source="ADE20K", gt="A", options=opts, answer="B"),
-            dict(source="COCO", gt="B", options=opts, answer="(B)"), dict(source="Omni3D", gt="A", options=opts, answer="B")]
-    s = B.score_cvbench(recs)
-    assert s["per_source"] == dict(ADE20K=50.0, COCO=100.0, Omni3D=0.0)
-    assert s["headline"] == ((50 + 100) / 2 + 0) / 2
-    opts = dict(A="open", B="closed")
-    recs = [dict(pair=0, gt="A", options=opts, answer="(a)"), dict(pair=0, gt="B", options=opts, answer="closed"),
-            dict(pair=1, gt="A", options=opts, answer="a"), dict(pair=1, gt="B", options=opts, answer="(a) open")]
-    s = B.score_mmvp(recs)
-    assert s["headline"] == 50.0 and s["question_accuracy"] == 75.0
-
-
-# -----------------------------------------------------------------------------
-# the paper's averages from its own rows (CARPE.md Tables 2 and 3)
-
-PAPER_TABLE2 = {  # ImageNet, Caltech101, Flowers102, Food101 -> Average
-    "LLaVA1.5-7B": ((26.4, 55.4, 6.7, 29.5), 29.5), "+ ImageNet fine-tune": ((78.0, 54.4, 6.7, 22.9), 40.5),
-    "WiSE-FT": ((48.1, 56.2, 6.6, 26.9), 34.4), "LEVI": ((73.3, 43.5, 3.7, 20.8), 35.3),
-    "SPHINX-13B": ((32.3, 49.7, 17.7, 36.3), 34.0), "CARPE": ((73.4, 60.4, 15.4, 32.7), 45.4),
-    "CARPE-MoE": ((64.5, 65.6, 16.7, 37.7), 46.1)}
-PAPER_TABLE3 = {  # SQA, TextVQA, POPE, MME, MMBench, CV-Bench, MMVP -> Average
-    "LLaVA1.5-7B": ((69.4, 58.3, 85.9, 1862.7, 64.7, 46.0, 63.0), 68.6),
-    "+ ImageNet fine-tune": ((66.8, 57.0, 85.9, 1744.2, 62.1, 37.9, 56.6), 64.7),
-    "WiSE-FT": ((68.0, 57.8, 85.1, 1803.5, 64.0, 46.1, 59.0), 67.1),
-    "LEVI": ((69.4, 49.2, 84.5, 1752.1, 64.0, 47.4, 61.3), 66.2),
-    "SPHINX-13B": ((69.3, 51.6, 80.7, 1798.3, 66.9, 61.3, 66.6), 69.4),
-    "CARPE": ((68.4, 55.8, 85.2, 1826.5, 64.8, 58.8, 64.0), 69.7),
-    "CARPE-MoE": ((68.0, 57.4, 84.7, 1861.7, 64.0, 58.8, 65.0), 70.1)}
-
-
-def truncate1(x):
-    return math.floor(x * 10 + 1e-6) / 10
-
-
-def test_summary_reproduces_paper_averages():
-    row = lambda name: {**dict(zip(B.CLS_BENCHES, PAPER_TABLE2[name][0])), **dict(zip(B.VL_BENCHES, PAPER_TABLE3[name][0]))}
-    # the issue's check values, rounded as our tables print them
-    assert f"{B.table2_average(row('LLaVA1.5-7B')):.1f}" == "29.5" and f"{B.table3_average(row('LLaVA1.5-7B')):.1f}" == "68.6"
-    assert f"{B.table2_average(row('CARPE-MoE')):.1f}" == "46.1" and f"{B.table3_average(row('CARPE-MoE')):.1f}" == "70.1"
-    # every row of both tables: the paper truncates to one decimal (CARPE 45.48 -> 45.4, SPHINX 69.47 -> 69.4)
-    for name in PAPER_TABLE2:
-        assert truncate1(B.table2_average(row(name))) == PAPER_TABLE2[name][1], name
-        assert truncate1(B.table3_average(row(name))) == PAPER_TABLE3[name][1], name
-    md = B.markdown_tables([("CARPE-MoE", row("CARPE-MoE"), {"imagenet": (0.26, 0.74), "sqa": (0.13, 0.87)})])
-    assert "| CARPE-MoE | 64.5 | 65.6 | 16.7 | 37.7 | 46.1 |" in md
-    assert "| 1861.7 |" in md and "| 70.1 |" in md and "| CARPE-MoE | 0.26 / 0.74 | 0.13 / 0.87 |" in md
-    assert B.table2_average({"imagenet": 50.0}) is None  # no average over a partial row
-
-
-# -----------------------------------------------------------------------------
-# end to end on synthetic copies of every benchmark
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
@@ -207,68 +48,88 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def tiny_flags(data_root, out, *extra):
+    return ["--preset", "tiny", "--base", "tiny", "--data-root", data_root, "--out", out, *extra]
+
+
+# -----------------------------------------------------------------------------
+# end to end on synthetic copies of every benchmark
+
 def test_end_to_end_writes_every_output(full_eval, tiny_data):
-    for bench in B.BENCH_GROUPS["all"]:
-        items = B.read_bench(bench, tiny_data)
-        preds = read_jsonl(os.path.join(full_eval, bench, "predictions.jsonl"))
-        assert [p["id"] for p in preds] == [it["id"] for it in items], bench
-        with open(os.path.join(full_eval, bench, "metrics.json")) as f:
+    for name in B.BENCH_GROUPS["all"]:
+        bench = B.BENCHMARKS[name]
+        items = bench.read(tiny_data)
+        preds = read_jsonl(os.path.join(full_eval, name, "predictions.jsonl"))
+        assert [p["id"] for p in preds] == [it.id for it in items], name
+        # a line identifies its prompt by a digest; the question text itself is never stored
+        assert all("question" not in p and p["prompt"] == E.short_digest(it.question) for p, it in zip(preds, items))
+        with open(os.path.join(full_eval, name, "metrics.json")) as f:
             m = json.load(f)
-        assert m["n"] == len(items) and m["bench"] == bench and m["headline"] is not None
+        assert m["n"] == len(items) and m["bench"] == name and m["n_failed"] == 0 and m["headline"] is not None
         # vanilla LLaVA: the whole weight is on the language side
         assert m["context_weights"] == dict(vision=0.0, language=1.0) and m["routing"] is None
         # metrics are the scorer applied to the predictions file
-        assert m["headline"] == B.score_bench(bench, preds)["headline"]
-    assert os.path.exists(os.path.join(full_eval, "summary.json"))
+        assert m["headline"] == bench.score(preds)["headline"]
+        with open(os.path.join(full_eval, name, "run.json")) as f:
+            run = json.load(f)
+        assert run["model"]["dtype"] == "float32" and len(run["model"]["weights"]) == 64
     with open(os.path.join(full_eval, "summary.md")) as f:
         md = f.read()
     assert "Table 2" in md and "Table 3" in md and "| llava |" in md
+    assert not [n for n in os.listdir(full_eval) if n.endswith(".tmp")]  # atomic writes left nothing behind
 
 
-def test_missing_files_name_what_is_expected(tmp_path):
-    expected = dict(imagenet="imagenet", sqa="llava_test_CQM-A.json", textvqa="llava_textvqa_val_v051_ocr.jsonl",
-                    pope="val2014", mme="MME_Benchmark_release_version", mmbench="mmbench_dev_20230712.tsv",
-                    cvbench="cvbench", mmvp="Questions.csv")
-    for bench, name in expected.items():
-        with pytest.raises(FileNotFoundError, match=name):
-            B.read_bench(bench, str(tmp_path))
-    os.makedirs(tmp_path / "cvbench")
-    with pytest.raises(FileNotFoundError, match="test_2d.jsonl"):
-        B.read_bench("cvbench", str(tmp_path))
-    os.makedirs(tmp_path / "imagenet" / "val")
-    with pytest.raises(FileNotFoundError, match="no class folders"):
-        B.read_bench("imagenet", str(tmp_path))
+def test_closed_world_lines_stay_short(tiny_data, tmp_path):
+    """Closed-world ImageNet wrote the whole candidate list into every line; now the id and run.json's
+    world / closed_k rebuild the prompt, and the line holds a digest of it."""
+    out = str(tmp_path / "closed")
+    E.main(["--bench", "imagenet", "--world", "closed", *tiny_flags(tiny_data, out)])
+    items = B.BENCHMARKS["imagenet"].read(tiny_data, world="closed")
+    preds = read_jsonl(os.path.join(out, "imagenet", "predictions.jsonl"))
+    assert all(p["prompt"] == E.short_digest(it.question) for p, it in zip(preds, items))
+    assert all("Choose one from" not in json.dumps(p) for p in preds)
+    with open(os.path.join(out, "imagenet", "run.json")) as f:
+        assert json.load(f)["world"] == "closed"
 
 
-def test_resume_no_duplicates_nothing_missing(full_eval, tiny_data, tmp_path, monkeypatch):
+def test_resume_cuts_torn_line_in_place_and_reads_once(full_eval, tiny_data, tmp_path, monkeypatch):
     out = str(tmp_path / "resume")
-    args = ["--bench", "mme", "--preset", "tiny", "--base", "tiny", "--data-root", tiny_data, "--out", out]
+    args = ["--bench", "mme", *tiny_flags(tiny_data, out)]
     E.main(args + ["--limit", "5"])
     path = os.path.join(out, "mme", "predictions.jsonl")
     assert len(read_jsonl(path)) == 5
-    # a crash mid-write: the file ends in a torn line
-    with open(path) as f:
+    with open(path) as f:  # a crash mid-write: the file ends in a torn line
         text = f.read()
-    with open(path, "w") as f:
-        f.write(text[:len(text) - 40])
-    generated = []
-    real = E.generate_records
+    with open(path, "r+") as f:
+        f.truncate(len(text) - 40)
+    inode = os.stat(path).st_ino
+    generated, reads = [], []
+    real_generate, real_read = E.generate_records, E.read_predictions
 
-    def counting(model, processor, image_transform, batches, *a):
-        generated.extend(it["id"] for b in batches for it in b)
-        return real(model, processor, image_transform, batches, *a)
-    monkeypatch.setattr(E, "generate_records", counting)
+    def counting_generate(loaded, batches, *a):
+        generated.extend(it.id for b in batches for it in b)
+        return real_generate(loaded, batches, *a)
+
+    def counting_read(p):
+        reads.append(os.path.basename(p))
+        return real_read(p)
+    monkeypatch.setattr(E, "generate_records", counting_generate)
+    monkeypatch.setattr(E, "read_predictions", counting_read)
     E.main(args)
-    items = B.read_bench("mme", tiny_data)
+    items = B.BENCHMARKS["mme"].read(tiny_data)
     preds = read_jsonl(path)
-    assert [p["id"] for p in preds] == [it["id"] for it in items]  # complete, in order, no duplicates
+    assert [p["id"] for p in preds] == [it.id for it in items]  # complete, in order, no duplicates
     assert len(generated) == len(items) - 4  # the 4 intact lines were not generated again
+    assert reads == ["predictions.jsonl"]  # read once
+    assert os.stat(path).st_ino == inode  # cut and appended in place, never rewritten
     reference = {p["id"]: p["answer"] for p in read_jsonl(os.path.join(full_eval, "mme", "predictions.jsonl"))}
     assert {p["id"]: p["answer"] for p in preds} == reference
+    # a finished run generates nothing and writes nothing to the predictions
     generated.clear()
-    E.main(args)  # a finished run generates nothing
-    assert generated == [] and len(read_jsonl(path)) == len(items)
-    with pytest.raises(ValueError, match="another setting"):  # another prompt setting into the same folder
+    before = (os.stat(path).st_mtime_ns, os.stat(path).st_size)
+    E.main(args)
+    assert generated == [] and (os.stat(path).st_mtime_ns, os.stat(path).st_size) == before
+    with pytest.raises(E.EvalError, match="max_new_tokens=8.*max_new_tokens=3"):  # another prompt setting
         E.main(args + ["--max-new-tokens", "3"])
 
 
@@ -276,8 +137,7 @@ def test_torchrun_sharded_equals_single_process(full_eval, tiny_data, tmp_path):
     out = str(tmp_path / "sharded")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(ROOT, "eval.py"), "--bench", "mme,mmbench,imagenet", "--preset", "tiny", "--base", "tiny",
-           "--data-root", tiny_data, "--out", out]
+           os.path.join(ROOT, "eval.py"), "--bench", "mme,mmbench,imagenet", *tiny_flags(tiny_data, out)]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for bench in ("mme", "mmbench", "imagenet"):
@@ -289,13 +149,30 @@ def test_torchrun_sharded_equals_single_process(full_eval, tiny_data, tmp_path):
             assert json.load(f)["headline"] == json.load(g)["headline"]
 
 
+def test_rank_files_of_a_crashed_sharded_run_are_absorbed(tiny_data, tmp_path):
+    """A sharded run killed before rank 0 merged: the ranks' lines are appended (once, even if the
+    merge is repeated after a crash between append and removal) and only the rest is generated."""
+    out = str(tmp_path / "crashed")
+    args = ["--bench", "mmvp", *tiny_flags(tiny_data, out)]
+    E.main(args)
+    bench_dir = os.path.join(out, "mmvp")
+    lines = read_jsonl(os.path.join(bench_dir, "predictions.jsonl"))
+    with open(os.path.join(bench_dir, "predictions.jsonl"), "w") as f:  # rank 0 had merged item 0 already ...
+        f.write(json.dumps(lines[0]) + "\n")
+    for rank, part in enumerate((lines[:2], lines[2:3])):  # ... and rank 1's file holds item 2
+        with open(os.path.join(bench_dir, f"predictions.rank{rank}.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in part)
+    E.main(args)
+    assert read_jsonl(os.path.join(bench_dir, "predictions.jsonl")) == lines
+    assert sorted(os.listdir(bench_dir)) == ["metrics.json", "predictions.jsonl", "run.json"]
+
+
 # -----------------------------------------------------------------------------
-# WiSE-FT
+# faults: each costs what it should, and the message names the cause
 
 @pytest.fixture(scope="session")
 def run_dirs(tmp_path_factory):
     """Two imagenet-ft style run dirs around one tiny base, with different projector weights."""
-    from safetensors.torch import save_file
     root = tmp_path_factory.mktemp("runs")
     base = str(root / "base")
     tiny.save_tiny_base(*tiny.tiny_llava(seed=0), base)
@@ -314,35 +191,182 @@ def run_dirs(tmp_path_factory):
     return base, dirs
 
 
-def test_wise_ft_endpoints_exact_and_midpoint(run_dirs, tmp_path):
-    from safetensors.torch import load_file
+def test_rerun_with_other_weights_or_dtype_is_refused(run_dirs, tiny_data, tmp_path):
     _, (a, b) = run_dirs
-    A, B = load_file(os.path.join(a, "model.safetensors")), load_file(os.path.join(b, "model.safetensors"))
-    for alpha, expect in ((0.0, A), (1.0, B)):
+    run = str(tmp_path / "run")
+    shutil.copytree(a, run)
+    args = ["--bench", "mmvp", "--preset", "tiny", "--data-root", tiny_data, "--ckpt", run]
+    E.main(args)
+    first = common.run_digest(run)
+    with pytest.raises(E.EvalError, match="dtype=float32.*dtype=bfloat16"):
+        E.main(args + ["--dtype", "bfloat16"])
+    shutil.copy(os.path.join(b, "model.safetensors"), os.path.join(run, "model.safetensors"))  # retrained in place
+    with pytest.raises(E.EvalError, match=f"weights={first}.*weights={common.run_digest(run)}"):
+        E.main(args)
+    preds = read_jsonl(os.path.join(run, "eval", "mmvp", "predictions.jsonl"))
+    assert len(preds) == 4  # nothing was mixed in
+
+
+def corrupt_copy(tiny_data, dest):
+    """A copy of the MMVP and MMBench folders with one truncated JPEG and one broken base64 image."""
+    for name in ("MMVP", "mmbench"):
+        shutil.copytree(os.path.join(tiny_data, name), os.path.join(dest, name))
+    image = os.path.join(dest, "MMVP", "MMVP Images", "2.jpg")
+    with open(image, "rb") as f:
+        raw = f.read()
+    with open(image, "wb") as f:
+        f.write(raw[:len(raw) // 3])
+    tsv = os.path.join(dest, "mmbench", "mmbench_dev_20230712.tsv")
+    with open(tsv) as f:
+        rows = f.read().split("\n")
+    cells = rows[1].split("\t")
+    cells[9] = "!!" + cells[9][2:len(cells[9]) // 2]  # the first row's image: not base64, and cut
+    rows[1] = "\t".join(cells)
+    with open(tsv, "w") as f:
+        f.write("\n".join(rows))
+    return image
+
+
+def test_corrupt_image_costs_one_item(tiny_data, tmp_path, monkeypatch):
+    data_root = str(tmp_path / "data")
+    image = corrupt_copy(tiny_data, data_root)
+    out = str(tmp_path / "out")
+    args = ["--bench", "mmvp,mmbench", *tiny_flags(data_root, out)]
+    E.main(args)
+    preds = {p["id"]: p for p in read_jsonl(os.path.join(out, "mmvp", "predictions.jsonl"))}
+    assert len(preds) == 4 and preds["2"]["answer"] == "" and preds["2"]["path"] == image
+    assert image in preds["2"]["error"] and all(preds[i]["error"] is None for i in ("1", "3", "4"))
+    with open(os.path.join(out, "mmvp", "metrics.json")) as f:
+        m = json.load(f)
+    assert m["n"] == 4 and m["n_failed"] == 1 and m["failed_ids"] == ["2"]
+    mmbench = read_jsonl(os.path.join(out, "mmbench", "predictions.jsonl"))
+    failed = [p for p in mmbench if p["error"]]  # row 0 and its two circular copies share the broken image
+    assert sorted(p["id"] for p in failed) == ["0", "1000000", "2000000"] and len(mmbench) == 6
+    assert all("base64" in p["error"] for p in failed)
+    # a rerun neither dies on the item nor retries it ...
+    generated = []
+    real = E.generate_records
+    monkeypatch.setattr(E, "generate_records", lambda loaded, batches, *a: generated.extend(
+        it.id for b in batches for it in b) or real(loaded, batches, *a))
+    E.main(args)
+    assert generated == []
+    # ... unless asked to, once the image is repaired: then exactly that item, one line per id
+    shutil.copy(os.path.join(tiny_data, "MMVP", "MMVP Images", "2.jpg"), image)
+    E.main(["--bench", "mmvp", "--retry-failed", *tiny_flags(data_root, out)])
+    assert generated == ["2"]
+    preds = read_jsonl(os.path.join(out, "mmvp", "predictions.jsonl"))
+    assert [p["id"] for p in preds] == ["1", "2", "3", "4"] and not any(p["error"] for p in preds)
+    with open(os.path.join(out, "mmvp", "metrics.json")) as f:
+        assert json.load(f)["n_failed"] == 0
+
+
+def test_empty_benchmark_is_an_error_not_a_zero(tmp_path):
+    for shape in ("circle", "square"):  # class folders, but not one image in them
+        os.makedirs(tmp_path / "data" / "caltech101" / "test" / shape)
+    out = str(tmp_path / "out")
+    with pytest.raises(E.EvalError, match=r"caltech101: no items .*" + str(tmp_path / "data")):
+        E.main(["--bench", "caltech101", *tiny_flags(str(tmp_path / "data"), out)])
+    assert not os.path.exists(os.path.join(out, "caltech101", "metrics.json"))
+
+
+def test_non_finite_weights_are_refused(run_dirs, tiny_data, tmp_path):
+    base, (a, _) = run_dirs
+    run = str(tmp_path / "nan-run")
+    shutil.copytree(a, run)
+    state = load_file(os.path.join(run, "model.safetensors"))
+    key = sorted(state)[0]
+    state[key][0] = float("nan")
+    save_file(state, os.path.join(run, "model.safetensors"))
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        E.main(["--bench", "mmvp", "--preset", "tiny", "--data-root", tiny_data, "--ckpt", run])
+    assert not os.path.exists(os.path.join(run, "eval", "mmvp", "predictions.jsonl"))
+    nan_base = str(tmp_path / "nan-base")  # a bare base with an inf
+    llava, processor = carpe.load_base(base)
+    with torch.no_grad():
+        llava.model.language_model.norm.weight[3] = float("inf")
+    tiny.save_tiny_base(llava, processor, nan_base)
+    with pytest.raises(E.EvalError, match=r"language_model\.norm\.weight holds non-finite"):
+        E.main(["--bench", "mmvp", "--preset", "tiny", "--data-root", tiny_data, "--base", nan_base,
+                "--out", str(tmp_path / "o")])
+
+
+def test_kill_while_drawing_tiny_benchmarks_leaves_no_half_folder(tmp_path, monkeypatch):
+    root = str(tmp_path / "tiny-eval-data")
+
+    def killed(*a):
+        raise KeyboardInterrupt  # like a kill: nothing after this point runs
+
+    monkeypatch.setattr(tiny, "draw_tiny_mmbench", killed)
+    with pytest.raises(KeyboardInterrupt):
+        E.main(["--bench", "mmvp", *tiny_flags(root, str(tmp_path / "out"))])
+    assert not os.path.exists(root)  # only a temporary sibling was written
+    monkeypatch.undo()
+    E.main(["--bench", "mmvp", *tiny_flags(root, str(tmp_path / "out"))])  # the next run draws it whole
+    fresh = tiny.build_tiny_benchmarks(str(tmp_path / "fresh"))
+    files = lambda r: sorted(os.path.relpath(os.path.join(d, f), r) for d, _, fs in os.walk(r) for f in fs)
+    assert files(root) == files(fresh)
+    assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]  # the killed draw's temporary folder is gone too
+
+
+def test_closed_world_prompt_too_long_names_both_lengths_and_closed_k(tiny_data, tmp_path):
+    """A base with fewer positions than the full closed-world prompt needs: refused with both
+    numbers and --closed-k; --closed-k 2 fits."""
+    base = str(tmp_path / "short-base")
+    shutil.copytree(tiny.ensure_random_base(os.path.join(ROOT, ".cache")), base)
+    llava, processor = carpe.load_base(base)
+    conversation = data.ConversationTokenizer(processor.tokenizer, data.n_image_tokens(processor),
+                                              llava.config.image_token_id)
+    length = lambda k: max(len(conversation.encode_prompt(it.question))
+                           for it in B.BENCHMARKS["imagenet"].read(tiny_data, world="closed", closed_k=k))
+    positions = length(2) + 8  # room for the 2-candidate prompts and 8 new tokens, not for all 6 names
+    assert length(None) + 8 > positions
+    with open(os.path.join(base, "config.json")) as f:
+        config = json.load(f)
+    config["text_config"]["max_position_embeddings"] = positions
+    with open(os.path.join(base, "config.json"), "w") as f:
+        json.dump(config, f)
+    flags = ["--bench", "imagenet", "--world", "closed", "--preset", "tiny", "--base", base, "--data-root", tiny_data]
+    with pytest.raises(E.EvalError, match=rf"prompt is \d+ tokens, \+ 8 new tokens > the model's {positions} positions.*--closed-k K") as e:
+        E.main(flags + ["--out", str(tmp_path / "all")])
+    assert positions - 8 < int(str(e.value).split("prompt is ")[1].split()[0]) <= length(None)
+    E.main(flags + ["--closed-k", "2", "--out", str(tmp_path / "k2")])
+    with open(tmp_path / "k2" / "imagenet" / "run.json") as f:
+        assert json.load(f)["closed_k"] == 2
+
+
+# -----------------------------------------------------------------------------
+# WiSE-FT
+
+def test_wise_ft_endpoints_exact_and_midpoint(run_dirs, tmp_path):
+    _, (a, b) = run_dirs
+    A, B_ = load_file(os.path.join(a, "model.safetensors")), load_file(os.path.join(b, "model.safetensors"))
+    for alpha, expect in ((0.0, A), (1.0, B_)):
         out = common.interpolate_weights(a, b, alpha, str(tmp_path / f"w{alpha}"))
         merged = load_file(os.path.join(out, "model.safetensors"))
         assert merged.keys() == expect.keys()
         assert all(torch.equal(merged[k], expect[k]) for k in expect), alpha
         assert os.path.exists(os.path.join(out, "config.json"))  # a loadable run dir
     mid = load_file(os.path.join(common.interpolate_weights(a, b, 0.5, str(tmp_path / "mid")), "model.safetensors"))
-    assert all(torch.allclose(mid[k], (A[k] + B[k]) / 2) for k in A)
+    assert all(torch.allclose(mid[k], (A[k] + B_[k]) / 2) for k in A)
 
 
 def test_wise_ft_eval_at_alpha0_is_endpoint_a(run_dirs, tiny_data, tmp_path):
     _, (a, b) = run_dirs
-    common = ["--bench", "mmvp", "--preset", "tiny", "--data-root", tiny_data]
-    E.main(common + ["--ckpt", a, "--out", str(tmp_path / "a")])
-    E.main(common + ["--wise-ft", a, b, "--alpha", "0", "--out", str(tmp_path / "w")])
+    flags = ["--bench", "mmvp", "--preset", "tiny", "--data-root", tiny_data]
+    E.main(flags + ["--ckpt", a, "--out", str(tmp_path / "a")])
+    E.main(flags + ["--wise-ft", a, b, "--alpha", "0", "--out", str(tmp_path / "w")])
     pa = read_jsonl(str(tmp_path / "a" / "mmvp" / "predictions.jsonl"))
     pw = read_jsonl(str(tmp_path / "w" / "mmvp" / "predictions.jsonl"))
-    E.main(common + ["--ckpt", b, "--out", str(tmp_path / "b")])
+    E.main(flags + ["--ckpt", b, "--out", str(tmp_path / "b")])
     pb = read_jsonl(str(tmp_path / "b" / "mmvp" / "predictions.jsonl"))
     assert [p["answer"] for p in pa] != [p["answer"] for p in pb]  # A and B differ, so the check can fail
     assert [p["answer"] for p in pa] == [p["answer"] for p in pw]
+    E.main(flags + ["--wise-ft", a, b, "--alpha", "0", "--out", str(tmp_path / "w")])  # a rerun: same digest, accepted
+    with pytest.raises(E.EvalError, match="alpha=0.0.*alpha=0.5"):
+        E.main(flags + ["--wise-ft", a, b, "--alpha", "0.5", "--out", str(tmp_path / "w")])
 
 
 def test_wise_ft_base_dirs_and_refusals(run_dirs, tmp_path):
-    from safetensors.torch import load_file, save_file
     base, (a, _) = run_dirs
     other = str(tmp_path / "base2")
     tiny.save_tiny_base(*tiny.tiny_llava(seed=3), other)
@@ -368,13 +392,30 @@ def test_wise_ft_base_dirs_and_refusals(run_dirs, tmp_path):
         common.interpolate_weights(a, shaped, 0.5, str(tmp_path / "z"))
 
 
+def test_wise_ft_base_against_its_imagenet_ft_run(run_dirs, tiny_data, tmp_path):
+    """The paper's WiSE-FT in our harness: --wise-ft BASE RUN interpolates the run's projector
+    with the base's own projector; alpha 0 is vanilla LLaVA, alpha 1 the fine-tuned run."""
+    base, (run, _) = run_dirs
+    flags = ["--bench", "mmvp", "--preset", "tiny", "--data-root", tiny_data]
+    E.main(flags + ["--base", base, "--method", "llava", "--out", str(tmp_path / "vanilla")])
+    E.main(flags + ["--ckpt", run, "--out", str(tmp_path / "ft")])
+    E.main(flags + ["--wise-ft", base, run, "--alpha", "0", "--out", str(tmp_path / "w0")])
+    E.main(flags + ["--wise-ft", base, run, "--alpha", "1", "--out", str(tmp_path / "w1")])
+    answers = lambda d: [p["answer"] for p in read_jsonl(str(tmp_path / d / "mmvp" / "predictions.jsonl"))]
+    assert answers("vanilla") != answers("ft")  # the endpoints differ, so the checks below can fail
+    assert answers("w0") == answers("vanilla") and answers("w1") == answers("ft")
+    side = load_file(str(tmp_path / "w0" / "wise_ft_base_side" / "model.safetensors"))
+    llava, _ = carpe.load_base(base)
+    proj = {f"llava.model.{k}": v for k, v in llava.model.named_parameters() if k.startswith("multi_modal_projector.")}
+    assert side.keys() == proj.keys() and all(torch.equal(side[k], proj[k]) for k in proj)
+
+
 # -----------------------------------------------------------------------------
 # the comparison table from real eval dirs
 
 def test_comparison_table_from_eval_dirs(full_eval, tiny_data, tmp_path, capsys):
     other = str(tmp_path / "carpe-untrained")
-    E.main(["--bench", "imagenet,mme", "--preset", "tiny", "--base", "tiny", "--method", "carpe", "--integrator-heads", "4",
-            "--data-root", tiny_data, "--out", other])
+    E.main(["--bench", "imagenet,mme", "--method", "carpe", "--integrator-heads", "4", *tiny_flags(tiny_data, other)])
     table_file = str(tmp_path / "table.md")
     capsys.readouterr()
     E.main(["--table", full_eval, other, "--table-out", table_file])
@@ -393,12 +434,9 @@ def test_comparison_table_from_eval_dirs(full_eval, tiny_data, tmp_path, capsys)
 
 
 # -----------------------------------------------------------------------------
-# CARPE-MoE run dir: dict pixel_values from vision_moe.preprocess, routing histogram
+# CARPE-MoE run dir: dict pixel_values from vision_moe.preprocess, routing keyed by expert name
 
-def test_moe_run_dir_records_routes(run_dirs, tiny_data, tmp_path):
-    import collections
-    import moe
-    from safetensors.torch import save_file
+def test_moe_run_dir_records_routes_by_name(run_dirs, tiny_data, tmp_path):
     base, _ = run_dirs
     llava, _ = carpe.load_base(base)
     moe_config = tiny.tiny_moe_config()
@@ -418,17 +456,58 @@ def test_moe_run_dir_records_routes(run_dirs, tiny_data, tmp_path):
     preds = read_jsonl(os.path.join(run, "eval", "mme", "predictions.jsonl"))
     with open(os.path.join(run, "eval", "mme", "metrics.json")) as f:
         m = json.load(f)
-    routes = collections.Counter(str(p["route"]) for p in preds)
-    assert m["routing"] == dict(routes) and sum(routes.values()) == len(preds)
-    assert set(routes) <= {"0", "1", "2", "3"}
+    names = [e.name for e in moe_config.experts]
+    routes = collections.Counter(p["route"] for p in preds)
+    assert list(m["routing"]) == names and set(routes) <= set(names)
+    assert m["routing"] == {n: routes.get(n, 0) for n in names} and sum(routes.values()) == len(preds)
     w = m["context_weights"]
     assert math.isclose(w["vision"] + w["language"], 1.0, rel_tol=1e-5) and w["vision"] != 0.5
 
 
 # -----------------------------------------------------------------------------
-# the issue's check: after the tiny training run, CARPE classifies the synthetic shapes far above
-# chance, and far better than the base, which never saw a classification prompt. It runs the
-# README's commands (train.py --preset tiny, then eval.py); about 80 s once the tiny base
+# --compile: the repeated blocks compiled, the answers those of eager
+
+def test_compile_flag_compiles_the_repeated_blocks_and_answers_alike(full_eval, tiny_data, tmp_path, monkeypatch):
+    compiled = []
+    real = kernels.compile_blocks
+
+    def aot_eager(blocks, backend="inductor", **kw):  # the fast backend: same graphs, no code generation
+        compiled.extend(blocks)
+        return real(blocks, backend="aot_eager", **kw)
+    monkeypatch.setattr(kernels, "compile_blocks", aot_eager)
+    out = str(tmp_path / "compiled")
+    E.main(["--bench", "mmvp", "--compile", *tiny_flags(tiny_data, out)])
+    torch._dynamo.reset()
+    assert len(compiled) >= 6 + 3  # at least the tiny LLaVA's 6 decoder layers and 3 vision layers
+    answers = lambda d: [p["answer"] for p in read_jsonl(os.path.join(d, "mmvp", "predictions.jsonl"))]
+    assert answers(out) == answers(full_eval)
+
+
+# -----------------------------------------------------------------------------
+# prompts: the ids training gives that user turn, left-padded
+
+def test_eval_prompt_ids_match_training_tokenisation(tmp_path):
+    llava, processor = tiny.tiny_llava()
+    P = data.n_image_tokens(processor)
+    collate = E.BatchCollator(processor.tokenizer, carpe.make_image_transform(processor), P, "vicuna_v1")
+    conversation = data.ConversationTokenizer(processor.tokenizer, P, processor.tokenizer.convert_tokens_to_ids("<image>"))
+    image_path = str(tmp_path / "x.png")
+    from PIL import Image
+    Image.new("RGB", (30, 20), (200, 10, 10)).save(image_path)
+    questions = ["What shape is it?", "Is there a red star in the picture? Answer yes or no."]
+    batch = collate([[B.Item(str(i), q, image_path) for i, q in enumerate(questions)]])
+    assert batch.pixel_values.shape[0] == 2 and (batch.attention_mask[:, -1] == 1).all()
+    assert (batch.attention_mask[:, 0] == 0).any() and batch.failed == []
+    for row, mask, q in zip(batch.input_ids, batch.attention_mask, questions):
+        ids, labels, _ = conversation(["<image>\n" + q, "circle"])
+        first_answer = next(i for i, l in enumerate(labels) if l != data.IGNORE_INDEX)
+        assert row[mask.bool()].tolist() == ids[:first_answer]
+
+
+# -----------------------------------------------------------------------------
+# the tiny world's check: after the tiny training run, CARPE classifies the synthetic shapes far
+# above chance, and far better than the base, which never saw a classification prompt. It runs
+# the README's commands (train.py --preset tiny, then eval.py); about 80 s once the tiny base
 # pre-stage is cached in .cache/ (the other tests' runs build it on first use, ~1.5 min).
 
 def test_tiny_training_run_beats_chance_and_base(tmp_path):
@@ -451,59 +530,3 @@ def test_tiny_training_run_beats_chance_and_base(tmp_path):
     print(f"tiny ImageNet (synthetic shapes): base LLaVA {scores['llava']:.1f}, CARPE {scores['carpe']:.1f}, chance {chance:.1f}")
     assert scores["carpe"] > 2.5 * chance, scores
     assert scores["carpe"] > scores["llava"] + 25, scores
-
-
-def test_wise_ft_base_against_its_imagenet_ft_run(run_dirs, tiny_data, tmp_path):
-    """The paper's WiSE-FT in our harness: --wise-ft BASE RUN interpolates the run's projector
-    with the base's own projector; alpha 0 is vanilla LLaVA, alpha 1 the fine-tuned run."""
-    from safetensors.torch import load_file
-    base, (run, _) = run_dirs
-    common = ["--bench", "mmvp", "--preset", "tiny", "--data-root", tiny_data]
-    E.main(common + ["--base", base, "--method", "llava", "--out", str(tmp_path / "vanilla")])
-    E.main(common + ["--ckpt", run, "--out", str(tmp_path / "ft")])
-    E.main(common + ["--wise-ft", base, run, "--alpha", "0", "--out", str(tmp_path / "w0")])
-    E.main(common + ["--wise-ft", base, run, "--alpha", "1", "--out", str(tmp_path / "w1")])
-    answers = lambda d: [p["answer"] for p in read_jsonl(str(tmp_path / d / "mmvp" / "predictions.jsonl"))]
-    assert answers("vanilla") != answers("ft")  # the endpoints differ, so the checks below can fail
-    assert answers("w0") == answers("vanilla") and answers("w1") == answers("ft")
-    side = load_file(str(tmp_path / "w0" / "wise_ft_base_side" / "model.safetensors"))
-    llava, _ = carpe.load_base(base)
-    proj = {f"llava.model.{k}": v for k, v in llava.model.named_parameters() if k.startswith("multi_modal_projector.")}
-    assert side.keys() == proj.keys() and all(torch.equal(side[k], proj[k]) for k in proj)
-
-
-def test_closed_world_prompt_lists_every_label_shuffled_per_item(tiny_data):
-    items = B.read_bench("imagenet", tiny_data, world="closed")
-    labels = sorted({it["meta"]["label"] for it in items})
-    lists = []
-    for it in items:
-        q = it["question"]
-        assert q.startswith('What type of object is in this photo? Choose one from "') and q.endswith('".')
-        listed = q.split('"')[1].split(", ")
-        assert sorted(listed) == labels
-        lists.append(tuple(listed))
-    assert len(set(lists)) > 1  # the order changes from item to item ...
-    again = B.read_bench("imagenet", tiny_data, world="closed")
-    assert [it["question"] for it in again] == [it["question"] for it in items]  # ... but never between runs or ranks
-
-
-def test_eval_prompt_ids_match_training_tokenisation(tmp_path):
-    """Eval prompts are the training prompts' ids exactly (same segment-wise tokenisation around the
-    image tokens), left-padded; the first supervised training label follows right after them."""
-    import carpe
-    import data
-    llava, processor = tiny.tiny_llava()
-    P = data.n_image_tokens(processor)
-    collate = E.BatchCollator(processor.tokenizer, carpe.make_image_transform(processor), P)
-    conversation = data.ConversationTokenizer(processor.tokenizer, P, processor.tokenizer.convert_tokens_to_ids("<image>"))
-    image_path = str(tmp_path / "x.png")
-    from PIL import Image
-    Image.new("RGB", (30, 20), (200, 10, 10)).save(image_path)
-    questions = ["What shape is it?", "Is there a red star in the picture? Answer yes or no."]
-    items = [dict(question=q, image=image_path) for q in questions]
-    _, input_ids, attention_mask, pixel_values = collate([items])
-    assert pixel_values.shape[0] == 2 and (attention_mask[:, -1] == 1).all() and (attention_mask[:, 0] == 0).any()
-    for row, mask, q in zip(input_ids, attention_mask, questions):
-        ids, labels, _ = conversation(["<image>\n" + q, "circle"])
-        first_answer = next(i for i, l in enumerate(labels) if l != data.IGNORE_INDEX)
-        assert row[mask.bool()].tolist() == ids[:first_answer]
