@@ -37,6 +37,7 @@ import re
 import string
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 from PIL import Image
@@ -94,20 +95,16 @@ def read_json_or_jsonl(path):
 
 def open_image(ref):
     """Decode an Item.image to RGB; any failure is a ValueError that names what failed."""
-    if isinstance(ref, dict):
-        what = f"base64 image ({len(ref['b64'])} chars)" if "b64" in ref else f"image bytes ({len(ref['bytes'])} bytes)"
-        try:
-            raw = base64.b64decode(ref["b64"]) if "b64" in ref else ref["bytes"]
-            return Image.open(io.BytesIO(raw)).convert("RGB")
-        except Exception as e:
-            raise ValueError(f"cannot decode the {what}: {type(e).__name__}: {e}") from None
-    if not isinstance(ref, str) or not os.path.isfile(ref):
+    if not isinstance(ref, dict) and not (isinstance(ref, str) and os.path.isfile(ref)):
         raise ValueError(f"image {ref} is missing")
+    what = ref if isinstance(ref, str) else f"the base64 image ({len(ref['b64'])} chars)" if "b64" in ref \
+        else f"the image bytes ({len(ref['bytes'])})"
     try:
-        with Image.open(ref) as im:
+        source = ref if isinstance(ref, str) else io.BytesIO(base64.b64decode(ref["b64"]) if "b64" in ref else ref["bytes"])
+        with Image.open(source) as im:
             return im.convert("RGB")
     except Exception as e:
-        raise ValueError(f"cannot decode image {ref}: {type(e).__name__}: {e}") from None
+        raise ValueError(f"cannot decode {what}: {type(e).__name__}: {e}") from None
 
 
 def add_instruction(text, instruction):
@@ -160,7 +157,7 @@ def classification_question(labels, label, world, closed_k, seed_key):
     return closed_world_question(OPEN_WORLD_QUESTION, candidates)
 
 
-def read_classification(root, bench, world="open", closed_k=None):
+def read_classification(bench, root, world="open", closed_k=None):
     bench_dir = require(os.path.join(root, bench), f"{bench} (an ImageFolder)")
     split_dir = next((os.path.join(bench_dir, s) for s in ("test", "val") if os.path.isdir(os.path.join(bench_dir, s))), None)
     if split_dir is None:
@@ -179,12 +176,6 @@ def read_classification(root, bench, world="open", closed_k=None):
                 question = classification_question(labels, names[folder], world, closed_k, f"{bench}/{item_id}")
                 items.append(Item(item_id, question, os.path.join(split_dir, folder, fname), dict(label=names[folder])))
     return items
-
-
-def classification_reader(bench):
-    def read(root, world="open", closed_k=None):
-        return read_classification(root, bench, world, closed_k)
-    return read
 
 
 def score_classification(records, match="official"):
@@ -426,13 +417,6 @@ def mme_question(release_question):
     return release_question.replace(MME_RELEASE_INSTRUCTION, "").strip() + "\n" + SHORT_ANSWER
 
 
-def find_image(folder, stem):
-    for ext in IMAGE_EXTENSIONS + tuple(e.upper() for e in IMAGE_EXTENSIONS):
-        if os.path.exists(os.path.join(folder, stem + ext)):
-            return os.path.join(folder, stem + ext)
-    return None
-
-
 def read_mme(root):
     base = require(os.path.join(root, "MME", "MME_Benchmark_release_version"), "MME release folder")
     items = []
@@ -447,7 +431,8 @@ def read_mme(root):
             raise FileNotFoundError(f"MME subtask {subtask}: no question files (*.txt) in {qa_dir if os.path.isdir(qa_dir) else folder}")
         for txt in txt_files:
             stem = os.path.splitext(os.path.basename(txt))[0]
-            image = find_image(image_dir, stem)
+            image = next((p for e in IMAGE_EXTENSIONS + tuple(e.upper() for e in IMAGE_EXTENSIONS)
+                          for p in [os.path.join(image_dir, stem + e)] if os.path.exists(p)), None)
             image_key = f"{subtask}/{os.path.basename(image) if image else stem}"
             with open(txt) as f:
                 rows = [line.rstrip("\n") for line in f if line.strip()]
@@ -534,23 +519,21 @@ def read_mmbench(root):
                 break
             options.append(r[L])
         hint = None if is_missing(r.get("hint")) else r["hint"]
-        answer = (r["answer"] or "").strip()
-        rotations = [0] if has_copies else range(max(len(options), 1))
-        for rot in rotations:
-            texts = options[rot:] + options[:rot]
+        answer, image, source = (r["answer"] or "").strip(), r["image"], raw
+        if len(image) <= 64 and image.strip() in image_of and image.strip() != raw:
+            source = image.strip()  # a copy points at another row's image
+            image = image_of[source]
+        if source not in checked:
+            checked[source] = base64_error(image)
+        error = None
+        if answer not in list("ABCD"[:len(options)]):
+            error = f"MMBench index {raw}: answer {r['answer']!r} is not one of its options {'ABCD'[:len(options)]}"
+        elif checked[source]:
+            error = f"MMBench index {raw}: {checked[source]}"
+        for rot in [0] if has_copies else range(max(len(options), 1)):
+            texts = options[rot:] + options[:rot]  # rotated texts under fixed letters
             letters = "ABCD"[:len(texts)]
             question = (f"{hint}\n" if hint else "") + r["question"] + "".join(f"\n{L}. {t}" for L, t in zip(letters, texts))
-            error, image = None, r["image"]
-            source = raw
-            if len(image) <= 64 and image.strip() in image_of and image.strip() != raw:
-                source = image.strip()  # a copy points at another row's image
-                image = image_of[source]
-            if source not in checked:
-                checked[source] = base64_error(image)
-            if answer not in list("ABCD"[:len(options)]):
-                error = f"MMBench index {raw}: answer {r['answer']!r} is not one of its options {letters}"
-            elif checked[source]:
-                error = f"MMBench index {raw}: {checked[source]}"
             gt = letters[("ABCD".index(answer) - rot) % len(options)] if error is None else None
             items.append(Item(raw if has_copies else f"{raw}/r{rot}", f"{question}\n{LETTER_ANSWER}", {"b64": image},
                               dict(group=group, gt=gt, options=dict(zip(letters, texts)), category=r.get("category")),
@@ -712,9 +695,7 @@ def score_cvbench(records, match="official"):
 # line, then the letter instruction; option texts as its give_options() reads them. Score:
 # Cambrian eval/eval/mmvp/mmvp_test.py compute_metrics: the cleaned answer equals the letter or
 # the lower-cased option text exactly; a pair (consecutive questions, one image each) counts when
-# both are right. Pair accuracy is the official score and our headline. The MMVP authors report
-# about 25 pair accuracy for LLaVA-1.5, so the paper's 63.0 for LLaVA-1.5-7B can only be
-# question accuracy, reported beside it.
+# both are right. Pair accuracy is the headline, question accuracy beside it (see MMVP_NOTE).
 
 MMVP_NOTE = ("headline = pair accuracy (the official MMVP score; its authors report about 25 for LLaVA-1.5); "
              "the paper's 63.0 for LLaVA-1.5-7B can only be question accuracy")
@@ -786,12 +767,11 @@ def open_world_only(reader):
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in [
     # max_new_tokens: VLMClassifier 64; LLaVA's model_vqa_science / model_vqa_mmbench 1024 and
     # model_vqa_loader 128; Cambrian's CV-Bench and MMVP scripts 512
-    Benchmark("imagenet", "ImageNet", "cls", 64, classification_reader("imagenet"), score_classification),
-    Benchmark("caltech101", "Caltech101", "cls", 64, classification_reader("caltech101"), score_classification),
-    Benchmark("flowers102", "Flowers102", "cls", 64, classification_reader("flowers102"), score_classification),
-    Benchmark("food101", "Food101", "cls", 64, classification_reader("food101"), score_classification),
-    Benchmark("fashion-mnist", "Fashion-MNIST", "cls-extra", 64, classification_reader("fashion-mnist"),
-              score_classification),
+    Benchmark("imagenet", "ImageNet", "cls", 64, partial(read_classification, "imagenet"), score_classification),
+    Benchmark("caltech101", "Caltech101", "cls", 64, partial(read_classification, "caltech101"), score_classification),
+    Benchmark("flowers102", "Flowers102", "cls", 64, partial(read_classification, "flowers102"), score_classification),
+    Benchmark("food101", "Food101", "cls", 64, partial(read_classification, "food101"), score_classification),
+    Benchmark("fashion-mnist", "Fashion-MNIST", "cls-extra", 64, partial(read_classification, "fashion-mnist"), score_classification),
     Benchmark("sqa", "SQA", "vl", 1024, open_world_only(read_sqa), score_sqa),
     Benchmark("textvqa", "TextVQA", "vl", 128, open_world_only(read_textvqa), score_textvqa),
     Benchmark("pope", "POPE", "vl", 128, open_world_only(read_pope), score_pope),
