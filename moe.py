@@ -581,16 +581,28 @@ def build_encoder(expert: ExpertConfig, dtype):
     if expert.family == "siglip":
         if expert.tiny is not None:
             return SiglipVisionModel(SiglipVisionConfig(**expert.tiny))
-        return SiglipVisionModel.from_pretrained(expert.source, dtype=dtype)
+        return load_pretrained(SiglipVisionModel, expert.source, dtype)
     if expert.family == "dinov2":
         if expert.tiny is not None:
             return Dinov2Model(Dinov2Config(**expert.tiny))
-        return Dinov2Model.from_pretrained(expert.source, dtype=dtype)
+        return load_pretrained(Dinov2Model, expert.source, dtype)
     if expert.family == "clip_moe":
         if expert.tiny is not None:
             return build_clip_moe(CLIPVisionConfig(**expert.tiny), expert.moe_experts, expert.moe_top_k)
         return load_cumo(expert)
     raise ValueError(f"expert {expert.name!r}: family {expert.family!r} has no encoder builder")
+
+
+def load_pretrained(model_class, source, dtype):
+    """model_class.from_pretrained(source) that refuses, naming them, tower weights the checkpoint
+    lacks (from_pretrained would initialise them at random). Keys it has beyond the tower (the
+    text half of a full SigLIP) are ignored."""
+    model, info = model_class.from_pretrained(source, dtype=dtype, output_loading_info=True)
+    missing = sorted(info["missing_keys"])
+    if missing:
+        raise ValueError(f"{source}: missing {model_class.__name__} weight(s) {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''} ({len(missing)} in all)")
+    return model
 
 
 class VisionMoE(nn.Module):
@@ -620,15 +632,6 @@ class VisionMoE(nn.Module):
         self.base_feature_layer = llava.config.vision_feature_layer
         for p in self.encoders.parameters():
             p.requires_grad_(False)
-
-    @property
-    def n_experts(self):
-        return len(self.expert_names)
-
-    @property
-    def experts(self):
-        """The ExpertConfig list, in router order (len() = number of experts)."""
-        return self.config.experts
 
     def is_trainable_name(self, name):
         """Name relative to this module: adapters and router train, encoders stay frozen."""

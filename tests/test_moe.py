@@ -480,13 +480,17 @@ def save_expert_folders(root):
     """Local expert folders as save_pretrained writes them, each with its preprocessor_config.json:
     a tiny SigLIP, a tiny DINOv2 (its processor resizes and centre-crops) and a tiny CuMo checkpoint.
     -> {folder name: source module}."""
-    from transformers import Dinov2Config, Dinov2Model, SiglipVisionConfig, SiglipVisionModel
+    from transformers import Dinov2Config, Dinov2Model, SiglipConfig, SiglipModel
     from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
     torch.manual_seed(5)
-    siglip = SiglipVisionModel(SiglipVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                                                  num_attention_heads=4, image_size=56, patch_size=8)).eval()
+    # a whole SigLIP (vision and text towers), as google/siglip-so400m-patch14-384 is
+    siglip = SiglipModel(SiglipConfig(
+        vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=56, patch_size=8),
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         vocab_size=100))).eval()
     siglip.save_pretrained(root / "siglip")
     SiglipImageProcessorPil(size={"height": 56, "width": 56}).save_pretrained(root / "siglip")
     dinov2 = Dinov2Model(Dinov2Config(hidden_size=32, mlp_ratio=2, num_hidden_layers=2, num_attention_heads=4,
@@ -498,7 +502,7 @@ def save_expert_folders(root):
     cumo = moe.build_clip_moe(tiny_clip_config(**tower), n_experts).eval()
     save_cumo_folder(str(root / "cumo"), cumo, extras)
     CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(root / "cumo")
-    return dict(siglip=siglip, dinov2=dinov2, cumo=cumo)
+    return dict(siglip=siglip.vision_model, dinov2=dinov2, cumo=cumo)
 
 
 def test_moe_from_local_folders_round_trips_through_its_config(tmp_path):
@@ -556,6 +560,13 @@ def test_moe_from_local_folders_round_trips_through_its_config(tmp_path):
         emb_a, mem_a, _, route_a = vm(pv, h)
         emb_b, mem_b, _, route_b = vm2(pv, h)
     assert route_a.tolist() == routes and torch.equal(emb_a, emb_b) and torch.equal(mem_a, mem_b)
+
+    # a folder missing a tower weight is refused, naming it (from_pretrained alone would draw it at random)
+    weights = load_file(str(tmp_path / "dinov2" / "model.safetensors"))
+    del weights["encoder.layer.1.mlp.fc2.bias"]
+    save_file(weights, str(tmp_path / "dinov2" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=re.escape("missing Dinov2Model weight(s) ['encoder.layer.1.mlp.fc2.bias']")):
+        moe.build_vision_moe(llava2, config2, image_processor=processor2.image_processor)
 
 
 def test_clip_expert_reads_the_processor_of_the_folder_the_base_came_from(tmp_path):
@@ -672,6 +683,14 @@ def test_carpe_moe_trains_uses_several_experts_and_saves_once():
 # -----------------------------------------------------------------------------
 # train.py --moe under torchrun
 
+def logged_routing(record, names):
+    """A log.jsonl step's routing histogram keyed by expert name: the dict under "route" (a log
+    holding only the router-order list "route_hist" is read in router order)."""
+    if isinstance(record.get("route"), dict):
+        return record["route"]
+    return dict(zip(names, record["route_hist"]))
+
+
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_torchrun_train_moe_tiny(tmp_path, parallel):
     with socket.socket() as sock:  # a free port, so parallel torchrun tests do not collide
@@ -696,9 +715,7 @@ def test_torchrun_train_moe_tiny(tmp_path, parallel):
     records = [json.loads(line) for line in open(out / "log.jsonl")]
     assert len(records) == 8 and all(r["balance_loss"] >= 1.0 - 1e-6 for r in records)  # 1 = perfectly uniform
     names = [e.name for e in expected.experts]
-    # the histogram is keyed by expert name (a plain list is read in router order)
-    hists = [r["route_hist"] if isinstance(r["route_hist"], dict) else dict(zip(names, r["route_hist"]))
-             for r in records]
+    hists = [logged_routing(r, names) for r in records]
     assert all(list(h) == names for h in hists), hists[0]
     total = torch.tensor([list(h.values()) for h in hists]).sum(0)
     assert (total > 0).sum() > 1, total
