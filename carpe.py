@@ -290,9 +290,9 @@ def hidden_state_at(encoder, pixel_values, index):
         if not 0 <= i <= n:
             raise ValueError(f"feature layer {j} is outside the {n + 1} hidden states of {type(encoder).__name__}")
         if i == 0:  # the embeddings: the input of the first block
-            handles.append(layers[0].register_forward_pre_hook(
-                lambda module, args, kwargs, j=j: captured.__setitem__(j, args[0] if args else kwargs["hidden_states"]),
-                with_kwargs=True))
+            def keep_input(module, args, kwargs, j=j):
+                captured[j] = args[0] if args else kwargs["hidden_states"]
+            handles.append(layers[0].register_forward_pre_hook(keep_input, with_kwargs=True))
         else:
             handles.append(layers[i - 1].register_forward_hook(keep_output(captured, j)))
     try:
@@ -324,10 +324,9 @@ def check_images(llava, input_ids, pixel_values):
     """(B,) bool: which samples have an image. Their count must match pixel_values."""
     has_image = (input_ids == llava.config.image_token_id).any(1)
     n_img = int(has_image.sum())
-    if pixel_values is None:
-        n_pix = 0
-    else:
-        n_pix = pixel_values.size(0) if torch.is_tensor(pixel_values) else next(iter(pixel_values.values())).size(0)
+    if isinstance(pixel_values, dict):  # CARPE-MoE: one tensor per expert, each (n_img, 3, S_e, S_e)
+        pixel_values = next(iter(pixel_values.values()))
+    n_pix = 0 if pixel_values is None else pixel_values.size(0)
     if n_pix != n_img:
         raise ValueError(f"{n_img} samples have image tokens but {n_pix} images were given in pixel_values")
     return has_image
