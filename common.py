@@ -2,14 +2,20 @@
 common.py: what train.py, eval.py, bench.py and tiny.py share: distributed set-up, atomic writes,
 the learning-rate schedule, run folders (loading a trained run) and WiSE-FT weight interpolation.
 """
+import fcntl
 import glob
 import hashlib
 import json
 import math
 import os
+import pickle
+import random
+import re
 import resource
 import shutil
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -190,6 +196,243 @@ def load_run(out_dir, device="cpu", dtype=None):
     return model, processor, image_transform
 
 
+def save_run(out, weights, run_config):
+    """The final weights in the run-folder format load_run reads, with their digests (rank 0)."""
+    save_safetensors_atomic(weights, os.path.join(out, "model.safetensors"))
+    write_json_atomic(os.path.join(out, "config.json"), run_config)
+    write_manifest(out, ["model.safetensors", "config.json"])
+
+
+# -----------------------------------------------------------------------------
+# the run folder is the unit of safety: one run at a time, a used folder is not silently reused
+
+RUN_OUTPUTS = ("ckpt", "superseded", "log.jsonl", "config.json", "model.safetensors", MANIFEST, "summary.json")
+
+
+def lock_run_folder(out):
+    """Hold an exclusive lock on <out>/.lock for the life of the returned file (close it to
+    release; the kernel releases it if the process dies). A second run into the same folder fails
+    at once naming the pid that holds it."""
+    os.makedirs(out, exist_ok=True)
+    f = open(os.path.join(out, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise SystemExit(f"--out {out} is in use by another run (pid {holder} holds {out}/.lock)") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def used_run_outputs(out):
+    """The outputs of an earlier run found in `out` (empty for a fresh folder)."""
+    return [n for n in RUN_OUTPUTS if os.path.exists(os.path.join(out, n))]
+
+
+def clear_run_outputs(out):
+    """--overwrite: remove an earlier run's outputs (only the names a run writes; other files stay)."""
+    for name in used_run_outputs(out):
+        path = os.path.join(out, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: <out>/ckpt/step_XXXXXXX/ = model.safetensors (trainable tensors), optimizer.pt
+# (optimizer + scheduler), rng_rank{r}.pt, trainer_state.json, config.json, manifest.json (the
+# sha256 of every other file). Written into step_XXXXXXX.tmp and renamed: a kill leaves either a
+# complete checkpoint or a .tmp folder that nothing reads. Nothing that can run code is loaded.
+
+CHECKPOINT_NAME = re.compile(r"step_(\d{7})")
+
+
+@dataclass
+class Checkpoint:
+    path: str
+    weights: dict  # trainable tensors, checked finite
+    optimizer: dict  # {"optimizer": ..., "scheduler": ...}
+    trainer_state: dict
+    config: dict  # the run config in effect when it was written
+    rng: dict | None  # this rank's RNG state (None: written by a run with fewer ranks)
+
+
+def checkpoint_path(out, step):
+    return os.path.join(out, "ckpt", f"step_{step:07d}")
+
+
+def checkpoint_step(path):
+    return int(CHECKPOINT_NAME.fullmatch(os.path.basename(path)).group(1))
+
+
+def list_checkpoints(out):
+    """The complete checkpoints of a run folder, oldest first (.tmp / .rejected folders excluded)."""
+    folder = os.path.join(out, "ckpt")
+    if not os.path.isdir(folder):
+        return []
+    return [os.path.join(folder, d) for d in sorted(os.listdir(folder)) if CHECKPOINT_NAME.fullmatch(d)]
+
+
+def rng_state(device):
+    """python, numpy, torch (and CUDA) RNG state as tensors and plain values (weights_only loadable)."""
+    np_state = np.random.get_state()
+    state = dict(python=random.getstate(), torch=torch.get_rng_state(),
+                 numpy=dict(keys=torch.from_numpy(np_state[1].astype(np.int64)), pos=int(np_state[2]),
+                            has_gauss=int(np_state[3]), cached_gaussian=float(np_state[4])))
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def retire(path):
+    """Delete a folder so that a kill midway cannot leave a half-deleted checkpoint that looks
+    complete: rename it out of the checkpoint name space first."""
+    doomed = path + ".deleting"
+    os.rename(path, doomed)
+    shutil.rmtree(doomed)
+
+
+def save_checkpoint(path, weights, optimizer_state, trainer_state, config, rank, device):
+    """Write a checkpoint (collective: every rank adds its RNG file). The caller checked `weights`
+    finite. The manifest is written last, then the folder is renamed into place."""
+    tmp = path + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed during a save
+        os.makedirs(tmp)
+        save_file(weights, os.path.join(tmp, "model.safetensors"))
+        torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
+        write_json_atomic(os.path.join(tmp, "trainer_state.json"), trainer_state)
+        write_json_atomic(os.path.join(tmp, "config.json"), config)
+    barrier()
+    torch.save(rng_state(device), os.path.join(tmp, f"rng_rank{rank}.pt"))
+    barrier()
+    if rank == 0:
+        write_manifest(tmp, sorted(n for n in os.listdir(tmp) if n != MANIFEST))
+        if os.path.isdir(path):  # the same step of an abandoned earlier attempt
+            retire(path)
+        os.rename(tmp, path)
+    barrier()
+    return path
+
+
+def torch_load_data(path):
+    """torch.load that only accepts tensors and plain containers (weights_only), naming the file
+    when it is damaged or holds anything else."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise DamagedFileError(f"{path} holds more than tensors and plain values; refused ({e})".split("\n")[0]) from None
+    except Exception as e:  # truncated zip, junk bytes
+        raise DamagedFileError(f"{path} cannot be read ({type(e).__name__}: {e})".split("\n")[0]) from None
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DamagedFileError(f"{path} is damaged ({type(e).__name__}: {e})") from None
+
+
+def load_checkpoint(path, rank, device="cpu"):
+    """Read and verify one checkpoint -> Checkpoint. Raises DamagedFileError naming the file."""
+    verify_manifest(path, required=True)
+    rng_file = os.path.join(path, f"rng_rank{rank}.pt")
+    return Checkpoint(path=path, weights=load_weights(os.path.join(path, "model.safetensors"), device),
+                      optimizer=torch_load_data(os.path.join(path, "optimizer.pt")),
+                      trainer_state=read_json(os.path.join(path, "trainer_state.json")),
+                      config=read_json(os.path.join(path, "config.json")),
+                      rng=torch_load_data(rng_file) if os.path.isfile(rng_file) else None)
+
+
+def load_latest_checkpoint(out, rank, device="cpu"):
+    """The newest intact checkpoint of a run folder, falling back past damaged ones (saying so).
+    -> Checkpoint, or None when the folder has none."""
+    damaged = []
+    for path in reversed(list_checkpoints(out)):
+        try:
+            ckpt = load_checkpoint(path, rank, device)
+        except DamagedFileError as e:
+            print0(f"warning: checkpoint {path} is damaged ({e}); falling back to the one before it")
+            damaged.append(path)
+            continue
+        return ckpt
+    if damaged:
+        raise SystemExit(f"--resume: every checkpoint in {os.path.join(out, 'ckpt')} is damaged (newest: {damaged[0]})")
+    return None
+
+
+def prune_checkpoints(out, keep, protect=()):
+    """Keep the `keep` newest checkpoints (0 = all) and every one in `protect` (the checkpoint a
+    run resumed from, the one just written)."""
+    if keep <= 0:
+        return
+    protect = {os.path.abspath(p) for p in protect if p}
+    for path in list_checkpoints(out)[:-keep]:
+        if os.path.abspath(path) not in protect:
+            retire(path)
+
+
+def unique_path(path):
+    n, candidate = 1, path
+    while os.path.exists(candidate):
+        n += 1
+        candidate = f"{path}-{n}"
+    return candidate
+
+
+def set_aside_newer(out, step):
+    """On a resume from step `step`: the checkpoints after it and the log lines after it belong to
+    the abandoned continuation. Move them to <out>/superseded/ (nothing is deleted) so that
+    --resume and retention never mix the two continuations; log.jsonl keeps steps <= `step`
+    (and loses a torn last line). -> the checkpoints moved."""
+    aside = os.path.join(out, "superseded")
+    moved = []
+    for path in list_checkpoints(out):
+        if checkpoint_step(path) > step:
+            os.makedirs(aside, exist_ok=True)
+            target = unique_path(os.path.join(aside, os.path.basename(path)))
+            os.rename(path, target)
+            moved.append(target)
+    log = os.path.join(out, "log.jsonl")
+    if os.path.isfile(log):
+        keep, cut = [], []
+        with open(log, errors="replace") as f:
+            for line in f:
+                try:
+                    (keep if json.loads(line)["step"] <= step else cut).append(line)
+                except (ValueError, KeyError, TypeError):
+                    pass  # a line torn by a kill mid-write
+        if cut:
+            os.makedirs(aside, exist_ok=True)
+            with open(os.path.join(aside, "log.jsonl"), "a") as f:
+                f.writelines(cut)
+        with open(log + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(log + ".tmp", log)
+    return moved
+
+
+def reject_checkpoints(out, from_step):
+    """Rename the checkpoints at or after `from_step` to step_XXXXXXX.rejected: kept for
+    inspection, ignored by --resume and retention."""
+    for path in list_checkpoints(out):
+        if checkpoint_step(path) >= from_step:
+            os.rename(path, unique_path(path + ".rejected"))
+
+
 def weight_files(path):
     """The safetensors files of a run dir / HF dir / tiny-base dir, or a single .safetensors file."""
     if os.path.isfile(path) and path.endswith(".safetensors"):
@@ -259,7 +502,7 @@ def interpolate_weights(a, b, alpha, out_dir):
     if os.path.isdir(a):
         for name in os.listdir(a):  # config, tokenizer, index: everything but the weights
             src = os.path.join(a, name)
-            if os.path.isfile(src) and not name.endswith(".safetensors"):
+            if os.path.isfile(src) and not name.endswith(".safetensors") and name != MANIFEST:  # new weights, new digests
                 shutil.copy(src, os.path.join(out_dir, name))
     handles_b = {}
     try:

@@ -10,36 +10,30 @@ The recipe: global batch 64 (micro batch x grad accumulation x world size), Adam
 decay 0, cosine schedule with 3% linear warmup, lr 2e-5 for the adapter (projector) and 2e-4 for
 the rest, the context prompt and encoder frozen for epoch 1, 2 epochs (3 with --moe).
 
-Choices where the paper is silent (also in the README):
- - Gradient clipping at 1.0 (LLaVA's HF Trainer default), the loss of a step = mean over its
+Choices where the paper is silent:
+ - Gradient clipping at 1.0 (LLaVA's HF Trainer default); the loss of a step = mean over its
    micro-batches of each micro-batch's mean token loss (as HF Trainer / LLaVA do).
  - --max-steps stops training and sets the schedule length (HF semantics); without it the
    schedule spans --epochs. The tail of an epoch that does not fill a global batch is dropped.
  - Distributed: DDP (find_unused_parameters, since a micro-batch without images leaves the
    projector and integrator without gradient) or FSDP2 (fully_shard per LM decoder layer, then
    the rest as one unit; the vision tower is not a unit of its own, since HF's hidden-state
-   recording breaks under an FSDP-wrapped CLIP tower). The context prompt and encoder are kept out of both: they are
-   tiny, their requires_grad flips after epoch 1, and their gradients are averaged by hand.
+   recording breaks under an FSDP-wrapped CLIP tower). The context prompt and encoder are kept
+   out of both: they are tiny, their requires_grad flips after epoch 1, and their gradients are
+   averaged by hand.
  - GPU: the frozen base in bf16, trainable tensors in fp32, bf16 autocast; under FSDP a
    MixedPrecisionPolicy(bf16 params, fp32 reduce). CPU: fp32 throughout.
- - --preset tiny: draws the synthetic data (data.py), then builds a tiny base in a cached
-   "pre-stage" (under --cache-dir, in a folder keyed by its settings): (1) the tiny CLIP tower
-   (patch 16: 9 image tokens) is pre-trained with linear heads on shape / colour / count of
-   4000 scenes drawn in memory, standing in for CLIP's pre-training, since CARPE's integrator
-   reads the raw tower features; (2) vanilla LLaVA on the synthetic *conversations* with the
-   tower frozen (as LLaVA does) and the projector re-initialised small, centred and frozen (a
-   trained or uncentred projector collapses the image tokens into one shared vector), the LM
-   trained for 150 steps. The base never sees a classification prompt, as LLaVA-1.5 never saw
-   ImageNet prompts, so it cannot name the shapes; the classification share is what CARPE's
-   training adds. The method then trains on a 1:1 mix for 3 epochs (the paper's 1:7 over 2
-   epochs holds too few classification samples at this size) with learning rates 30x the
-   paper's (6e-4 / 6e-3).
- - Checkpoints: <out>/ckpt/step_XXXXXXX/ with model.safetensors (trainable tensors, gathered
-   under FSDP), optimizer.pt (optimizer + scheduler, full state), rng_rank{r}.pt (python,
-   numpy, torch, cuda RNG per rank), trainer_state.json (step, epoch, data position, counters)
-   and config.json; written in a temp folder and renamed. Resuming needs the same world size
-   only for the RNG files; the data position is global. The final weights go to
-   <out>/config.json + <out>/model.safetensors (what carpe.load_run / eval.py --ckpt read).
+ - Finite or nothing: a step whose loss or gradient norm is not finite (or, with
+   --max-loss-ratio, whose loss spikes) is skipped: no update, gradients dropped, counted in
+   log.jsonl; --max-skipped-steps in a row stop the run. The weights are checked finite before
+   every save. A stopped run names its last good checkpoint and renames the ones holding the
+   weights that failed to step_XXXXXXX.rejected.
+ - The run folder (--out) is locked for the run; a used folder needs --resume or --overwrite.
+   Checkpoints (common.py) carry a manifest of file digests; --resume falls back past a damaged
+   one. A resume applies the settings that do not change the run's data, schedule or model
+   (APPLIED_ON_RESUME) and refuses a change of the others in one line (FIXED_ON_RESUME).
+ - The final weights go to <out>/config.json + <out>/model.safetensors (what common.load_run and
+   eval.py --ckpt read).
 """
 import argparse
 import hashlib
@@ -47,20 +41,26 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 import carpe
+import common
 import data
 import moe
 import tiny
-from common import (all_reduce_sum, barrier, cosine_schedule, peak_memory_gb, print0, save_safetensors_atomic,
-                    setup_distributed, write_json_atomic)
+from common import all_reduce_sum, barrier, cosine_schedule, peak_memory_gb, print0, setup_distributed
 
 PRESETS = {
     # tiny: a 1:1 mix and 3 epochs so that the few hundred synthetic samples hold enough
@@ -74,8 +74,19 @@ PRESETS = {
 # and 6e-3 forget the conversations (their loss rises over the first steps), so LEVI keeps the
 # paper's 1:7 mix and the lower rates there
 PRESET_METHOD_OVERRIDES = {("tiny", "levi"): dict(mix="1:7", lr_adapter=2e-4, lr=2e-3)}
-# train args that must match to resume a run
-RESUME_KEYS = ("batch_size", "seed", "mix", "epochs", "max_steps", "closed_k", "model_max_length", "warmup_ratio")
+DEFAULT_MODEL_MAX_LENGTH = 2048  # LLaVA-1.5's
+
+# What a resume does with each flag. FIXED: they change the data order, the schedule or the
+# optimizer's layout, so a resume refuses a change. APPLIED: a resume uses the new value (and
+# config.json records it). The model flags are checked through the model's config (carpe / moe).
+FIXED_ON_RESUME = ("preset", "batch_size", "seed", "mix", "epochs", "max_steps", "closed_k", "model_max_length",
+                   "warmup_ratio", "skip_bad_samples", "fsdp")
+APPLIED_ON_RESUME = ("data", "image_root", "imagenet", "imagenet_classes", "micro_batch_size", "lr_adapter", "lr",
+                     "grad_clip", "compile", "save_every", "keep_checkpoints", "num_workers", "cache_dir",
+                     "gradient_checkpointing", "max_loss_ratio", "max_skipped_steps")
+MODEL_FLAGS = ("base", "method", "moe", "balance_weight", "fixed_weights", "no_integrator_self_attn", "query_layer",
+               "integrator_heads")
+RUN_FLAGS = ("out", "resume", "overwrite")  # where the run goes, not what it computes
 
 
 def parse_args(argv=None):
@@ -93,10 +104,15 @@ def parse_args(argv=None):
                    help="class-name file: one per line in sorted dir order, or wnid<TAB>name (default <imagenet>/classnames.txt)")
     p.add_argument("--mix", default=None, help="ImageNet : LLaVA samples per epoch (default: preset's; paper 1:7)")
     p.add_argument("--closed-k", type=int, default=10, help="candidates listed in a closed-world ImageNet prompt")
-    p.add_argument("--model-max-length", type=int, default=2048, help="longer samples are cut (and counted)")
+    p.add_argument("--model-max-length", type=int, default=None,
+                   help=f"longer samples are cut (and counted); default {DEFAULT_MODEL_MAX_LENGTH}, or the base's "
+                        f"max_position_embeddings when smaller; a value above it is refused")
     p.add_argument("--skip-bad-samples", action="store_true",
                    help="drop and count bad LLaVA entries (missing image, malformed conversation) instead of failing")
     p.add_argument("--out", required=True, help="run folder: log.jsonl, ckpt/, final config.json + model.safetensors")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a used --out: delete the earlier run's log, checkpoints and weights "
+                        "(without it a used --out needs --resume)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default 2, 3 with --moe; tiny preset 3)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (also the schedule length)")
     p.add_argument("--batch-size", type=int, default=None, help="global batch (default: preset's; paper 64)")
@@ -105,12 +121,22 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=None, help="lr of the other trainable tensors (paper 2e-4)")
     p.add_argument("--warmup-ratio", type=float, default=0.03, help="linear warmup as a fraction of the steps")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
+    p.add_argument("--max-skipped-steps", type=int, default=3,
+                   help="a step with a non-finite loss or gradient norm (or a --max-loss-ratio spike) is skipped: "
+                        "no update, counted in log.jsonl; this many skipped in a row stop the run, naming the last "
+                        "good checkpoint (1 = stop at the first)")
+    p.add_argument("--max-loss-ratio", type=float, default=0.0,
+                   help="skip a step whose loss exceeds this multiple of the mean of the last 20 updated steps' "
+                        "losses (0 = off; e.g. 10)")
     p.add_argument("--fsdp", action="store_true", help="FSDP2: shard the model per LM decoder layer")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0 = only at the end)")
-    p.add_argument("--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep (0 = all)")
+    p.add_argument("--keep-checkpoints", type=int, default=2,
+                   help="how many recent checkpoints to keep (0 = all); the one resumed from is always kept")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="resume from <out>/ckpt's latest checkpoint, or from the checkpoint folder given")
+                   help="resume from <out>/ckpt's newest intact checkpoint (falling back past damaged ones), or from "
+                        "the checkpoint folder given; checkpoints and log lines after the resumed step are moved to "
+                        "<out>/superseded/ (nothing is deleted)")
     p.add_argument("--seed", type=int, default=0, help="seed of the model init and the data order")
     p.add_argument("--moe", action="store_true", help="CARPE-MoE: route each sample to one of several vision experts")
     p.add_argument("--balance-weight", type=float, default=None, help="MoE load-balancing loss weight (default 0.01)")
@@ -127,19 +153,37 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def check_ranges(args):
+    """Counts and sizes must be positive, rates and ratios in range; the message names the flag."""
+    positive = ("batch_size", "micro_batch_size", "epochs", "max_steps", "closed_k", "model_max_length",
+                "integrator_heads", "max_skipped_steps", "lr", "lr_adapter")
+    non_negative = ("save_every", "keep_checkpoints", "num_workers", "grad_clip", "max_loss_ratio")
+    for key in positive + non_negative:
+        value = getattr(args, key)
+        if value is not None and not (value > 0 if key in positive else value >= 0):  # also refuses NaN
+            flag = "--" + key.replace("_", "-")
+            raise SystemExit(f"{flag} must be {'positive' if key in positive else '>= 0'} (got {value})")
+    if not 0 <= args.warmup_ratio < 1:
+        raise SystemExit(f"--warmup-ratio must be in [0, 1) (got {args.warmup_ratio})")
+    if 0 < args.max_loss_ratio <= 1:
+        raise SystemExit(f"--max-loss-ratio must be 0 (off) or above 1 (got {args.max_loss_ratio})")
+
+
 def resolve_args(args):
-    """Fill the preset's defaults into the flags left unset; check the combinations."""
+    """Fill the preset's defaults into the flags left unset; check the values and combinations."""
     preset = dict(PRESETS[args.preset], **PRESET_METHOD_OVERRIDES.get((args.preset, args.method), {}))
     for key, value in preset.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     if args.epochs is None:
         args.epochs = 3 if args.moe else 2
+    check_ranges(args)
     try:
-        a, b = (float(x) for x in args.mix.split(":"))
-        args.mix_ratio = (a, b)
+        args.mix_ratio = tuple(float(x) for x in args.mix.split(":"))
+        if len(args.mix_ratio) != 2 or min(args.mix_ratio) < 0 or max(args.mix_ratio) == 0:
+            raise ValueError
     except ValueError:
-        raise SystemExit(f"--mix {args.mix!r}: expected IMAGENET:LLAVA, e.g. 1:7")
+        raise SystemExit(f"--mix {args.mix!r}: expected IMAGENET:LLAVA with non-negative numbers, e.g. 1:7") from None
     if args.moe and args.method != "carpe":
         raise SystemExit("--moe only applies to --method carpe")
     if args.preset != "tiny":
@@ -148,14 +192,6 @@ def resolve_args(args):
         if not args.imagenet:
             raise SystemExit(f"--preset {args.preset} needs --imagenet (ImageFolder root with train/)")
     return args
-
-
-# -----------------------------------------------------------------------------
-# distributed helpers
-
-
-# -----------------------------------------------------------------------------
-# the tiny preset: synthetic data and a pre-trained tiny base
 
 
 def use_tiny_world(args):
@@ -168,14 +204,24 @@ def use_tiny_world(args):
     args.imagenet_classes = args.imagenet_classes or os.path.join(world_dirs.synthetic, "classnames.txt")
 
 
-# -----------------------------------------------------------------------------
-# model, optimizer, schedule
+def fit_model_max_length(args, llava):
+    """Samples cannot be longer than the base has positions (the tiny base has 1024)."""
+    positions = getattr(llava.config.text_config, "max_position_embeddings", None) or DEFAULT_MODEL_MAX_LENGTH
+    if args.model_max_length is None:
+        args.model_max_length = min(DEFAULT_MODEL_MAX_LENGTH, positions)
+        if positions < DEFAULT_MODEL_MAX_LENGTH:
+            print0(f"--model-max-length {positions}: the base has {positions} positions")
+    elif args.model_max_length > positions:
+        raise SystemExit(f"--model-max-length {args.model_max_length} exceeds the base's max_position_embeddings "
+                         f"{positions} ({args.base})")
 
-def carpe_config_from_args(args):
-    return carpe.CarpeConfig(integrator_heads=args.integrator_heads,
-                             fixed_weights=tuple(args.fixed_weights) if args.fixed_weights else None,
-                             query_layer=args.query_layer, integrator_self_attn=not args.no_integrator_self_attn,
-                             gradient_checkpointing=args.gradient_checkpointing)
+
+# -----------------------------------------------------------------------------
+# model, optimizer, distributed wrapping
+
+def is_context_name(name):
+    # the context prompt and encoder (frozen in epoch 1); to become carpe.is_context_name
+    return name == "context_prompt" or name.startswith("context_encoder.")
 
 
 def create_model(args, llava, processor, device):
@@ -187,17 +233,17 @@ def create_model(args, llava, processor, device):
         if args.balance_weight is not None:
             moe_config.balance_weight = args.balance_weight
         vision_moe = moe.build_vision_moe(llava, moe_config, device=device)
-    model = carpe.build_model(args.method, llava, carpe_config_from_args(args), vision_moe)
+    carpe_config = carpe.CarpeConfig(integrator_heads=args.integrator_heads,
+                                     fixed_weights=tuple(args.fixed_weights) if args.fixed_weights else None,
+                                     query_layer=args.query_layer, integrator_self_attn=not args.no_integrator_self_attn,
+                                     gradient_checkpointing=args.gradient_checkpointing)
+    model = carpe.build_model(args.method, llava, carpe_config, vision_moe)
     model.to(device)
     for name, p in model.named_parameters():  # trainable tensors in fp32 (the frozen base may be bf16)
         if model.is_trainable_name(name) and p.dtype != torch.float32:
             p.data = p.data.float()
     image_transform = vision_moe.preprocess if vision_moe is not None else carpe.make_image_transform(processor)
     return model, image_transform, moe_config
-
-
-def is_context_name(name):
-    return name == "context_prompt" or name.startswith("context_encoder.")
 
 
 def optimizer_groups(args, model):
@@ -218,17 +264,24 @@ def optimizer_groups(args, model):
     return split
 
 
+def make_optimizer(args, model, total_steps):
+    """AdamW (weight decay 0) and the warmup + cosine schedule over total_steps."""
+    optimizer = torch.optim.AdamW(optimizer_groups(args, model), weight_decay=0.0, betas=(0.9, 0.999))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, cosine_schedule(total_steps, math.ceil(args.warmup_ratio * total_steps)))
+    return optimizer, scheduler
+
+
 def wrap_model(args, model, device, world):
-    """DDP / FSDP2 / compile. -> the module to call forward on. `model` stays the raw module
-    (its parameters are what the optimizer and the checkpoints see)."""
-    context_params = {p for name, p in model.named_parameters() if is_context_name(name)}
+    """FSDP2 / compile / DDP. -> (the module to call forward on, the context tensors). `model`
+    stays the raw module: its parameters are what the optimizer and the checkpoints see."""
+    context_params = [p for name, p in model.named_parameters() if is_context_name(name)]
+    forward_model = model
     if args.fsdp:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
         mesh = init_device_mesh(device.type, (world,))
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
             else MixedPrecisionPolicy()
-        for layer in model.llava.model.language_model.layers:
+        for layer in model.llava.model.language_model.layers:  # one unit per decoder layer: gathered one at a time
             fully_shard(layer, mesh=mesh, mp_policy=mp)
         ignored = set(context_params)
         if getattr(model, "vision_moe", None) is not None:
@@ -236,64 +289,33 @@ def wrap_model(args, model, device, world):
             # samples chose, and gathering ~1.6B frozen parameters every step would buy nothing
             ignored |= set(model.vision_moe.encoders.parameters())
         fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=ignored or None)
-        forward_model = model
-    else:
-        forward_model = model
     if args.compile:
         forward_model = torch.compile(forward_model)
     if world > 1 and not args.fsdp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        ignore = [name for name, p in forward_model.named_parameters() if p in context_params]
+        context_ids = {id(p) for p in context_params}
+        ignore = [name for name, p in forward_model.named_parameters() if id(p) in context_ids]
         DDP._set_params_and_buffers_to_ignore_for_model(forward_model, ignore)
         forward_model = DDP(forward_model, device_ids=[device.index] if device.type == "cuda" else None,
                             find_unused_parameters=True)
-    return forward_model, [p for name, p in model.named_parameters() if is_context_name(name)]
+    return forward_model, context_params
 
 
 def full_tensor(t):
-    from torch.distributed.tensor import DTensor
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def clip_grad_norm(params, max_norm):
-    """Global grad norm over plain and FSDP (DTensor) gradients; clip in place. -> norm."""
-    from torch.distributed.tensor import DTensor
+    """Global grad norm over plain and FSDP (DTensor) gradients; clip in place (when finite).
+    -> the norm before clipping (the same on every rank)."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
-    total = torch.zeros((), dtype=torch.float32, device=grads[0].device if not isinstance(grads[0], DTensor)
-                        else grads[0].to_local().device)
-    for g in grads:
-        sq = g.float().pow(2).sum()
-        total += full_tensor(sq)
-    norm = total.sqrt()
-    if max_norm > 0:
+    norm = sum(full_tensor(g.float().pow(2).sum()) for g in grads).sqrt()
+    if max_norm > 0 and torch.isfinite(norm):
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         for g in grads:
-            g.mul_(coef.to(g.dtype) if not isinstance(g, DTensor) else coef.item())
+            g.mul_(coef.item() if isinstance(g, DTensor) else coef.to(g.dtype))
     return norm.item()
-
-
-# -----------------------------------------------------------------------------
-# checkpoints
-
-def rng_state(device):
-    np_state = np.random.get_state()
-    state = dict(python=random.getstate(), torch=torch.get_rng_state(),
-                 numpy=dict(keys=torch.from_numpy(np_state[1].astype(np.int64)), pos=int(np_state[2]),
-                            has_gauss=int(np_state[3]), cached_gaussian=float(np_state[4])))
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state, device):
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def gather_trainable(model):
@@ -301,97 +323,221 @@ def gather_trainable(model):
     return {name: full_tensor(t).detach().cpu().contiguous() for name, t in model.trainable_state_dict().items()}
 
 
-def optimizer_state(args, model, optimizer):
-    if args.fsdp:
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, StateDictOptions
-        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return optimizer.state_dict()
+# -----------------------------------------------------------------------------
+# the state a checkpoint carries, and one step's numbers
+
+@dataclass
+class TrainerState:
+    """What a checkpoint records beside the tensors (trainer_state.json)."""
+    step: int = 0  # optimizer steps done, skipped ones included (their data is consumed)
+    epoch_length: int = 0  # samples per epoch: a resume must see the same data
+    tokens: int = 0  # non-pad tokens trained on
+    truncated: int = 0  # samples cut at --model-max-length
+    skipped_samples: int = 0  # bad LLaVA entries dropped by --skip-bad-samples
+    skipped_steps: int = 0  # steps whose update was skipped (non-finite or spiking loss / gradient)
+    consecutive_skips: int = 0
+    last_update: int = 0  # the latest step whose update reached the weights
+    recent_losses: list = field(default_factory=list)  # the losses of the last updated steps (spike guard)
+    context_trainable: bool = False  # the epoch-1 freeze in effect at the last step (the optimizer holds
+    # state only for tensors that had a gradient, so a resume sets this before loading that state)
 
 
-def load_optimizer_state(args, model, optimizer, state):
-    if args.fsdp:
-        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict, StateDictOptions
-        set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
-                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
-    else:
-        optimizer.load_state_dict(state)
+@dataclass
+class StepStats:
+    """Sums over the micro-batches of one optimizer step (then over ranks: reduce_stats)."""
+    loss: float = 0.0  # of each micro-batch's mean token loss
+    micro_batches: float = 0.0
+    vision_weight: float = 0.0  # of each sample's vision weight alpha_v
+    samples: float = 0.0
+    tokens: float = 0.0  # non-pad tokens
+    truncated: float = 0.0  # samples cut at --model-max-length
+    balance_loss: float = 0.0  # CARPE-MoE's load-balancing loss
+    route_hist: list | None = None  # CARPE-MoE: images routed to each expert
+
+    def add(self, out, batch):
+        self.loss += out.loss.item()
+        self.micro_batches += 1
+        self.vision_weight += out.context_weights[:, 0].float().sum().item()
+        self.samples += len(batch["ids"])
+        self.tokens += int(batch["attention_mask"].sum())
+        self.truncated += batch["n_truncated"]
+        if out.balance_loss is not None:
+            self.balance_loss += out.balance_loss.item()
+        if out.route is not None:
+            hist = torch.bincount(out.route[out.route >= 0].cpu(), minlength=len(self.route_hist))
+            self.route_hist = [a + int(b) for a, b in zip(self.route_hist, hist)]
 
 
-def save_checkpoint(args, model, optimizer, scheduler, run_config, trainer_state, rank, device):
-    """<out>/ckpt/step_XXXXXXX, written in a temp folder then renamed. Collective."""
-    weights = gather_trainable(model)
-    opt_state = optimizer_state(args, model, optimizer)
-    final = os.path.join(args.out, "ckpt", f"step_{trainer_state['step']:07d}")
-    tmp = final + ".tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        save_safetensors_atomic(weights, os.path.join(tmp, "model.safetensors"))
-        torch.save(dict(optimizer=opt_state, scheduler=scheduler.state_dict()), os.path.join(tmp, "optimizer.pt"))
-        write_json_atomic(os.path.join(tmp, "trainer_state.json"), trainer_state)
-        write_json_atomic(os.path.join(tmp, "config.json"), run_config)
-    barrier()
-    torch.save(rng_state(device), os.path.join(tmp, f"rng_rank{rank}.pt"))
-    barrier()
-    if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
-        if args.keep_checkpoints > 0:
-            for old in list_checkpoints(args.out)[:-args.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-    barrier()
-    return final
+SCALAR_STATS = [f.name for f in fields(StepStats) if f.name != "route_hist"]
 
 
-def list_checkpoints(out):
-    folder = os.path.join(out, "ckpt")
-    if not os.path.isdir(folder):
-        return []
-    return [os.path.join(folder, d) for d in sorted(os.listdir(folder)) if d.startswith("step_") and not d.endswith(".tmp")]
-
-
-def check_resume_config(ckpt, saved, current):
-    """Refuse a checkpoint of another base, method or config, naming what differs."""
-    diffs = []
-    for key in ("method", "base", "carpe", "moe"):
-        if saved.get(key) != current.get(key):
-            diffs.append(f"{key}: checkpoint {saved.get(key)!r} vs now {current.get(key)!r}")
-    for key in RESUME_KEYS:
-        if saved["train"].get(key) != current["train"].get(key):
-            diffs.append(f"--{key.replace('_', '-')}: checkpoint {saved['train'].get(key)!r} vs now {current['train'].get(key)!r}")
-    if diffs:
-        raise ValueError(f"checkpoint {ckpt} was made for another run and cannot be resumed here:\n  " + "\n  ".join(diffs))
-
-
-def load_checkpoint(args, ckpt, model, run_config, rank, device):
-    """Loads the weights and RNG; returns (trainer_state, optimizer+scheduler state)."""
-    from safetensors.torch import load_file
-    for f in ("config.json", "trainer_state.json", "model.safetensors", "optimizer.pt"):
-        if not os.path.isfile(os.path.join(ckpt, f)):
-            raise FileNotFoundError(f"--resume {ckpt}: not a complete checkpoint ({f} missing)")
-    with open(os.path.join(ckpt, "config.json")) as f:
-        check_resume_config(ckpt, json.load(f), run_config)
-    with open(os.path.join(ckpt, "trainer_state.json")) as f:
-        trainer_state = json.load(f)
-    model.load_trainable_state_dict(load_file(os.path.join(ckpt, "model.safetensors"), device=str(device)))
-    opt = torch.load(os.path.join(ckpt, "optimizer.pt"), map_location="cpu", weights_only=True)
-    rng_file = os.path.join(ckpt, f"rng_rank{rank}.pt")
-    if os.path.isfile(rng_file):
-        set_rng_state(torch.load(rng_file, weights_only=True), device)
-    else:
-        print0(f"warning: {rng_file} missing (different world size?); RNG not restored")
-    return trainer_state, opt
+def reduce_stats(stats):
+    """Sum every field over ranks with one all-reduce of a packed float64 tensor."""
+    hist = stats.route_hist or []
+    packed = all_reduce_sum(torch.tensor([getattr(stats, k) for k in SCALAR_STATS] + hist, dtype=torch.float64))
+    values = packed.tolist()
+    route_hist = [int(v) for v in values[len(SCALAR_STATS):]] if stats.route_hist is not None else None
+    return StepStats(**dict(zip(SCALAR_STATS, values)), route_hist=route_hist)
 
 
 # -----------------------------------------------------------------------------
-# training
+# one run
 
-def main(argv=None):
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = resolve_args(parse_args(argv))
-    rank, world, local_rank, device = setup_distributed()
+@dataclass
+class Run:
+    args: argparse.Namespace
+    rank: int
+    world: int
+    device: torch.device
+    dtype: torch.dtype  # of the frozen base (bf16 on GPU)
+    model: torch.nn.Module  # the raw module: what the optimizer and the checkpoints see
+    forward_model: torch.nn.Module  # what forward runs on (FSDP / DDP / compiled)
+    context_params: list  # context prompt + encoder: outside DDP/FSDP, gradients averaged by hand
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    dataset: data.TrainDataset
+    collator: data.Collator
+    config: dict  # the run config in effect (config.json, every checkpoint)
+    state: TrainerState
+    accum: int  # micro-batches per rank per optimizer step
+    steps_per_epoch: int
+    total_steps: int
+    resumed_from: str | None = None
+
+
+def claim_run_folder(args, rank):
+    """Rank 0 locks --out for the run and refuses a used folder without --resume / --overwrite.
+    -> the lock file (None on other ranks)."""
+    if rank != 0:
+        return None
+    lock = common.lock_run_folder(args.out)
+    used = common.used_run_outputs(args.out)
+    if used and not args.resume:
+        if not args.overwrite:
+            lock.close()
+            raise SystemExit(f"--out {args.out} already holds a run ({', '.join(used)}): continue it with --resume "
+                             f"or start afresh with --overwrite")
+        common.clear_run_outputs(args.out)
+    return lock
+
+
+def build_dataset(args, processor):
+    """-> (dataset, skipped LLaVA entries)."""
+    config = data.DataConfig(llava_json=args.data if args.method != "imagenet-ft" else None,
+                             image_root=args.image_root, imagenet=args.imagenet,
+                             imagenet_classes=args.imagenet_classes, mix=args.mix_ratio, closed_k=args.closed_k,
+                             model_max_length=args.model_max_length, skip_bad_samples=args.skip_bad_samples,
+                             seed=args.seed)
+    dataset, n_skipped = data.TrainDataset.from_config(config, processor)
+    if n_skipped:
+        print0(f"warning: skipped {n_skipped} bad LLaVA entries (--skip-bad-samples)")
+    return dataset, n_skipped
+
+
+def find_checkpoint(args, rank, device):
+    """--resume: the checkpoint to continue from (None without --resume)."""
+    if args.resume is None:
+        return None
+    if args.resume == "latest":
+        ckpt = common.load_latest_checkpoint(args.out, rank, device)
+        if ckpt is None:
+            raise SystemExit(f"--resume: no checkpoint in {os.path.join(args.out, 'ckpt')}")
+        return ckpt
+    if not os.path.isdir(args.resume):
+        raise SystemExit(f"--resume {args.resume}: no such checkpoint folder")
+    try:
+        return common.load_checkpoint(args.resume, rank, device)
+    except common.DamagedFileError as e:
+        raise SystemExit(f"--resume {args.resume}: {e}") from None
+
+
+def check_resume_settings(ckpt, config):
+    """Refuse, in one line, a resume that changes the model or a FIXED_ON_RESUME setting.
+    -> {flag: (checkpoint's value, now)} for the APPLIED_ON_RESUME settings that changed."""
+    saved = ckpt.config
+    diffs = [f"{key}: checkpoint {saved.get(key)!r}, now {config.get(key)!r}"
+             for key in ("method", "base") if saved.get(key) != config.get(key)]
+    for section in ("carpe", "moe"):
+        a, b = saved.get(section) or {}, config.get(section) or {}
+        for key in sorted((set(a) | set(b)) - {"gradient_checkpointing"}):  # checkpointing does not change the math
+            if a.get(key) != b.get(key):
+                diffs.append(f"{section}.{key}: checkpoint {a.get(key)!r}, now {b.get(key)!r}")
+    flag = lambda key: "--" + key.replace("_", "-")
+    for key in FIXED_ON_RESUME:
+        if saved["train"].get(key) != config["train"][key]:
+            diffs.append(f"{flag(key)}: checkpoint {saved['train'].get(key)!r}, now {config['train'][key]!r}")
+    if diffs:
+        raise SystemExit(f"--resume {ckpt.path}: that checkpoint was made for another run; a resume cannot change "
+                         + "; ".join(diffs))
+    return {flag(k): (saved["train"].get(k), config["train"][k]) for k in APPLIED_ON_RESUME
+            if saved["train"].get(k) != config["train"][k]}
+
+
+def restore(run, ckpt):
+    """Resume: settings checked, weights and RNG loaded (before wrapping), the folder's later
+    checkpoints and log lines set aside. The optimizer state follows in load_optimizer_state."""
+    changed = check_resume_settings(ckpt, run.config)
+    state = TrainerState(**ckpt.trainer_state)
+    if state.epoch_length != len(run.dataset):
+        raise SystemExit(f"--resume {ckpt.path}: the checkpoint's epoch has {state.epoch_length} samples, the data now "
+                         f"gives {len(run.dataset)} (other --data / --imagenet / --skip-bad-samples?)")
+    run.model.load_trainable_state_dict(ckpt.weights)
+    if ckpt.rng is not None:
+        common.set_rng_state(ckpt.rng, run.device)
+    else:
+        print0(f"warning: {ckpt.path} has no RNG file for rank {run.rank} (a run with fewer ranks?); RNG not restored")
+    for flag, (before, now) in changed.items():
+        print0(f"resume: {flag} {now!r} (the checkpoint ran with {before!r})")
+    run.config["resumed"] = ckpt.config.get("resumed", []) + [
+        dict(step=state.step, checkpoint=ckpt.path, changed={k: list(v) for k, v in changed.items()})]
+    if run.rank == 0:  # this folder's later checkpoints and log lines belong to the abandoned continuation
+        for moved in common.set_aside_newer(run.args.out, state.step):
+            print0(f"resume: {moved} was written after step {state.step}; set aside")
+    barrier()
+    print0(f"resuming from {ckpt.path} at step {state.step}")
+    run.state, run.resumed_from = state, ckpt.path
+
+
+def set_context_trainable(run, trainable):
+    run.model.set_context_trainable(trainable)
+    run.state.context_trainable = trainable
+
+
+def load_optimizer_state(run, ckpt):
+    """Optimizer + scheduler state of a checkpoint, then the learning rates of the current flags."""
+    # AdamW holds state only for the tensors that had a gradient when the checkpoint was written:
+    # the context tensors have none after epoch 1's steps. FSDP2's loader is strict about every
+    # tensor that requires a gradient, so set the freeze of that moment first; the loop then sets
+    # the freeze of the epoch it enters (and AdamW creates their state at their first step, as in
+    # an uninterrupted run).
+    set_context_trainable(run, run.state.context_trainable)
+    base_lrs = [g["lr"] for g in run.optimizer.param_groups]  # from --lr / --lr-adapter
+    if run.args.fsdp:
+        set_optimizer_state_dict(run.model, run.optimizer, optim_state_dict=ckpt.optimizer["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+    else:
+        run.optimizer.load_state_dict(ckpt.optimizer["optimizer"])
+    run.scheduler.load_state_dict(ckpt.optimizer["scheduler"])
+    # both state dicts carry the saved base learning rates: the flags given now win
+    run.scheduler.base_lrs = base_lrs
+    for g, base, lr_lambda in zip(run.optimizer.param_groups, base_lrs, run.scheduler.lr_lambdas):
+        g["initial_lr"], g["lr"] = base, base * lr_lambda(run.scheduler.last_epoch)
+
+
+def optimizer_state(run):
+    """Full (unsharded) optimizer state plus the scheduler's. Collective under FSDP."""
+    if run.args.fsdp:
+        state = get_optimizer_state_dict(run.model, run.optimizer,
+                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        state = run.optimizer.state_dict()
+    return dict(optimizer=state, scheduler=run.scheduler.state_dict())
+
+
+def setup(args, rank, world, local_rank, device):
+    """Everything before the first step: data, model, resume, wrapping, optimizer."""
     if args.preset == "tiny":
-        if rank == 0:  # draw the synthetic data and pre-train the tiny base on first use
+        if local_rank == 0:  # draw the synthetic data and pre-train the tiny base on first use
             tiny.ensure_tiny_world(args.cache_dir)
         barrier()
         use_tiny_world(args)
@@ -400,167 +546,240 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     accum, rest = divmod(args.batch_size, args.micro_batch_size * world)
     if rest or accum == 0:
-        raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size {args.micro_batch_size} "
-                         f"x world size {world}")
+        raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size "
+                         f"{args.micro_batch_size} x world size {world}")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     llava, processor = carpe.load_base(args.base, device=device, dtype=dtype)
+    fit_model_max_length(args, llava)
     model, image_transform, moe_config = create_model(args, llava, processor, device)
-    run_config = dict(method=args.method, base=args.base,
-                      carpe=model.config.to_dict() if hasattr(model.config, "to_dict") else None,
-                      moe=moe_config.to_dict() if moe_config is not None else None,
-                      train={k: v for k, v in vars(args).items() if k not in ("out", "resume", "mix_ratio")})
-
-    # data
-    data_config = data.DataConfig(llava_json=args.data if args.method != "imagenet-ft" else None,
-                                  image_root=args.image_root, imagenet=args.imagenet,
-                                  imagenet_classes=args.imagenet_classes, mix=args.mix_ratio, closed_k=args.closed_k,
-                                  model_max_length=args.model_max_length, skip_bad_samples=args.skip_bad_samples,
-                                  seed=args.seed)
-    dataset, n_skipped = data.TrainDataset.from_config(data_config, processor)
-    if n_skipped:
-        print0(f"warning: skipped {n_skipped} bad LLaVA entries (--skip-bad-samples)")
-    collator = data.Collator(processor.tokenizer.pad_token_id, image_transform)
+    config = dict(method=args.method, base=args.base,
+                  carpe=model.config.to_dict() if hasattr(model.config, "to_dict") else None,
+                  moe=moe_config.to_dict() if moe_config is not None else None,
+                  train={k: v for k, v in vars(args).items() if k not in RUN_FLAGS + ("mix_ratio",)})
+    dataset, n_skipped = build_dataset(args, processor)
     steps_per_epoch = len(dataset) // args.batch_size
     if steps_per_epoch == 0:
         raise SystemExit(f"an epoch has {len(dataset)} samples, fewer than --batch-size {args.batch_size}")
     total_steps = args.max_steps or args.epochs * steps_per_epoch
-    n_epochs = math.ceil(total_steps / steps_per_epoch)
+    run = Run(args=args, rank=rank, world=world, device=device, dtype=dtype, model=model, forward_model=model,
+              context_params=[], optimizer=None, scheduler=None, dataset=dataset,
+              collator=data.Collator(processor.tokenizer.pad_token_id, image_transform), config=config,
+              state=TrainerState(epoch_length=len(dataset), skipped_samples=n_skipped), accum=accum,
+              steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    ckpt = find_checkpoint(args, rank, device)
+    if ckpt is not None:
+        restore(run, ckpt)  # weights before wrapping, optimizer state after
+    run.forward_model, run.context_params = wrap_model(args, model, device, world)
+    run.optimizer, run.scheduler = make_optimizer(args, model, total_steps)
+    if ckpt is not None:
+        load_optimizer_state(run, ckpt)
+    n_trainable = sum(p.numel() for n, p in model.named_parameters() if model.is_trainable_name(n))
+    print0(f"{args.method} on {args.base}: {n_trainable / 1e6:.2f}M trainable params; {len(dataset)} samples/epoch "
+           f"({dataset.plan.imagenet_per_epoch} ImageNet), {steps_per_epoch} steps/epoch, {total_steps} steps, "
+           f"world {world} x micro {args.micro_batch_size} x accum {accum}")
+    return run
 
-    # resume: weights before wrapping, optimizer after
-    trainer_state = dict(step=0, epoch=0, position=0, truncated=0, skipped=n_skipped, tokens=0)
-    resume_opt = None
-    if args.resume:
-        ckpts = list_checkpoints(args.out) if args.resume == "latest" else [args.resume]
-        if not ckpts:
-            raise SystemExit(f"--resume: no checkpoint in {os.path.join(args.out, 'ckpt')}")
-        trainer_state, resume_opt = load_checkpoint(args, ckpts[-1], model, run_config, rank, device)
-        if trainer_state["epoch_length"] != len(dataset):
-            raise SystemExit(f"--resume {ckpts[-1]}: the checkpoint's epoch has {trainer_state['epoch_length']} samples, "
-                             f"the data now gives {len(dataset)} (other --data / --imagenet?)")
-        print0(f"resuming from {ckpts[-1]} at step {trainer_state['step']}")
-    trainer_state["epoch_length"] = len(dataset)
 
-    forward_model, context_params = wrap_model(args, model, device, world)
-    optimizer = torch.optim.AdamW(optimizer_groups(args, model), weight_decay=0.0, betas=(0.9, 0.999))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_schedule(total_steps, math.ceil(args.warmup_ratio * total_steps)))
-    if resume_opt is not None:
-        load_optimizer_state(args, model, optimizer, resume_opt["optimizer"])
-        scheduler.load_state_dict(resume_opt["scheduler"])
-    trainable = [p for name, p in model.named_parameters() if model.is_trainable_name(name)]
+# -----------------------------------------------------------------------------
+# training
 
-    os.makedirs(args.out, exist_ok=True)
-    log_path = os.path.join(args.out, "log.jsonl")
-    print0(f"{args.method} on {args.base}: {sum(p.numel() for p in trainable) / 1e6:.2f}M trainable params; "
-           f"{len(dataset)} samples/epoch ({dataset.plan.imagenet_per_epoch} ImageNet), {steps_per_epoch} steps/epoch, "
-           f"{total_steps} steps, world {world} x micro {args.micro_batch_size} x accum {accum}")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    from tqdm import tqdm
-    bar = tqdm(total=total_steps, initial=trainer_state["step"], disable=rank != 0, desc="train")
-    step = trainer_state["step"]
-    last_ckpt, loss = None, None
-    model.train()
-    for epoch in range(step // steps_per_epoch, n_epochs):
-        model.set_context_trainable(epoch > 0)  # the context prompt and encoder are frozen for epoch 1
-        start_position = (step - epoch * steps_per_epoch) * args.batch_size
-        loader = data.make_loader(dataset, collator, args.micro_batch_size, args.batch_size, rank, world, epoch,
-                                  start_position, args.num_workers)
-        batches = iter(loader)
-        while step < min(total_steps, (epoch + 1) * steps_per_epoch):
+def accumulate(run, batches, autocast):
+    """Forward and backward over this rank's micro-batches of one global batch. The gradient is
+    the mean over micro-batches of each one's mean token loss (as HF Trainer). -> StepStats."""
+    vision_moe = getattr(run.model, "vision_moe", None)
+    stats = StepStats(route_hist=[0] * len(vision_moe.expert_names) if vision_moe is not None else None)
+    for micro in range(run.accum):
+        batch = next(batches)
+        # DDP all-reduces the gradients at every backward: only the last micro-batch needs that
+        sync = micro == run.accum - 1 or not isinstance(run.forward_model, DDP)
+        with (nullcontext() if sync else run.forward_model.no_sync()), autocast:
+            pixel_values = batch["pixel_values"]
+            if isinstance(pixel_values, dict):  # CARPE-MoE: one tensor per expert
+                pixel_values = {k: v.to(run.device) for k, v in pixel_values.items()}
+            elif pixel_values is not None:  # None: no sample of this micro-batch has an image
+                pixel_values = pixel_values.to(run.device, dtype=run.dtype)
+            out = run.forward_model(input_ids=batch["input_ids"].to(run.device),
+                                    attention_mask=batch["attention_mask"].to(run.device),
+                                    pixel_values=pixel_values, labels=batch["labels"].to(run.device))
+            (out.loss / run.accum).backward()
+        stats.add(out, batch)
+    return stats
+
+
+def average_context_grads(run):
+    """The context tensors sit outside DDP/FSDP: average their gradients over ranks by hand."""
+    if run.world == 1:
+        return
+    for p in run.context_params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(run.world)
+
+
+def bad_step_reason(loss, grad_norm, state, max_loss_ratio):
+    """Why this step's update must not reach the weights, or None."""
+    if not math.isfinite(loss):
+        return f"non-finite loss {loss}"
+    if not math.isfinite(grad_norm):
+        return f"non-finite gradient norm {grad_norm}"
+    if max_loss_ratio and len(state.recent_losses) >= 5:
+        mean = sum(state.recent_losses) / len(state.recent_losses)
+        if loss > max_loss_ratio * mean:
+            return f"loss spike {loss:.4g} > --max-loss-ratio {max_loss_ratio} x recent mean {mean:.4g}"
+    return None
+
+
+def stop_run(run, reason):
+    """Stop a run whose weights went bad: the checkpoints from the last applied update on hold
+    them (renamed .rejected); name the newest one before it."""
+    u = run.state.last_update
+    earlier = [p for p in common.list_checkpoints(run.args.out) if common.checkpoint_step(p) < u]
+    if run.resumed_from and common.checkpoint_step(run.resumed_from) < u:
+        earlier.append(run.resumed_from)  # a run resumed from another folder: where it started
+    good = max(earlier, key=common.checkpoint_step, default=None)
+    barrier()  # every rank has read the folder before rank 0 renames in it
+    if run.rank == 0:
+        common.reject_checkpoints(run.args.out, u)
+    barrier()
+    advice = (f"the last good checkpoint is {good}: resume it with --resume {good}, perhaps with a lower --lr"
+              if good else f"no checkpoint before step {run.state.last_update} was saved: start again with a lower --lr")
+    raise SystemExit(f"stopping at step {run.state.step}: {reason}. The weights of step {run.state.last_update} are "
+                     f"suspect (checkpoints from there on renamed *.rejected); {advice}")
+
+
+def save(run):
+    """A checkpoint of the current step, if the weights are finite; then retention. Collective.
+    -> the gathered weights."""
+    weights = gather_trainable(run.model)
+    try:
+        common.check_finite(weights, f"the trainable weights at step {run.state.step}")
+    except common.DamagedFileError as e:
+        stop_run(run, str(e))
+    path = common.checkpoint_path(run.args.out, run.state.step)
+    common.save_checkpoint(path, weights, optimizer_state(run), asdict(run.state), run.config, run.rank, run.device)
+    if run.rank == 0:  # never the one just written, never the one this run resumed from
+        common.prune_checkpoints(run.args.out, run.args.keep_checkpoints, protect=(path, run.resumed_from))
+    barrier()
+    return weights
+
+
+def log_step(run, stats, loss, grad_norm, lrs, skipped, seconds):
+    """One line of log.jsonl (rank 0) and the progress bar."""
+    state = run.state
+    record = dict(step=state.step, epoch=(state.step - 1) // run.steps_per_epoch + 1, loss=loss, **lrs,
+                  grad_norm=grad_norm, vision_weight=stats.vision_weight / stats.samples,
+                  tokens_per_s=stats.tokens / seconds, peak_mem_gb=peak_memory_gb(run.device),
+                  truncated=state.truncated, skipped=state.skipped_samples, context_trainable=state.context_trainable,
+                  skipped_step=skipped, skipped_steps=state.skipped_steps)
+    if stats.route_hist is not None:
+        record["balance_loss"] = stats.balance_loss / stats.micro_batches
+        record["route_hist"] = stats.route_hist
+        record["route"] = dict(zip(run.model.vision_moe.expert_names, stats.route_hist))
+    if run.rank != 0:
+        return record
+    log_path = os.path.join(run.args.out, "log.jsonl")
+    with open(log_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if stats.truncated and state.truncated == stats.truncated:  # the first cut sample: say it once
+        print0(f"warning: samples longer than --model-max-length {run.args.model_max_length} are being cut "
+               f"(counted as 'truncated' in {log_path})")
+    if skipped:
+        print0(f"warning: step {state.step} skipped: {skipped}")
+    return record
+
+
+def train(run):
+    """The loop. -> the final weights (gathered by the last save)."""
+    args, state = run.args, run.state
+    trainable = [p for name, p in run.model.named_parameters() if run.model.is_trainable_name(name)]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if run.device.type == "cuda" else nullcontext()
+    bar = tqdm(total=run.total_steps, initial=state.step, disable=run.rank != 0, desc="train")
+    weights = None
+    run.model.train()
+    for epoch in range(state.step // run.steps_per_epoch, math.ceil(run.total_steps / run.steps_per_epoch)):
+        # the paper freezes the context prompt and encoder for the first epoch
+        set_context_trainable(run, epoch > 0)
+        # every rank reads its share of this epoch's fixed order, from the resumed position on
+        start = (state.step - epoch * run.steps_per_epoch) * args.batch_size
+        batches = iter(data.make_loader(run.dataset, run.collator, args.micro_batch_size, args.batch_size, run.rank,
+                                        run.world, epoch, start, args.num_workers))
+        while state.step < min(run.total_steps, (epoch + 1) * run.steps_per_epoch):
             t0 = time.time()
-            sums = torch.zeros(6, dtype=torch.float64)  # loss, vision weight, samples, tokens, truncated, balance
-            route_hist = None
-            for micro in range(accum):
-                batch = next(batches)
-                sync = micro == accum - 1 or not hasattr(forward_model, "no_sync")
-                with (nullcontext() if sync else forward_model.no_sync()), autocast:
-                    pixel_values = batch["pixel_values"]
-                    if pixel_values is not None:
-                        pixel_values = {k: v.to(device) for k, v in pixel_values.items()} if isinstance(pixel_values, dict) \
-                            else pixel_values.to(device, dtype=dtype)
-                    out = forward_model(input_ids=batch["input_ids"].to(device),
-                                        attention_mask=batch["attention_mask"].to(device),
-                                        pixel_values=pixel_values, labels=batch["labels"].to(device))
-                    (out.loss / accum).backward()
-                sums[0] += out.loss.item()
-                sums[1] += out.context_weights[:, 0].float().sum().item()
-                sums[2] += len(batch["ids"])
-                sums[3] += int(batch["attention_mask"].sum())
-                sums[4] += batch["n_truncated"]
-                if out.balance_loss is not None:
-                    sums[5] += out.balance_loss.item()
-                if out.route is not None:
-                    n_experts = len(model.vision_moe.experts) if hasattr(model.vision_moe, "experts") else int(out.route.max()) + 1
-                    hist = torch.bincount(out.route[out.route >= 0].cpu(), minlength=n_experts)
-                    route_hist = hist if route_hist is None else route_hist + hist
-            # the context parameters sit outside DDP/FSDP: average their gradients by hand
-            if world > 1:
-                for p in context_params:
-                    if p.grad is not None:
-                        dist.all_reduce(p.grad)
-                        p.grad.div_(world)
-            all_reduce_sum(sums)
-            if route_hist is not None:
-                all_reduce_sum(route_hist)
-            loss = sums[0].item() / (accum * world)
-            if not math.isfinite(loss):
-                raise RuntimeError(f"non-finite loss {loss} at step {step + 1} (epoch {epoch + 1}); stopping. "
-                                   f"The last good checkpoint is {last_ckpt or (list_checkpoints(args.out) or ['none'])[-1]} "
-                                   f"(resume it with --resume, maybe with a lower --lr)")
+            stats = accumulate(run, batches, autocast)
+            average_context_grads(run)
+            # sums over ranks: every rank sees the same loss and norm, so all take the same decision
+            stats = reduce_stats(stats)
+            loss = stats.loss / stats.micro_batches
             grad_norm = clip_grad_norm(trainable, args.grad_clip)
-            lrs = {f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            trainer_state.update(step=step, epoch=step // steps_per_epoch,
-                                 position=(step % steps_per_epoch) * args.batch_size,
-                                 truncated=trainer_state["truncated"] + int(sums[4]),
-                                 tokens=trainer_state["tokens"] + int(sums[3]))
-            dt = time.time() - t0
-            record = dict(step=step, epoch=epoch + 1, loss=loss, **lrs, grad_norm=grad_norm,
-                          vision_weight=sums[1].item() / sums[2].item(), tokens_per_s=sums[3].item() / dt,
-                          peak_mem_gb=peak_memory_gb(device), truncated=trainer_state["truncated"],
-                          skipped=trainer_state["skipped"], context_trainable=epoch > 0)
-            if args.moe:
-                record["balance_loss"] = sums[5].item() / (accum * world)
-                record["route_hist"] = route_hist.tolist() if route_hist is not None else []
-            if rank == 0:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                if sums[4] and trainer_state["truncated"] == int(sums[4]):
-                    print0(f"warning: samples longer than --model-max-length {args.model_max_length} are being cut "
-                           f"(counted as 'truncated' in {log_path})")
+            lrs = {f"lr_{g['name']}": g["lr"] for g in run.optimizer.param_groups}
+            # finite or nothing: a bad loss or gradient never reaches the weights
+            skipped = bad_step_reason(loss, grad_norm, state, args.max_loss_ratio)
+            if skipped is None:
+                run.optimizer.step()
+                state.last_update, state.consecutive_skips = state.step + 1, 0
+                state.recent_losses = (state.recent_losses + [loss])[-20:]
+            else:
+                state.skipped_steps += 1
+                state.consecutive_skips += 1
+            # the schedule and the data position move on either way: the batch was consumed
+            run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.tokens += int(stats.tokens)
+            state.truncated += int(stats.truncated)
+            record = log_step(run, stats, loss, grad_norm, lrs, skipped, time.time() - t0)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", alpha=f"{record['vision_weight']:.3f}")
-            if (args.save_every and step % args.save_every == 0) or step == total_steps:
-                last_ckpt = save_checkpoint(args, model, optimizer, scheduler, run_config, dict(trainer_state), rank, device)
+            if state.consecutive_skips >= args.max_skipped_steps:
+                stop_run(run, f"{state.consecutive_skips} step(s) in a row skipped (the last: {skipped})")
+            if (args.save_every and state.step % args.save_every == 0) or state.step == run.total_steps:
+                weights = save(run)
     bar.close()
+    return weights
 
-    # the final weights, in the run-folder format carpe.load_run / eval.py --ckpt read
-    weights = gather_trainable(model)
-    if rank == 0:
-        save_safetensors_atomic(weights, os.path.join(args.out, "model.safetensors"))
-        write_json_atomic(os.path.join(args.out, "config.json"), run_config)
-    # a cheap cross-rank check that training kept the replicas identical
+
+def weights_checksum(weights):
+    """48 bits of a sha256 of the weights: exact in float64, so ranks can compare by all-reduce."""
     digest = hashlib.sha256()
     for name in sorted(weights):
         digest.update(name.encode())
         digest.update(weights[name].float().numpy().tobytes())
-    checksum = float(int(digest.hexdigest()[:12], 16))  # 48 bits: exact in float64
-    checksums = torch.zeros(world, dtype=torch.float64)
-    checksums[rank] = checksum
+    return float(int(digest.hexdigest()[:12], 16))
+
+
+def finish(run, weights):
+    """The final weights in the run-folder format, and a summary with a cross-rank check that
+    training kept the replicas identical."""
+    if weights is None:  # resumed from the final checkpoint: nothing was trained, nothing saved
+        weights = gather_trainable(run.model)
+        common.check_finite(weights, "the resumed weights")
+    if run.rank == 0:
+        common.save_run(run.args.out, weights, run.config)
+    checksums = torch.zeros(run.world, dtype=torch.float64)
+    checksums[run.rank] = weights_checksum(weights)
     all_reduce_sum(checksums)
-    if rank == 0:
-        write_json_atomic(os.path.join(args.out, "summary.json"),
-                          dict(steps=step, world=world, final_loss=loss,
-                               rank_checksums=checksums.tolist(), truncated=trainer_state["truncated"],
-                               skipped=trainer_state["skipped"]))
-        print0(f"done: {step} steps; final weights in {args.out}/model.safetensors")
+    if run.rank == 0:
+        common.write_json_atomic(os.path.join(run.args.out, "summary.json"), dict(
+            steps=run.state.step, world=run.world, rank_checksums=checksums.tolist(), truncated=run.state.truncated,
+            skipped_samples=run.state.skipped_samples, skipped_steps=run.state.skipped_steps))
+        print0(f"done: {run.state.step} steps; final weights in {run.args.out}/model.safetensors")
     barrier()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return model
+
+
+def main(argv=None):
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = resolve_args(parse_args(argv))
+    rank, world, local_rank, device = setup_distributed()
+    lock = claim_run_folder(args, rank)
+    try:
+        run = setup(args, rank, world, local_rank, device)
+        finish(run, train(run))
+        return run.model
+    finally:
+        if lock is not None:
+            lock.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

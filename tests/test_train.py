@@ -6,7 +6,9 @@ A small LLaVA json (28 synthetic entries -> 32 samples per epoch with the paper'
 share, set by hand as the tiny preset's default is 1:1) and a global batch of 8 give 4 steps per
 epoch, so 6 steps cross into epoch 2."""
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 
@@ -109,10 +111,23 @@ def torchrun(small_data, out, *extra):
     return read_log(out)
 
 
+@pytest.fixture(scope="module")
+def fsdp_run(small_data, tmp_path_factory):
+    """6 uninterrupted FSDP2 steps on 2 ranks, every checkpoint kept (the resumes start from them)."""
+    out = tmp_path_factory.mktemp("fsdp")
+    torchrun(small_data, out, "--fsdp", "--save-every", "1", "--keep-checkpoints", "0")
+    return str(out)
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_torchrun_two_ranks(mode, run_a, small_data, tmp_path):
-    log = torchrun(small_data, tmp_path, *(["--fsdp"] if mode == "fsdp" else []))
-    summary = json.load(open(tmp_path / "summary.json"))
+def test_torchrun_two_ranks(mode, run_a, small_data, tmp_path, request):
+    if mode == "fsdp":
+        out = request.getfixturevalue("fsdp_run")
+    else:
+        out = str(tmp_path)
+        torchrun(small_data, out)
+    log = read_log(out)
+    summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["world"] == 2 and summary["steps"] == 6
     assert summary["rank_checksums"][0] == summary["rank_checksums"][1]  # identical weights on both ranks
     # each rank reads half of every global batch: the same samples and losses as one process
@@ -120,29 +135,43 @@ def test_torchrun_two_ranks(mode, run_a, small_data, tmp_path):
     for r, s in zip(log, single):
         assert r["loss"] == pytest.approx(s["loss"], rel=1e-4, abs=1e-5), (mode, r["step"])
     # the context prompt trained in epoch 2 under both wrappers, the same way as in one process
-    a, b = load_file(os.path.join(run_a, "model.safetensors")), load_file(tmp_path / "model.safetensors")
+    a, b = weights_of(run_a), weights_of(out)
     for n in a:
         assert torch.allclose(a[n], b[n], rtol=1e-3, atol=1e-5), (mode, n)
-    assert os.path.isdir(tmp_path / "ckpt" / "step_0000006")
+    assert os.path.isdir(os.path.join(out, "ckpt", "step_0000006"))
 
 
-def test_resume_refuses_another_config(run_a, small_data, tmp_path):
+@pytest.mark.parametrize("step", [4, 5])  # written in epoch 1 (resumed at the boundary), in epoch 2
+def test_fsdp_resume_equals_the_uninterrupted_run(step, fsdp_run, small_data, tmp_path):
+    """FSDP2 on 2 ranks resumed from a checkpoint of the uninterrupted run (as after a kill
+    there): the epoch-1 checkpoints' optimizer holds no state for the frozen context tensors,
+    and the resume still loads it strictly and continues exactly."""
+    log = torchrun(small_data, tmp_path, "--fsdp", "--resume", os.path.join(fsdp_run, "ckpt", f"step_{step:07d}"))
+    full = read_log(fsdp_run)
+    assert [r["step"] for r in log] == list(range(step + 1, 7))
+    assert [r["loss"] for r in log] == [r["loss"] for r in full[step:]]
+    assert [r["context_trainable"] for r in log] == [s > 4 for s in range(step + 1, 7)]
+    a, b = weights_of(fsdp_run), weights_of(tmp_path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_another_config(run_a, small_data, tmp_path, capsys):
+    # a changed model setting or a FIXED_ON_RESUME flag: one line naming it and both values
     ckpt = os.path.join(run_a, "ckpt", "step_0000002")
-    with pytest.raises(ValueError, match=r"(?s)step_0000002 was made for another run.*carpe:.*integrator_self_attn"):
+    with pytest.raises(SystemExit, match=r"step_0000002: that checkpoint was made for another run.*"
+                                         r"carpe\.integrator_self_attn: checkpoint True, now False"):
         train.main(flags(small_data, tmp_path, "--max-steps", "6", "--no-integrator-self-attn", "--resume", ckpt))
-    with pytest.raises(ValueError, match=r"--batch-size: checkpoint 8 vs now 16"):
+    with pytest.raises(SystemExit, match=r"--batch-size: checkpoint 8, now 16") as e:
         train.main(flags(small_data, tmp_path, "--max-steps", "6", "--resume", ckpt, "--batch-size", "16"))
+    assert "\n" not in str(e.value)
+    assert not os.path.exists(tmp_path / "log.jsonl")  # refused before anything was written
 
 
-def test_non_finite_loss_stops_and_keeps_last_checkpoint(small_data, tmp_path):
-    with pytest.raises(RuntimeError, match=r"non-finite loss .* at step \d+ .*last good checkpoint .*step_"):
-        train.main(flags(small_data, tmp_path, "--max-steps", "6", "--save-every", "1", "--lr", "1e30",
-                         "--lr-adapter", "1e30", "--grad-clip", "0"))
-    ckpts = train.list_checkpoints(str(tmp_path))
-    assert ckpts, "the good steps before the blow-up were checkpointed"
-    last = load_file(os.path.join(ckpts[-1], "model.safetensors"))
-    assert all(torch.isfinite(t).all() for t in last.values())
-    assert not any(name.endswith(".tmp") for name in os.listdir(tmp_path / "ckpt"))
+def test_every_flag_is_applied_or_refused_on_resume():
+    """A new flag must say what a resume does with it: no setting is recorded and then ignored."""
+    dests = set(vars(train.parse_args(["--out", "x"])))
+    groups = [train.FIXED_ON_RESUME, train.APPLIED_ON_RESUME, train.MODEL_FLAGS, train.RUN_FLAGS]
+    assert sorted(k for g in groups for k in g) == sorted(dests)
 
 
 def test_tiny_prestage_learned(small_data):
@@ -205,3 +234,167 @@ def test_load_run_refuses_damaged_or_non_finite_weights(tmp_path):
     assert common.run_digest(str(run)) != digest
     with pytest.raises(common.DamagedFileError, match=r"model\.safetensors is damaged: its sha256 differs"):
         common.load_run(str(run))
+
+
+# -----------------------------------------------------------------------------
+# faults injected on purpose: nothing lost, the message names the cause
+
+def weights_of(ckpt):
+    return load_file(os.path.join(ckpt, "model.safetensors"))
+
+
+def test_nan_gradient_is_skipped_and_repeated_ones_stop_the_run(small_data, tmp_path, monkeypatch):
+    """A NaN gradient with a finite loss never reaches the weights: the step is skipped and
+    counted; two in a row stop the run, naming the newest checkpoint whose weights were checked."""
+    poisoned = {3, 5, 6}
+    average = train.average_context_grads
+
+    def poison(run):  # after the backward of step state.step + 1
+        average(run)
+        if run.state.step + 1 in poisoned:
+            next(p for p in run.model.parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")
+
+    monkeypatch.setattr(train, "average_context_grads", poison)
+    with pytest.raises(SystemExit, match=r"stopping at step 6: 2 step\(s\) in a row skipped .*non-finite gradient norm"
+                                         r".*last good checkpoint is \S*step_0000003"):
+        train.main(flags(small_data, tmp_path, "--max-steps", "6", "--save-every", "1", "--keep-checkpoints", "0",
+                         "--max-skipped-steps", "2"))
+    log = read_log(tmp_path)
+    assert [r["skipped_step"] is not None for r in log] == [False, False, True, False, True, True]
+    assert [r["skipped_steps"] for r in log] == [0, 0, 1, 1, 2, 3]
+    assert all(math.isfinite(r["loss"]) for r in log)  # the loss was finite: only the gradient was bad
+    ckpt = tmp_path / "ckpt"
+    assert [os.path.basename(p) for p in common.list_checkpoints(str(tmp_path))] == [
+        "step_0000001", "step_0000002", "step_0000003"]
+    # step 4's update made the weights that then failed twice: its checkpoints are kept, renamed
+    assert sorted(n for n in os.listdir(ckpt) if n.endswith(".rejected")) == [
+        "step_0000004.rejected", "step_0000005.rejected"]
+    w2, w3 = weights_of(ckpt / "step_0000002"), weights_of(ckpt / "step_0000003")
+    assert all(torch.equal(w2[k], w3[k]) for k in w2)  # the skipped step 3 left the weights alone
+    assert all(torch.isfinite(t).all() for path in os.listdir(ckpt) for t in weights_of(ckpt / path).values())
+
+
+def test_lr_applied_on_resume_and_a_blow_up_names_a_truly_good_checkpoint(run_a, small_data, tmp_path):
+    """--lr given on resume is used (and recorded); at 1e36 the first update gives finite but
+    huge weights whose loss is not finite: the run stops, rejects that update's checkpoints and
+    names the checkpoint it resumed from, the newest whose weights trained on finitely."""
+    resumed = os.path.join(run_a, "ckpt", "step_0000002")
+    with pytest.raises(SystemExit, match=r"last good checkpoint is \S*run_a\S*step_0000002") as e:
+        train.main(flags(small_data, tmp_path, "--max-steps", "6", "--save-every", "1", "--max-skipped-steps", "2",
+                         "--resume", resumed, "--lr", "1e36", "--lr-adapter", "1e36"))
+    print(e.value)
+    log, full = read_log(tmp_path), read_log(run_a)
+    assert log[0]["lr_rest"] == pytest.approx(full[2]["lr_rest"] / 2e-3 * 1e36, rel=1e-12)  # the new lr, same schedule
+    assert log[0]["skipped_step"] is None and all(r["skipped_step"] for r in log[1:])
+    assert common.list_checkpoints(str(tmp_path)) == []  # all hold the blown-up weights
+    config = json.load(open(tmp_path / "ckpt" / "step_0000003.rejected" / "config.json"))
+    assert config["train"]["lr"] == 1e36 and config["resumed"][0]["changed"]["--lr"] == [2e-3, 1e36]
+
+
+def test_killed_save_and_damaged_checkpoint_resume_exactly(run_a, small_data, tmp_path, monkeypatch, capsys):
+    """A run dies while writing step 6's checkpoint and step 4's optimizer.pt is truncated later:
+    --resume falls back to step 2 (saying which file is damaged), cuts log.jsonl back to step 2,
+    and ends with the losses and weights of the uninterrupted run."""
+    save_file = common.save_file
+
+    def dies_at_step_6(state, path, *a, **k):
+        if "step_0000006" in path:
+            save_file({k: v[:1] for k, v in state.items()}, path)  # half a file, then the process is gone
+            raise KeyboardInterrupt("killed during the save of step 6")
+        return save_file(state, path, *a, **k)
+
+    monkeypatch.setattr(common, "save_file", dies_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(flags(small_data, tmp_path, "--max-steps", "6", "--save-every", "2", "--keep-checkpoints", "0"))
+    monkeypatch.setattr(common, "save_file", save_file)
+    assert [os.path.basename(p) for p in common.list_checkpoints(str(tmp_path))] == ["step_0000002", "step_0000004"]
+    optimizer_pt = tmp_path / "ckpt" / "step_0000004" / "optimizer.pt"
+    optimizer_pt.write_bytes(optimizer_pt.read_bytes()[:1000])  # truncated
+    with pytest.raises(SystemExit, match=r"step_0000004/optimizer\.pt is damaged: its sha256 differs"):
+        train.main(flags(small_data, tmp_path, "--max-steps", "6", "--resume", str(tmp_path / "ckpt" / "step_0000004")))
+    capsys.readouterr()
+    train.main(flags(small_data, tmp_path, "--max-steps", "6", "--save-every", "2", "--keep-checkpoints", "0",
+                     "--resume"))
+    assert re.search(r"step_0000004 is damaged .*optimizer\.pt.*falling back", capsys.readouterr().out)
+    full, log = read_log(run_a), read_log(tmp_path)
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]  # steps 3-5 of the dead run were cut
+    assert [r["loss"] for r in log] == [r["loss"] for r in full]
+    a, b = weights_of(run_a), weights_of(tmp_path)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(os.listdir(tmp_path / "superseded")) == ["log.jsonl", "step_0000004"]  # set aside, not deleted
+    assert not any(n.endswith(".tmp") for n in os.listdir(tmp_path / "ckpt"))
+
+
+def test_checkpoint_files_that_could_run_code_are_refused(run_a, tmp_path):
+    import shutil
+    ckpt = tmp_path / "step_0000002"
+    shutil.copytree(os.path.join(run_a, "ckpt", "step_0000002"), ckpt)
+    torch.save({"python": object()}, ckpt / "rng_rank0.pt")  # a pickled object, not data
+    common.write_manifest(str(ckpt), [n for n in os.listdir(ckpt) if n != common.MANIFEST])  # even when recorded
+    with pytest.raises(common.DamagedFileError, match=r"rng_rank0\.pt holds more than tensors and plain values"):
+        common.load_checkpoint(str(ckpt), rank=0)
+
+
+def test_retention_keeps_the_resumed_checkpoint_and_sets_newer_ones_aside(run_a, small_data, tmp_path):
+    """Resume from step 2 of a folder holding steps 2, 4, 6 with --keep-checkpoints 1 and a new
+    --lr: steps 4 and 6 (the abandoned continuation) move to superseded/, retention keeps step 2
+    and the newest, log.jsonl holds each step once, the new lr is used and recorded."""
+    import shutil
+    out = tmp_path / "run"
+    shutil.copytree(run_a, out)
+    train.main(flags(small_data, out, "--max-steps", "6", "--save-every", "1", "--keep-checkpoints", "1",
+                     "--lr", "1e-3", "--resume", str(out / "ckpt" / "step_0000002")))
+    assert [os.path.basename(p) for p in common.list_checkpoints(str(out))] == ["step_0000002", "step_0000006"]
+    assert sorted(os.listdir(out / "superseded")) == ["log.jsonl", "step_0000004", "step_0000006"]
+    log, full = read_log(out), read_log(run_a)
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in read_log(out / "superseded")] == [3, 4, 5, 6]
+    assert log[2]["lr_rest"] == pytest.approx(full[2]["lr_rest"] / 2, rel=1e-12)
+    config = json.load(open(out / "config.json"))
+    assert config["train"]["lr"] == 1e-3 and config["resumed"][0]["changed"] == {
+        "--lr": [2e-3, 1e-3], "--save-every": [2, 1], "--keep-checkpoints": [0, 1]}
+    assert config["resumed"][0]["step"] == 2
+    common.load_run(str(out))  # the final folder verifies against its manifest
+
+
+def test_run_folder_is_locked_and_not_silently_reused(small_data, tmp_path):
+    out = str(tmp_path)
+    lock = common.lock_run_folder(out)  # another run holds the folder
+    with pytest.raises(SystemExit, match=rf"--out {out} is in use by another run \(pid {os.getpid()} holds"):
+        train.main(flags(small_data, out, "--max-steps", "1"))
+    lock.close()
+    (tmp_path / "log.jsonl").write_text("{}\n")
+    (tmp_path / "ckpt" / "step_0000009").mkdir(parents=True)
+    with pytest.raises(SystemExit, match=r"already holds a run \(ckpt, log\.jsonl\): continue it with --resume "
+                                         r"or start afresh with --overwrite"):
+        train.main(flags(small_data, out, "--max-steps", "1"))
+    train.main(flags(small_data, out, "--max-steps", "1", "--overwrite"))
+    assert [r["step"] for r in read_log(out)] == [1] and common.list_checkpoints(out)[-1].endswith("step_0000001")
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--micro-batch-size", "0", "--micro-batch-size must be positive (got 0)"),
+    ("--max-steps", "-3", "--max-steps must be positive (got -3)"),
+    ("--epochs", "0", "--epochs must be positive (got 0)"),
+    ("--batch-size", "-8", "--batch-size must be positive (got -8)"),
+    ("--save-every", "-1", "--save-every must be >= 0 (got -1)"),
+    ("--keep-checkpoints", "-2", "--keep-checkpoints must be >= 0 (got -2)"),
+    ("--lr", "nan", "--lr must be positive (got nan)"),
+    ("--closed-k", "0", "--closed-k must be positive (got 0)"),
+    ("--max-skipped-steps", "0", "--max-skipped-steps must be positive (got 0)"),
+    ("--max-loss-ratio", "0.5", "--max-loss-ratio must be 0 (off) or above 1 (got 0.5)"),
+    ("--warmup-ratio", "1", "--warmup-ratio must be in [0, 1) (got 1.0)"),
+    ("--mix", "1:x", "--mix '1:x': expected IMAGENET:LLAVA"),
+])
+def test_arguments_out_of_range_are_refused_naming_the_flag(flag, value, message):
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        train.resolve_args(train.parse_args(["--preset", "tiny", "--out", "unused", flag, value]))
+
+
+def test_model_max_length_fits_the_base(small_data, tmp_path, capsys):
+    # the tiny base has 1024 positions: the default follows it, a larger value is refused
+    with pytest.raises(SystemExit, match=r"--model-max-length 2048 exceeds the base's max_position_embeddings 1024"):
+        train.main(flags(small_data, tmp_path, "--max-steps", "1", "--model-max-length", "2048"))
+    train.main(flags(small_data, tmp_path, "--max-steps", "1", "--overwrite"))
+    assert "--model-max-length 1024: the base has 1024 positions" in capsys.readouterr().out
+    assert json.load(open(tmp_path / "config.json"))["train"]["model_max_length"] == 1024
