@@ -569,8 +569,8 @@ def parse_args(argv=None):
                    help="closed world: list K candidates (the true class and K-1 others, shuffled per item, as "
                    "training does) instead of every class; needed when all names do not fit the model's positions")
     p.add_argument("--match", default="official", choices=MATCH_RULES, help="answer-matching rule: official (each "
-                   "benchmark's own script; substring for classification), exact (classification), lenient (a looser "
-                   "letter / option-text reader for the multiple-choice sets, for diagnosis only)")
+                   "benchmark's own script; for classification the label as a substring of the answer), or a variant a "
+                   "benchmark offers (exact: the answer equals the label); recorded in metrics.json")
     p.add_argument("--limit", type=positive("--limit"), default=None, help="evaluate only the first N items of each benchmark")
     p.add_argument("--batch-size", type=positive("--batch-size"), default=None, help="prompts per generate call, per rank")
     p.add_argument("--max-new-tokens", type=positive("--max-new-tokens"), default=None,
