@@ -1,67 +1,68 @@
 """
-bench.py: how much CARPE costs over vanilla LLaVA, and how close our fused paths come to the
-hardware's limit. Flat script in the spirit of nanoGPT's bench.py; sections by flag:
+bench.py: what CARPE costs over vanilla LLaVA, how close the fused paths come to the hardware,
+what regional torch.compile buys, and what reading the LLaVA json costs per rank.
+Flat script in the spirit of nanoGPT's bench.py; one section per name:
 
-    python bench.py                      # sections paper, head, step, decode (~6 min of CPU time at 1 thread)
-    python bench.py --sections head      # one section
-    python bench.py --sections compile   # torch.compile vs eager on the training step (slow to compile)
-    python bench.py --out bench_out      # JSON per section lands in bench_out/<section>.json
+    python bench.py                          # paper, head, step, decode (~6 min of CPU time at 1 thread)
+    python bench.py --sections compile,json  # the slow ones (compile: tens of minutes on CPU)
+    python bench.py --out bench_out          # <out>/<section>.json per section
 
-Sections
- paper   FLOPs and memory of CARPE's additions over LLaVA-1.5-7B per training step, worked out
-         analytically (no model is run).
- head    Mix + loss with a trainable head, forward + backward: kernels.fused_mixed_cross_entropy
-         against the paper's form (kernels.reference_mixed_cross_entropy), and the floor: three
-         bare N x d x V matmuls (logits, dL/dH, dL/dW), the FLOPs any trainable-head CE needs.
- step    One training step (forward, backward, AdamW) of CARPE against vanilla LLaVA (HF
-         LlavaForConditionalGeneration with labels) with the same frozen set, on a 32-layer
-         LLaVA with 7B proportions; the overhead is broken into context pass, integrator, head.
- decode  Prefill and per-token decode latency of CARPE.generate against HF generate (greedy,
-         cached) at two prompt lengths.
- compile torch.compile against eager on the CARPE training step; compile time (wall: inductor
-         compiles in worker processes) and graph breaks separately. Opt-in (--compile): CARPE's
-         forward has data-dependent shapes (boolean masks, the context pass's length), so dynamo
-         breaks the graph in several places and compiling the 32-layer model takes many minutes.
+ paper    FLOPs of CARPE's additions over LLaVA-1.5-7B per training step, counted (no model run).
+ head     mix + loss with a trainable head, forward + backward: kernels.fused_mixed_cross_entropy
+          vs the paper's form (kernels.reference_mixed_cross_entropy) vs the floor of three bare
+          N x d x V matmuls; peak memory of each in its own process.
+ step     one training step (forward, backward, AdamW) of CARPE vs vanilla LLaVA (HF with labels)
+          with the same frozen set; CARPE's overhead split into context pass, integrator, head.
+ decode   prefill and per-token latency of CARPE.generate vs HF generate (greedy, cached).
+ compile  kernels.compile_blocks (regional: each repeated block) vs eager on the training step of
+          vanilla LLaVA and of CARPE at each of --compile-layers: cold compile time (a fresh process
+          with an empty inductor cache), step-time ratio, graphs, graph breaks, loss difference.
+ json     the LLaVA json (a generated file of --json-entries entries): per-rank load time and peak
+          memory when every rank parses and checks it, the one-off check + pack per node
+          (data.ensure_llava_cache), and the per-rank load from the packed cache
+          (data.TrainDataset.from_config).
 
-Choices (the issue is silent on these):
- - Timing: every path of a section is run in turn, `--repeats` times (interleaved, after one
-   warm-up round), and the median is reported; ratios are ratios of medians. The machine is
-   shared and noisy, so absolute times move, ratios much less.
- - CPU memory: each path runs in its own subprocess (`--worker`); peak RSS (VmHWM, reset through
-   /proc/self/clear_refs after set-up) over the RSS after set-up. For the head we report that
-   peak minus the gradients every path must return (dL/dW, dL/dH_vision, dL/dH_llm), i.e. what
-   grows with N x V, as DESIGN.md section 3 asks. GPU: torch.cuda.max_memory_allocated.
- - The step/decode model: tiny_llava with 32 layers, d=256, 4 heads of 64, MLP 688 (LLaMA-7B's
-   11008/4096 ratio), a 24-layer 64-wide CLIP at 336 px / patch 14 (576 image tokens, the
-   tower's share of FLOPs close to 7B's), and the vocabulary scaled with the width
-   (V = 32064 * 256 / 4096 = 2004) so that the head's share of the step is LLaVA-7B's.
-   Batch 2, each sample 60 prompt text tokens (with <s>), 576 image tokens, 40 answer tokens.
- - The step is measured in epoch-2 mode (context prompt and encoder trainable, so the context
-   pass also runs backward), the costlier of the two.
- - Decode: prefill = generate with 1 new token; per-token = (t(32 new) - t(1 new)) / 31; batch 1;
-   no EOS stop (HF gets min_new_tokens).
- - MFU is printed on GPU only, against --peak-tflops (default: bf16 dense peak of the card).
+Choices:
+ - Timing: the paths of a section run in turn, --repeats rounds after one warm-up round; medians,
+   and ratios of medians (the shared machine is noisy; ratios move much less than times).
+ - CPU memory: one process per measured path (--worker); peak RSS (VmHWM, reset through
+   /proc/self/clear_refs after set-up) over the RSS after set-up. GPU: max_memory_allocated.
+ - The step/decode/compile model: tiny_llava with LLaVA-7B's proportions at d=256: 32 layers,
+   heads of 64, MLP 688 (7B's 11008/4096), a 24-layer CLIP of width 64 at 336 px / patch 14 (576
+   image tokens), V = 32064 * 256 / 4096 = 2004 (the head's share of a step as at 7B). Batch 2,
+   each sample 60 prompt text tokens (with <s>), 576 image tokens, 40 answer tokens. CARPE in
+   epoch-2 mode (the context pass runs backward too), the costlier epoch.
+ - Decode: batch 1, no EOS stop; prefill = first token, per token = the gaps between later tokens.
+ - MFU on GPU only, against --peak-tflops (default: the card's bf16 dense peak).
 """
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import StoppingCriteriaList
 
+import carpe
+import data
 import kernels
 import tiny
 
 IS_WORKER = "--worker" in sys.argv
+CLOCKS = dict(wall=time.perf_counter, cpu=time.process_time)
+GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
 
 
-def print0(*args, **kwargs):
-    # bench.py runs as one process; workers stay quiet except for their JSON line
-    if not IS_WORKER:
-        print(*args, **kwargs, flush=True)
+def print0(*args):
+    if not IS_WORKER:  # workers print one JSON line, nothing else
+        print(*args, flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -72,13 +73,8 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
-clock = time.perf_counter  # set from --clock in run()
-
-
-def time_interleaved(fns, repeats, device, warmup=1):
-    """fns: {name: callable}. Runs every fn in turn, `warmup` + `repeats` rounds; returns
-    {name: [seconds of each timed round]}. Interleaving spreads the machine's noise evenly."""
+def time_interleaved(fns, repeats, device, clock, warmup=1):
+    """fns {name: callable}, run in turn for warmup + repeats rounds -> {name: [seconds per timed round]}."""
     times = {name: [] for name in fns}
     for round_ in range(warmup + repeats):
         for name, fn in fns.items():
@@ -91,12 +87,12 @@ def time_interleaved(fns, repeats, device, warmup=1):
     return times
 
 
-def median(xs):
-    return statistics.median(xs)
+def medians(times):
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def read_status_bytes(key):
-    """VmRSS / VmHWM of this process, in bytes (Linux)."""
+    """VmRSS / VmHWM of this process in bytes (Linux)."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(key + ":"):
@@ -104,67 +100,58 @@ def read_status_bytes(key):
     raise RuntimeError(f"{key} not in /proc/self/status: peak-RSS measurement needs Linux")
 
 
-class PeakRSS:
-    """Peak resident memory of the block over the resident memory at its start (CPU)."""
+class PeakMemory:
+    """Peak memory of the block over the memory at its start: RSS on CPU, allocated on GPU;
+    `held` is what is still there at the end."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def now(self):
+        return torch.cuda.memory_allocated() if self.cuda else read_status_bytes("VmRSS")
 
     def __enter__(self):
-        self.baseline = read_status_bytes("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
+        self.baseline = self.now()
         return self
 
     def __exit__(self, *exc):
-        self.peak = read_status_bytes("VmHWM") - self.baseline
+        if self.cuda:
+            torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() if self.cuda else read_status_bytes("VmHWM")
+        self.peak, self.held = peak - self.baseline, self.now() - self.baseline
 
 
-class PeakCUDA:
-    def __enter__(self):
-        torch.cuda.synchronize()
-        self.baseline = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        return self
-
-    def __exit__(self, *exc):
-        torch.cuda.synchronize()
-        self.peak = torch.cuda.max_memory_allocated() - self.baseline
+# glibc keeps freed blocks below its (growing, up to 32 MiB) mmap threshold in the process, so RSS
+# would remember memory already given back; a fixed 64 KiB threshold unmaps every larger tensor on free
+MEMORY_ENV = dict(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
 
 
-def peak_meter(device):
-    return PeakCUDA() if device.type == "cuda" else PeakRSS()
-
-
-def run_worker(spec):
-    """Run one path of a section in a fresh Python process; returns its JSON result."""
+def run_worker(spec, env=MEMORY_ENV):
+    """Run one measured path (spec["section"], spec["path"]) in a fresh Python process -> its JSON result."""
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
-    # glibc keeps freed small blocks in the process (and its mmap threshold grows up to 32 MiB),
-    # so RSS would remember memory already given back; a fixed 64 KiB threshold makes every
-    # larger tensor its own mapping, unmapped when freed, and RSS then follows live memory
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)), env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)),
+                          env=dict(os.environ, **env))
     if proc.returncode != 0:
-        raise RuntimeError(f"bench worker {spec} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"bench worker {spec['section']}/{spec.get('path')} failed (exit {proc.returncode}):\n"
+                           f"{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
-
-
 def default_peak_tflops(device):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in GPU_PEAK_TFLOPS.items():
-        if key in name:
-            return tflops
-    return None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((tflops for key, tflops in GPU_PEAK_TFLOPS.items() if key in name), None)
 
 
 def print_table(title, header, rows):
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     print0(f"\n{title}")
-    print0("  ".join(str(h).ljust(w) for h, w in zip(header, widths)))
-    print0("  ".join("-" * w for w in widths))
-    for row in rows:
+    for row in [header, ["-" * w for w in widths]] + rows:
         print0("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
 
 
@@ -180,81 +167,45 @@ def autocast_ctx(device, dtype):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
+def train_dtype(device):
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 # -----------------------------------------------------------------------------
-# section paper: CARPE's additions over LLaVA-1.5-7B, on paper
+# section paper: CARPE's additions over LLaVA-1.5-7B, counted
 
-def paper_cost(d=4096, layers=32, ffn=11008, vocab=32064, d_vision=1024, image_tokens=576,
-               prompt_text=60, answer=40, batch=64, mlp_ratio=4.0, chunk=1024):
-    """FLOPs per training step (global batch) and memory of CARPE's additions to LLaVA-1.5-7B.
-    Counting: a matmul of (m, k) x (k, n) is 2mkn FLOPs. A trainable layer costs 3x its
-    forward (forward, input grad, weight grad); a frozen layer the gradient flows through
-    costs 2x (forward, input grad). Attention scores and values count 4 T_q T_k d per forward."""
-    T = prompt_text + image_tokens + answer
-    S = prompt_text + 1  # context pass: prompt text + the context prompt
-    P = image_tokens
-    N = answer  # supervised tokens
-    lm_layer_params = 4 * d * d + 3 * d * ffn  # attention (MHA) + SwiGLU MLP
-    lm_params = layers * lm_layer_params
-
-    def lm_forward(tokens):
-        # causal self-attention: on average tokens/2 keys per query
-        return 2 * lm_params * tokens + layers * 4 * tokens * (tokens / 2) * d
-
-    vanilla = {
-        "LM (frozen, grads flow to projector): fwd + input-grad bwd": 2 * lm_forward(T),
-        "head over all T tokens (HF): logits + dL/dH + dL/dW": 3 * 2 * T * d * vocab,
-        "projector (trainable) 1024->4096->4096 on P tokens": 3 * 2 * P * (d_vision * d + d * d),
-    }
+def paper_cost(d=4096, layers=32, ffn=11008, vocab=32064, d_vision=1024, image_tokens=576, prompt_text=60,
+               answer=40, mlp_ratio=4.0):
+    """FLOPs per sample of a training step. A (m, k) x (k, n) matmul is 2mkn FLOPs; a trainable
+    layer costs 3x its forward (forward, input grad, weight grad), a frozen one the gradient
+    flows through 2x; causal attention 4 T (T/2) d per layer and forward."""
+    T, S, P, N = prompt_text + image_tokens + answer, prompt_text + 1, image_tokens, answer
+    lm_forward = lambda t: 2 * layers * (4 * d * d + 3 * d * ffn) * t + layers * 4 * t * (t / 2) * d  # noqa: E731
     mlp = int(mlp_ratio * d)
-    integrator_params = (2 * d * d) * 2 + 4 * d * d + 2 * d * mlp  # cross q,o,k,v; self q,k,v,o; MLP
+    integrator_params = 4 * d * d + 4 * d * d + 2 * d * mlp  # cross q,k,v,o + self q,k,v,o + MLP (no biases)
     adapter_params = d_vision * d + d * d
-    integrator_fwd = (2 * T * (2 * d * d)  # cross-attn q, o on T queries
-                      + 2 * P * (2 * d * d)  # cross-attn k, v on P image tokens
-                      + 4 * T * P * d  # cross-attn scores + values
-                      + 2 * T * (4 * d * d) + 4 * T * (T / 2) * d  # causal self-attention
-                      + 2 * T * (2 * d * mlp))  # MLP
-    carpe_add = {
-        "context pass (frozen LM on S=prompt+1 tokens, fwd + bwd to ctx)": 2 * lm_forward(S),
-        "raw adapter 1024->4096->4096 on P tokens (trainable)": 3 * 2 * P * adapter_params,
-        "integrator block on T tokens (trainable)": 3 * integrator_fwd,
-        "head: fused on N supervised minus HF's over T": 3 * 2 * N * d * vocab - 3 * 2 * T * d * vocab,
-    }
-    vanilla_total = sum(vanilla.values())
-    carpe_total = vanilla_total + sum(carpe_add.values())
-    bytes_bf16 = 2
-    new_params = integrator_params + adapter_params + d + 2 * d + 2  # + ctx + W_ctx
-    memory = {
-        "new trainable params": new_params,
-        "their weights+grads (bf16) + AdamW m, v and fp32 master (4+4+4 B)": new_params * (2 + 2 + 12),
-        "integrator activations per sample (bf16, ~14 (T, d) + 2 (T, 4d) tensors)": (14 * T * d + 2 * T * mlp) * bytes_bf16,
-        "context pass activations per sample (vs main pass: S/T of it)": S / T,
-        "HF head logits per sample, fp32 (T x V) + grad, not needed by CARPE": 2 * T * vocab * 4,
-        "CARPE loss: one fp32 (chunk x V) buffer per device": chunk * vocab * 4,
-    }
-    return dict(tokens_per_sample=T, batch=batch,
-                vanilla_flops_per_sample=vanilla, carpe_added_flops_per_sample=carpe_add,
-                vanilla_flops_per_step=vanilla_total * batch, carpe_flops_per_step=carpe_total * batch,
-                flops_ratio=carpe_total / vanilla_total, memory=memory,
-                integrator_params=integrator_params, adapter_params=adapter_params)
+    integrator_forward = (2 * T * 2 * d * d + 2 * P * 2 * d * d + 4 * T * P * d  # cross: q,o on T; k,v on P; scores
+                          + 2 * T * 4 * d * d + 4 * T * (T / 2) * d + 2 * T * 2 * d * mlp)  # causal self + MLP
+    vanilla = {"LM (frozen, grads flow to the projector)": 2 * lm_forward(T),
+               "head over all T tokens (HF)": 3 * 2 * T * d * vocab,
+               "projector (trainable) on P tokens": 3 * 2 * P * adapter_params}
+    added = {"context pass (frozen LM on prompt + 1 tokens, fwd + bwd)": 2 * lm_forward(S),
+             "raw adapter on P tokens (trainable)": 3 * 2 * P * adapter_params,
+             "integrator block on T tokens (trainable)": 3 * integrator_forward,
+             "head: fused on N supervised minus HF's over T": 3 * 2 * (N - T) * d * vocab}
+    ratio = (sum(vanilla.values()) + sum(added.values())) / sum(vanilla.values())
+    return dict(tokens_per_sample=T, vanilla_flops_per_sample=vanilla, carpe_added_flops_per_sample=added,
+                flops_ratio=ratio, integrator_params=integrator_params, adapter_params=adapter_params)
 
 
 def section_paper(args, device):
     r = paper_cost(prompt_text=args.prompt_text, answer=args.answer)
     rows = [[k, f"{v / 1e12:.3f} TFLOP"] for k, v in r["vanilla_flops_per_sample"].items()]
     rows += [["+ " + k, f"{v / 1e12:+.3f} TFLOP"] for k, v in r["carpe_added_flops_per_sample"].items()]
-    rows += [["CARPE / vanilla FLOPs per step", f"{r['flops_ratio']:.3f}x"]]
-    print_table(f"paper: LLaVA-1.5-7B, per sample of {r['tokens_per_sample']} tokens "
-                f"(step = {r['batch']} samples: vanilla {r['vanilla_flops_per_step'] / 1e15:.2f} PFLOP, "
-                f"CARPE {r['carpe_flops_per_step'] / 1e15:.2f} PFLOP)", ["term", "FLOPs"], rows)
-    rows = []
-    for k, v in r["memory"].items():
-        if k.startswith("new trainable"):
-            rows.append([k, f"{v / 1e6:.0f} M"])
-        elif k.startswith("context pass"):
-            rows.append([k, f"{v:.2f}"])
-        else:
-            rows.append([k, f"{v / 2**20:.0f} MiB"])
-    print_table("paper: memory of CARPE's additions", ["term", "size"], rows)
+    rows += [["CARPE / vanilla FLOPs", f"{r['flops_ratio']:.3f}x"],
+             ["new trainable parameters (integrator + raw adapter)",
+              f"{(r['integrator_params'] + r['adapter_params']) / 1e6:.0f} M"]]
+    print_table(f"paper: LLaVA-1.5-7B, per sample of {r['tokens_per_sample']} tokens", ["term", "FLOPs"], rows)
     return r
 
 
@@ -262,39 +213,31 @@ def section_paper(args, device):
 # section head: fused mix + chunked linear CE vs the paper's form vs the bare-matmul floor
 
 def head_inputs(N, d, V, device, seed=0, batch=2):
-    """N supervised tokens over `batch` samples (every position after the first supervised)."""
+    """N supervised tokens over `batch` samples (every position but the first is a target)."""
     g = torch.Generator().manual_seed(seed)
     T = N // batch + 1
-    h_vision = torch.randn(batch, T, d, generator=g).to(device).requires_grad_()  # (B, T, d)
-    h_llm = torch.randn(batch, T, d, generator=g).to(device).requires_grad_()  # (B, T, d)
-    weights = torch.softmax(torch.randn(batch, 2, generator=g), -1).to(device)  # (B, 2)
-    head_weight = (torch.randn(V, d, generator=g) * d ** -0.5).to(device).requires_grad_()  # (V, d)
-    labels = torch.randint(0, V, (batch, T), generator=g).to(device)  # (B, T)
-    labels[:, 0] = kernels.IGNORE_INDEX  # position 0 is never a target: N = batch * (T - 1)
-    return dict(h_vision=h_vision, h_llm=h_llm, weights=weights, labels=labels, head_weight=head_weight)
+    labels = torch.randint(0, V, (batch, T), generator=g)  # (B, T)
+    labels[:, 0] = kernels.IGNORE_INDEX
+    return dict(h_vision=torch.randn(batch, T, d, generator=g).to(device).requires_grad_(),  # (B, T, d)
+                h_llm=torch.randn(batch, T, d, generator=g).to(device).requires_grad_(),  # (B, T, d)
+                weights=torch.softmax(torch.randn(batch, 2, generator=g), -1).to(device),  # (B, 2)
+                head_weight=(torch.randn(V, d, generator=g) * d ** -0.5).to(device).requires_grad_(),  # (V, d)
+                labels=labels.to(device))
 
 
 def head_step(path, x, chunk_size, dtype):
-    """One forward + backward of `path` on head_inputs x; gradients land in .grad."""
-    device = x["h_llm"].device
-    with autocast_ctx(device, dtype):
-        if path == "fused":
-            loss = kernels.fused_mixed_cross_entropy(x["h_vision"], x["h_llm"], x["weights"], x["labels"],
-                                                     x["head_weight"], chunk_size=chunk_size)
-        elif path == "naive":
-            loss = kernels.reference_mixed_cross_entropy(x["h_vision"], x["h_llm"], x["weights"], x["labels"],
-                                                         x["head_weight"])
-        elif path == "floor":
-            # 3 bare matmuls: logits, dL/dH, dL/dW (no softmax, no mix)
+    """One forward + backward of `path` (naive / fused / floor) on head_inputs x."""
+    with autocast_ctx(x["h_llm"].device, dtype):
+        if path == "floor":  # 3 bare matmuls: logits, dL/dH, dL/dW (no softmax, no mix)
             with torch.no_grad():
                 h = x["h_llm"][:, :-1].reshape(-1, x["h_llm"].size(-1)).to(dtype)  # (N, d)
                 w = x["head_weight"].to(dtype)  # (V, d)
                 logits = h @ w.t()  # (N, V)
-                logits @ w  # (N, d)
-                logits.t() @ h  # (V, d)
+                logits @ w, logits.t() @ h  # (N, d), (V, d)
             return None
-        else:
-            raise ValueError(f"unknown head path {path!r}")
+        fn = dict(fused=kernels.fused_mixed_cross_entropy, naive=kernels.reference_mixed_cross_entropy)[path]
+        extra = dict(chunk_size=chunk_size) if path == "fused" else {}
+        loss = fn(x["h_vision"], x["h_llm"], x["weights"], x["labels"], x["head_weight"], **extra)
     loss.backward()
     return loss.detach()
 
@@ -305,120 +248,92 @@ def zero_grads(tensors):
 
 
 def head_check(N, d, V, device, chunk_size):
-    """Loss and gradients of fused vs naive on the same inputs, in fp32: max abs differences."""
+    """Loss and gradients of fused vs naive on the same inputs, fp32: max abs differences and scales."""
     x = head_inputs(N, d, V, device)
     leaves = [x["h_vision"], x["h_llm"], x["head_weight"]]
-    results = {}
+    names = ["loss", "grad_h_vision", "grad_h_llm", "grad_head_weight"]
+    out = {}
     for path in ["naive", "fused"]:
         zero_grads(leaves)
-        loss = head_step(path, x, chunk_size, torch.float32)
-        results[path] = [loss] + [t.grad.clone() for t in leaves]
-    diffs = [(a - b).abs().max().item() for a, b in zip(results["naive"], results["fused"])]
-    scale = [b.abs().max().item() for b in results["naive"]]
-    return dict(loss_naive=results["naive"][0].item(), loss_fused=results["fused"][0].item(),
-                max_abs_diff=dict(zip(["loss", "grad_h_vision", "grad_h_llm", "grad_head_weight"], diffs)),
-                max_abs=dict(zip(["loss", "grad_h_vision", "grad_h_llm", "grad_head_weight"], scale)))
+        out[path] = [head_step(path, x, chunk_size, torch.float32)] + [t.grad.clone() for t in leaves]
+    return dict(loss_naive=out["naive"][0].item(), loss_fused=out["fused"][0].item(),
+                max_abs_diff={n: (a - b).abs().max().item() for n, a, b in zip(names, out["naive"], out["fused"])},
+                max_abs={n: a.abs().max().item() for n, a in zip(names, out["naive"])})
+
+
+def time_head(x, args, dtype, device):
+    leaves = [x["h_vision"], x["h_llm"], x["head_weight"]]
+    fns = {p: (lambda p=p: (zero_grads(leaves), head_step(p, x, args.chunk_size, dtype))) for p in ["naive", "fused", "floor"]}
+    return time_interleaved(fns, args.repeats, device, CLOCKS[args.clock])
 
 
 def head_memory_worker(spec):
     device = torch.device(spec["device"])
     x = head_inputs(spec["N"], spec["d"], spec["V"], device)
-    # touch the matmul library once so its one-off allocations stay out of the measurement
     with torch.no_grad():
-        x["h_llm"][0, :8] @ x["head_weight"].t()
+        x["h_llm"][0, :8] @ x["head_weight"].t()  # the matmul library's one-off allocations happen before
     grad_bytes = sum(x[k].numel() * x[k].element_size() for k in ["h_vision", "h_llm", "head_weight"])
-    meter = peak_meter(device)
-    t0 = time.perf_counter()
-    with meter:
+    with PeakMemory(device) as meter:
         head_step(spec["path"], x, spec["chunk_size"], getattr(torch, spec["dtype"]))
         sync(device)
-    return dict(peak_bytes=meter.peak, grad_bytes=grad_bytes, seconds=time.perf_counter() - t0)
+    return dict(peak_bytes=meter.peak, grad_bytes=grad_bytes)
 
 
 def section_head(args, device):
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    shapes = [(n, args.head_d) for n in args.head_n]
-    if device.type == "cuda":
-        shapes.append((2048, 4096))  # LLaVA-7B's true width
-    check = head_check(64, 32, 1000, device, chunk_size=24)  # chunked over 3 chunks
-    print0(f"head check (fp32, N=64, d=32, V=1000, 3 chunks): max |fused - naive| = "
+    dtype = train_dtype(device)
+    shapes = [(n, args.head_d) for n in args.head_n] + ([(2048, 4096)] if device.type == "cuda" else [])
+    check = head_check(64, 32, 1000, device, chunk_size=24)  # three chunks
+    print0("head check (fp32, N=64, d=32, V=1000, 3 chunks): max |fused - naive| = "
            + ", ".join(f"{k} {v:.2e}" for k, v in check["max_abs_diff"].items()))
     peak_tflops = args.peak_tflops or default_peak_tflops(device)
-    results = []
+    results, rows = [], []
     for N, d in shapes:
-        V = args.vocab
-        x = head_inputs(N, d, V, device)
-        leaves = [x["h_vision"], x["h_llm"], x["head_weight"]]
-
-        def run(path):
-            def fn():
-                zero_grads(leaves)
-                head_step(path, x, args.chunk_size, dtype)
-            return fn
-        times = time_interleaved({p: run(p) for p in ["naive", "fused", "floor"]}, args.repeats, device)
-        del x, leaves
-        t = {p: median(v) for p, v in times.items()}
-        r = dict(N=N, d=d, V=V, dtype=str(dtype), times=times, median_s=t,
-                 speedup_fused_over_naive=t["naive"] / t["fused"], fused_over_floor=t["fused"] / t["floor"])
-        if not args.no_memory:
-            mem = {}
-            for path in ["naive", "fused"]:
-                spec = dict(section="head", path=path, N=N, d=d, V=V, chunk_size=args.chunk_size,
-                            dtype=str(dtype).replace("torch.", ""), device=str(device))
-                mem[path] = run_worker(spec) if device.type == "cpu" else head_memory_worker(spec)
-            r["memory"] = mem
-            r["peak_ratio_total"] = mem["naive"]["peak_bytes"] / mem["fused"]["peak_bytes"]
-            nv = {p: mem[p]["peak_bytes"] - mem[p]["grad_bytes"] for p in mem}  # what grows with N x V
-            r["peak_over_grads"] = nv
-            r["peak_ratio_NV"] = nv["naive"] / max(nv["fused"], 1)
-        if peak_tflops:
-            r["mfu_fused"] = 3 * 2 * N * d * V / t["fused"] / (peak_tflops * 1e12)
-        results.append(r)
-        print0(f"  head N={N} d={d}: naive {fmt_ms(t['naive'])}, fused {fmt_ms(t['fused'])}, floor {fmt_ms(t['floor'])}")
-    rows = []
-    for r in results:
-        t = r["median_s"]
-        row = [r["N"], r["d"], fmt_ms(t["naive"]), fmt_ms(t["fused"]), fmt_ms(t["floor"]),
+        times = time_head(head_inputs(N, d, args.vocab, device), args, dtype, device)
+        t = medians(times)
+        r = dict(N=N, d=d, V=args.vocab, times=times, median_s=t, speedup_fused_over_naive=t["naive"] / t["fused"],
+                 fused_over_floor=t["fused"] / t["floor"])
+        row = [N, d, fmt_ms(t["naive"]), fmt_ms(t["fused"]), fmt_ms(t["floor"]),
                f"{r['speedup_fused_over_naive']:.2f}x", f"{r['fused_over_floor']:.2f}x"]
-        if "memory" in r:
-            m = r["memory"]
-            row += [fmt_mib(m["naive"]["peak_bytes"]), fmt_mib(m["fused"]["peak_bytes"]),
-                    f"{r['peak_ratio_total']:.1f}x", f"{r['peak_ratio_NV']:.1f}x"]
-        if "mfu_fused" in r:
+        if not args.no_memory:
+            spec = dict(section="head", N=N, d=d, V=args.vocab, chunk_size=args.chunk_size,
+                        dtype=str(dtype).removeprefix("torch."), device=str(device))
+            mem = {p: (run_worker if device.type == "cpu" else head_memory_worker)(dict(spec, path=p))
+                   for p in ["naive", "fused"]}
+            over_grads = {p: m["peak_bytes"] - m["grad_bytes"] for p, m in mem.items()}  # what grows with N x V
+            r.update(memory=mem, peak_over_grads=over_grads, peak_ratio_NV=over_grads["naive"] / max(over_grads["fused"], 1))
+            row += [fmt_mib(mem["naive"]["peak_bytes"]), fmt_mib(mem["fused"]["peak_bytes"]), f"{r['peak_ratio_NV']:.1f}x"]
+        if peak_tflops:
+            r["mfu_fused"] = 3 * 2 * N * d * args.vocab / t["fused"] / (peak_tflops * 1e12)
             row.append(f"{100 * r['mfu_fused']:.0f}%")
+        results.append(r)
         rows.append(row)
-    header = ["N", "d", "naive", "fused", "floor", "naive/fused", "fused/floor"]
-    if not args.no_memory:
-        header += ["peak naive", "peak fused", "ratio", "ratio (N x V part)"]
-    if peak_tflops:
-        header.append("MFU fused")
-    print_table(f"head: mix + CE, fwd + bwd, trainable head, V={args.vocab}, chunk {args.chunk_size}, "
-                f"median of {args.repeats}, {args.clock} time (targets at N=2048, d=1024: naive/fused >= 1.7x, "
-                f"memory >= 4x, fused/floor <= 1.3x)", header, rows)
+    header = (["N", "d", "naive", "fused", "floor", "naive/fused", "fused/floor"]
+              + (["peak naive", "peak fused", "ratio over grads"] if not args.no_memory else [])
+              + (["MFU fused"] if peak_tflops else []))
+    print_table(f"head: mix + CE, fwd + bwd, trainable head, V={args.vocab}, chunk {args.chunk_size}, median of "
+                f"{args.repeats}, {args.clock} time (targets at N=2048, d=1024: naive/fused >= 1.7x, memory >= 4x, "
+                f"fused/floor <= 1.3x)", header, rows)
     return dict(check=check, results=results, chunk_size=args.chunk_size)
 
 
 # -----------------------------------------------------------------------------
-# the 32-layer model with LLaVA-7B proportions (sections step, decode, compile)
+# the model with LLaVA-7B proportions (sections step, decode, compile)
 
 def bench_llava(args, device):
-    """tiny_llava with LLaVA-7B's depth and proportions (see the module docstring)."""
-    import carpe
-    llava, processor = tiny.tiny_llava(
+    llava, _ = tiny.tiny_llava(
         seed=0, image_size=args.image_size, patch_size=14, layers=args.layers, hidden=args.hidden,
         heads=args.hidden // 64, kv_heads=args.hidden // 64, intermediate=round(args.hidden * 11008 / 4096),
         vision_hidden=args.hidden // 4, vision_layers=args.vision_layers, vision_heads=max(args.hidden // 256, 1),
         max_positions=2048)
     if args.model_vocab and args.model_vocab != llava.config.text_config.vocab_size:
         llava.resize_token_embeddings(args.model_vocab, mean_resizing=False)
-    return llava.to(device), processor
+    return llava.to(device)
 
 
 def bench_carpe(llava, args, fixed_weights=None):
-    import carpe
     config = carpe.CarpeConfig(integrator_heads=max(args.hidden // 64, 1), fixed_weights=fixed_weights,
                                chunk_size=args.chunk_size)
-    model = carpe.CARPE(llava, config)
+    model = carpe.CARPE(llava, config)  # also sets CARPE's frozen set on llava, which vanilla then shares
     model.set_context_trainable(True)  # epoch-2 mode: the context pass also runs backward
     return model
 
@@ -429,28 +344,22 @@ def image_tokens(llava):
 
 
 def make_batch(llava, batch, prompt_text, answer, device, seed=0, text_vocab=512):
-    """Token ids like a vicuna_v1 sample: <s> + text, the image tokens after the first third of
-    the prompt text, the rest of the prompt, then the answer (supervised). Random token ids
-    (the model is random too); the vocabulary's first 5 ids are the special tokens."""
+    """vicuna_v1-like samples of random ids: <s>, a third of the prompt text, the image tokens,
+    the rest of the prompt, the (supervised) answer. Ids below 5 are the special tokens."""
     g = torch.Generator().manual_seed(seed)
-    P = image_tokens(llava)
-    image_id = llava.config.image_token_id
-    before = max(prompt_text // 3, 1)
-    after = prompt_text - before
-    rows, labels = [], []
+    P, before = image_tokens(llava), max(prompt_text // 3, 1)
+    rows = []
     for _ in range(batch):
         text = torch.randint(5, text_vocab, (prompt_text + answer,), generator=g)
         text[0] = 1  # <s>
-        ids = torch.cat([text[:before], torch.full((P,), image_id), text[before:]])  # (T,)
-        lab = torch.full_like(ids, kernels.IGNORE_INDEX)
-        lab[-answer:] = ids[-answer:]
-        rows.append(ids)
-        labels.append(lab)
+        rows.append(torch.cat([text[:before], torch.full((P,), llava.config.image_token_id), text[before:]]))  # (T,)
+    input_ids = torch.stack(rows)  # (B, T)
+    labels = torch.full_like(input_ids, kernels.IGNORE_INDEX)
+    labels[:, -answer:] = input_ids[:, -answer:]
     vc = llava.config.vision_config
     pixel_values = torch.randn(batch, 3, vc.image_size, vc.image_size, generator=g)
-    input_ids = torch.stack(rows)
     return dict(input_ids=input_ids.to(device), attention_mask=torch.ones_like(input_ids).to(device),
-                pixel_values=pixel_values.to(device), labels=torch.stack(labels).to(device))
+                pixel_values=pixel_values.to(device), labels=labels.to(device))
 
 
 def vanilla_param_groups(llava, lr_adapter=2e-5, lr=2e-4):
@@ -459,16 +368,33 @@ def vanilla_param_groups(llava, lr_adapter=2e-5, lr=2e-4):
             dict(params=list(llava.lm_head.parameters()), lr=lr)]
 
 
-def make_step(model, optimizer, batch, dtype, vanilla):
+def step_loss(model, batch, vanilla):
+    if vanilla:  # HF's own loss: logits over every token
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     pixel_values=batch["pixel_values"], labels=batch["labels"], use_cache=False).loss
+    return model(**batch).loss
+
+
+def vanilla_loss_by_parts(llava, batch):
+    """HF's vanilla loss with the image features taken as CARPE takes them (a forward hook on the
+    tower layer): the same work, but HF never installs its output-capturing hooks, which sit
+    inside the CLIP layers and read a ContextVar that dynamo cannot trace (a graph break)."""
+    image_embeds = llava.model.multi_modal_projector(carpe.raw_vision_features(llava, batch["pixel_values"]))
+    inputs_embeds = carpe.embed_inputs(llava, batch["input_ids"], image_embeds)  # (B, T, d)
+    return llava(inputs_embeds=inputs_embeds, attention_mask=batch["attention_mask"], labels=batch["labels"],
+                 use_cache=False).loss
+
+
+def make_step(model, batch, dtype, vanilla, loss_fn=None):
+    """-> step(): forward, backward, AdamW over the trainable set; returns the loss."""
+    params = vanilla_param_groups(model) if vanilla else model.param_groups()
+    optimizer = torch.optim.AdamW(params, weight_decay=0.0)
+    loss_fn = loss_fn or (lambda: step_loss(model, batch, vanilla))
     device = batch["input_ids"].device
 
     def step():
         with autocast_ctx(device, dtype):
-            if vanilla:
-                loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                             pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
-            else:
-                loss = model(**batch).loss
+            loss = loss_fn()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -476,169 +402,134 @@ def make_step(model, optimizer, batch, dtype, vanilla):
     return step
 
 
+# -----------------------------------------------------------------------------
+# section step: one training step, CARPE vs vanilla LLaVA
+
 def step_check(args, device):
     """CARPE with fixed_weights=(0, 1) is vanilla LLaVA: same loss, same projector and head grads."""
-    llava, _ = bench_llava(args, device)
+    llava = bench_llava(args, device)
     model = bench_carpe(llava, args, fixed_weights=(0.0, 1.0))
     batch = make_batch(llava, args.step_batch, args.prompt_text, args.answer, device)
     shared = {n: p for n, p in llava.named_parameters() if p.requires_grad}
-    grads = {}
-    for name, run in [("vanilla", lambda: llava(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                                 pixel_values=batch["pixel_values"], labels=batch["labels"]).loss),
-                      ("carpe", lambda: model(**batch).loss)]:
-        for p in shared.values():
-            p.grad = None
-        loss = run()
+    out = {}
+    for name, net in [("vanilla", llava), ("carpe", model)]:
+        zero_grads(shared.values())
+        loss = step_loss(net, batch, vanilla=name == "vanilla")
         loss.backward()
-        grads[name] = (loss.detach(), {n: p.grad.clone() for n, p in shared.items()})
-    loss_diff = (grads["vanilla"][0] - grads["carpe"][0]).abs().item()
-    grad_diff = max((grads["vanilla"][1][n] - grads["carpe"][1][n]).abs().max().item() for n in shared)
-    grad_scale = max(grads["vanilla"][1][n].abs().max().item() for n in shared)
-    return dict(loss_vanilla=grads["vanilla"][0].item(), loss_carpe_fixed_0_1=grads["carpe"][0].item(),
-                loss_abs_diff=loss_diff, grad_max_abs_diff=grad_diff, grad_max_abs=grad_scale,
-                trainable_shared=sorted(shared))
+        out[name] = (loss.detach(), {n: p.grad.clone() for n, p in shared.items()})
+    (loss_v, grads_v), (loss_c, grads_c) = out["vanilla"], out["carpe"]
+    return dict(loss_vanilla=loss_v.item(), loss_carpe_fixed_0_1=loss_c.item(), loss_abs_diff=(loss_v - loss_c).abs().item(),
+                grad_max_abs_diff=max((grads_v[n] - grads_c[n]).abs().max().item() for n in shared),
+                grad_max_abs=max(g.abs().max().item() for g in grads_v.values()), trainable_shared=sorted(shared))
 
 
 def step_breakdown(model, llava, batch, args, device, dtype):
-    """Time CARPE's additions on their own, forward + backward each (medians):
-    the context pass, the integrator (raw adapter + block), and the head (fused loss on the
-    supervised tokens vs HF's logits over every token + CE)."""
-    import torch.nn.functional as F
-    import carpe
+    """CARPE's additions timed on their own, forward + backward each: the context pass, the
+    integrator (raw adapter + block), the head (fused CE on the supervised tokens vs HF's logits
+    over every token + CE)."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     B, T = ids.shape
     d = llava.config.text_config.hidden_size
     with torch.no_grad():
         feats = carpe.raw_vision_features(llava, batch["pixel_values"])  # (B, P, Dv), frozen tower
     has_image = torch.ones(B, dtype=torch.bool, device=device)
-    h_query = torch.randn(B, T, d, device=device, requires_grad=True)  # (B, T, d)
-    h_vision = torch.randn(B, T, d, device=device, requires_grad=True)
-    h_llm = torch.randn(B, T, d, device=device, requires_grad=True)
+    h_query, h_vision, h_llm = (torch.randn(B, T, d, device=device, requires_grad=True) for _ in range(3))  # (B, T, d)
     weights = torch.full((B, 2), 0.5, device=device)
     head = llava.lm_head
 
     def context():
-        with autocast_ctx(device, dtype):
-            w, _ = model.context(ids, mask, labels)
-        w[:, 0].sum().backward()
+        weights, _ = model.context(ids, mask, labels)
+        weights[:, 0].sum().backward()
 
     def integrator():
-        with autocast_ctx(device, dtype):
-            memory = model.vision_integrator.raw_adapter(feats)  # (B, P, d)
-            out = model.integrate(h_query, model.memory_kv(memory), has_image)  # (B, T, d)
-        out.float().square().mean().backward()
+        memory = model.vision_integrator.raw_adapter(feats)  # (B, P, d)
+        model.integrate(h_query, model.memory_kv(memory), has_image).float().square().mean().backward()
 
     def head_carpe():
-        with autocast_ctx(device, dtype):
-            loss = kernels.fused_mixed_cross_entropy(h_vision, h_llm, weights, labels, head.weight, head.bias,
-                                                     chunk_size=args.chunk_size)
-        loss.backward()
+        kernels.fused_mixed_cross_entropy(h_vision, h_llm, weights, labels, head.weight, head.bias,
+                                          chunk_size=args.chunk_size).backward()
 
     def head_vanilla():
-        with autocast_ctx(device, dtype):
-            logits = head(h_llm)  # (B, T, V), as HF computes them
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                   ignore_index=kernels.IGNORE_INDEX)
-        loss.backward()
+        logits = head(h_llm)  # (B, T, V), as HF computes them
+        F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                        ignore_index=kernels.IGNORE_INDEX).backward()
 
+    def timed(fn):
+        def run():
+            with autocast_ctx(device, dtype):
+                fn()
+            zero_grads(list(model.parameters()) + [h_query, h_vision, h_llm])
+        return run
     fns = dict(context=context, integrator=integrator, head_carpe=head_carpe, head_vanilla=head_vanilla)
-
-    def clear():
-        for p in list(model.parameters()) + [h_query, h_vision, h_llm]:
-            p.grad = None
-    wrapped = {k: (lambda fn=fn: (fn(), clear())) for k, fn in fns.items()}
-    times = time_interleaved(wrapped, args.repeats, device)
-    return {k: median(v) for k, v in times.items()}
+    return medians(time_interleaved({k: timed(fn) for k, fn in fns.items()}, args.repeats, device, CLOCKS[args.clock]))
 
 
 def step_memory_worker(spec):
-    args = argparse.Namespace(**spec["args"])
-    device = torch.device(spec["device"])
-    dtype = getattr(torch, spec["dtype"])
-    llava, _ = bench_llava(args, device)
-    model = bench_carpe(llava, args)  # sets CARPE's frozen set on the shared llava, also for vanilla
+    args, device = argparse.Namespace(**spec["args"]), torch.device(spec["device"])
+    llava = bench_llava(args, device)
+    model = bench_carpe(llava, args)
     batch = make_batch(llava, args.step_batch, args.prompt_text, args.answer, device)
-    if spec["path"] == "vanilla":
-        model = llava
-        optimizer = torch.optim.AdamW(vanilla_param_groups(llava), weight_decay=0.0)
-    else:
-        optimizer = torch.optim.AdamW(model.param_groups(), weight_decay=0.0)
-    step = make_step(model, optimizer, batch, dtype, vanilla=spec["path"] == "vanilla")
+    vanilla = spec["path"] == "vanilla"
+    step = make_step(llava if vanilla else model, batch, getattr(torch, spec["dtype"]), vanilla)
     step()  # AdamW's state exists from here on: the measured step is a steady-state one
-    meter = peak_meter(device)
-    with meter:
+    with PeakMemory(device) as meter:
         step()
     return dict(peak_bytes=meter.peak)
 
 
-def step_flops(llava, batch, carpe_model=None):
-    """Analytic FLOPs of one step (for MFU on GPU): frozen LM fwd + input-grad bwd, trainable
-    head and projector 3x; CARPE adds its context pass, integrator and fused head."""
+def step_flops(llava, batch, model=None):
+    """Analytic FLOPs of one step, for MFU: the frozen LM forward + input-grad backward, head and
+    projector 3x; CARPE adds its context pass, integrator and head on the supervised tokens only."""
     tc = llava.config.text_config
     d, L, ffn, V = tc.hidden_size, tc.num_hidden_layers, tc.intermediate_size, tc.vocab_size
     B, T = batch["input_ids"].shape
+    lm = lambda t: 2 * L * (4 * d * d + 3 * d * ffn) * t + 2 * L * t * t * d  # noqa: E731
+    if model is None:
+        return 2 * lm(T) * B + 6 * B * T * d * V
     N = int((batch["labels"][:, 1:] != kernels.IGNORE_INDEX).sum())
-    lm = lambda t: 2 * L * (4 * d * d + 3 * d * ffn) * t + L * 2 * t * t * d
-    flops = 2 * lm(T) * B
-    if carpe_model is None:
-        return flops + 6 * B * T * d * V
-    S = int(carpe_model.prompt_mask(batch["input_ids"], batch["attention_mask"], batch["labels"]).sum(1).max()) + 1
+    S = int(model.prompt_mask(batch["input_ids"], batch["attention_mask"], batch["labels"]).sum(1).max()) + 1
     P = image_tokens(llava)
-    integ = 2 * T * 16 * d * d + 2 * P * 2 * d * d + 4 * T * P * d + 2 * T * T * d
-    return flops + 2 * lm(S) * B + 3 * integ * B + 6 * N * d * V
+    integrator = 2 * T * 16 * d * d + 2 * P * 2 * d * d + 4 * T * P * d + 2 * T * T * d
+    return 2 * lm(T) * B + 2 * lm(S) * B + 3 * integrator * B + 6 * N * d * V
 
 
 def section_step(args, device):
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = train_dtype(device)
     check = step_check(args, device)
     print0(f"step check: CARPE fixed_weights=(0,1) vs vanilla: |loss diff| {check['loss_abs_diff']:.2e}, "
            f"max |grad diff| {check['grad_max_abs_diff']:.2e} (max |grad| {check['grad_max_abs']:.2e})")
-    llava, _ = bench_llava(args, device)
+    llava = bench_llava(args, device)
     model = bench_carpe(llava, args)
     batch = make_batch(llava, args.step_batch, args.prompt_text, args.answer, device)
-    # two optimizers over the shared llava: steps move the shared weights, which timing ignores
-    carpe_step = make_step(model, torch.optim.AdamW(model.param_groups(), weight_decay=0.0), batch, dtype, False)
-    vanilla_step = make_step(llava, torch.optim.AdamW(vanilla_param_groups(llava), weight_decay=0.0), batch,
-                             dtype, True)
-    times = time_interleaved(dict(vanilla=vanilla_step, carpe=carpe_step), args.repeats, device)
-    t = {k: median(v) for k, v in times.items()}
-    parts = step_breakdown(model, llava, batch, args, device, dtype)
-    r = dict(check=check, times=times, median_s=t, time_ratio=t["carpe"] / t["vanilla"], parts_s=parts,
-             T=batch["input_ids"].shape[1], batch=args.step_batch, layers=args.layers, hidden=args.hidden,
-             vocab=llava.config.text_config.vocab_size)
+    steps = dict(vanilla=make_step(llava, batch, dtype, True), carpe=make_step(model, batch, dtype, False))
+    times = time_interleaved(steps, args.repeats, device, CLOCKS[args.clock])
+    t, parts = medians(times), step_breakdown(model, llava, batch, args, device, dtype)
     overhead = t["carpe"] - t["vanilla"]
     explained = parts["context"] + parts["integrator"] + parts["head_carpe"] - parts["head_vanilla"]
-    r["overhead_s"] = overhead
-    r["overhead_other_s"] = overhead - explained
-    if not args.no_memory:
-        mem = {}
-        for path in ["vanilla", "carpe"]:
-            spec = dict(section="step", path=path, args=vars(args), device=str(device),
-                        dtype=str(dtype).replace("torch.", ""))
-            mem[path] = run_worker(spec) if device.type == "cpu" else step_memory_worker(spec)
-        r["memory"] = mem
-        r["memory_ratio"] = mem["carpe"]["peak_bytes"] / mem["vanilla"]["peak_bytes"]
-    peak_tflops = args.peak_tflops or default_peak_tflops(device)
-    if peak_tflops:
-        r["mfu_vanilla"] = step_flops(llava, batch) / t["vanilla"] / (peak_tflops * 1e12)
-        r["mfu_carpe"] = step_flops(llava, batch, model) / t["carpe"] / (peak_tflops * 1e12)
+    r = dict(check=check, times=times, median_s=t, time_ratio=t["carpe"] / t["vanilla"], parts_s=parts,
+             overhead_s=overhead, overhead_other_s=overhead - explained, T=batch["input_ids"].shape[1],
+             vocab=llava.config.text_config.vocab_size)
     rows = [["vanilla step", fmt_ms(t["vanilla"]), ""], ["CARPE step", fmt_ms(t["carpe"]), f"{r['time_ratio']:.3f}x"]]
-    if "memory" in r:
+    if not args.no_memory:
+        spec = dict(section="step", args=vars(args), device=str(device), dtype=str(dtype).removeprefix("torch."))
+        r["memory"] = {p: (run_worker if device.type == "cpu" else step_memory_worker)(dict(spec, path=p))
+                       for p in ["vanilla", "carpe"]}
+        r["memory_ratio"] = r["memory"]["carpe"]["peak_bytes"] / r["memory"]["vanilla"]["peak_bytes"]
         rows[0].append(fmt_mib(r["memory"]["vanilla"]["peak_bytes"]))
         rows[1].append(fmt_mib(r["memory"]["carpe"]["peak_bytes"]) + f" ({r['memory_ratio']:.3f}x)")
+    peak_tflops = args.peak_tflops or default_peak_tflops(device)
     if peak_tflops:
-        rows[0].append(f"{100 * r['mfu_vanilla']:.1f}%")
-        rows[1].append(f"{100 * r['mfu_carpe']:.1f}%")
+        r["mfu"] = dict(vanilla=step_flops(llava, batch) / t["vanilla"] / (peak_tflops * 1e12),
+                        carpe=step_flops(llava, batch, model) / t["carpe"] / (peak_tflops * 1e12))
+        rows[0].append(f"{100 * r['mfu']['vanilla']:.1f}%")
+        rows[1].append(f"{100 * r['mfu']['carpe']:.1f}%")
     header = ["", "time", "CARPE/vanilla"] + (["peak memory"] if "memory" in r else []) + (["MFU"] if peak_tflops else [])
     print_table(f"step: B={args.step_batch}, T={r['T']} ({args.prompt_text} prompt text + {image_tokens(llava)} image "
                 f"+ {args.answer} answer), {args.layers} layers, d={args.hidden}, V={r['vocab']}, median of "
                 f"{args.repeats}, {args.clock} time (targets: time <= 1.25x, memory <= 1.15x)", header, rows)
-    rows = [["context pass (fwd + bwd)", fmt_ms(parts["context"])],
-            ["integrator: raw adapter + block (fwd + bwd)", fmt_ms(parts["integrator"])],
-            ["head: CARPE fused CE on supervised tokens", fmt_ms(parts["head_carpe"])],
-            ["head: vanilla HF logits on all tokens + CE", fmt_ms(parts["head_vanilla"])],
-            ["sum of CARPE's additions (context + integrator + head difference)", fmt_ms(explained)],
-            ["measured step difference (CARPE - vanilla)", fmt_ms(overhead)]]
+    rows = [[f"{k} (fwd + bwd)", fmt_ms(v)] for k, v in parts.items()]
+    rows += [["CARPE's additions (context + integrator + head_carpe - head_vanilla)", fmt_ms(explained)],
+             ["measured step difference (CARPE - vanilla)", fmt_ms(overhead)]]
     print_table("step: where CARPE's overhead goes", ["piece", "time"], rows)
     return r
 
@@ -660,31 +551,29 @@ def decode_prompt(llava, length, device, seed=0, text_vocab=512):
 
 
 class TokenClock:
-    """Timestamps (of `clock`) each time a token is produced. For HF generate it is a
-    StoppingCriteria (called once per new token); for CARPE it wraps generation_step. The
-    first stamp minus the start is the prefill; the gaps between stamps are decode steps, so
-    one slow round does not leak into the per-token figure through a subtraction."""
+    """Stamps the clock each time a token is produced: as a StoppingCriteria for HF generate
+    (called once per new token), as a wrapper of generation_step for CARPE. First stamp minus
+    the start = prefill; the gaps between stamps = decode steps."""
 
-    def __init__(self):
-        self.stamps = []
+    def __init__(self, clock):
+        self.clock, self.stamps = clock, []
 
     def __call__(self, input_ids, scores, **kwargs):  # StoppingCriteria protocol: never stop
-        self.stamps.append(clock())
+        self.stamps.append(self.clock())
         return torch.zeros(input_ids.size(0), dtype=torch.bool, device=input_ids.device)
 
     def wrap(self, fn):
         def timed(*a, **k):
             out = fn(*a, **k)
             sync(out.device)
-            self.stamps.append(clock())
+            self.stamps.append(self.clock())
             return out
         return timed
 
 
-def generate_timed(kind, llava, model, ids, mask, pix, new):
-    """One generate call of `kind` (hf / carpe): (prefill seconds, [decode step seconds])."""
-    from transformers import StoppingCriteriaList
-    stamps = TokenClock()
+def generate_timed(kind, llava, model, ids, mask, pix, new, clock):
+    """One generate call of `kind` (hf / carpe) -> (prefill seconds, [decode step seconds])."""
+    stamps = TokenClock(clock)
     sync(ids.device)
     t0 = clock()
     if kind == "hf":
@@ -699,104 +588,196 @@ def generate_timed(kind, llava, model, ids, mask, pix, new):
             del model.generation_step
     if out.shape[1] != ids.shape[1] + new:
         raise RuntimeError(f"{kind} generate returned {out.shape[1] - ids.shape[1]} new tokens, asked {new}")
-    # HF stamps after each token (the first = prefill); CARPE after each generation_step (the
-    # first = prefill, then one per further token): both give `new` stamps
-    steps = [b - a for a, b in zip(stamps.stamps, stamps.stamps[1:])]
-    return stamps.stamps[0] - t0, steps
+    return stamps.stamps[0] - t0, [b - a for a, b in zip(stamps.stamps, stamps.stamps[1:])]
 
 
 def section_decode(args, device):
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    llava, _ = bench_llava(args, device)
+    llava = bench_llava(args, device)
     model = bench_carpe(llava, args)
     if device.type == "cuda":
-        llava.to(dtype)
-        model.to(dtype)
-    new = args.new_tokens
+        model.to(torch.bfloat16)
     results = []
     for L in args.decode_lengths:
         ids, mask, pix = decode_prompt(llava, L, device)
         pix = pix.to(llava.dtype)
-        prefill = {"hf": [], "carpe": []}
-        steps = {"hf": [], "carpe": []}
+        prefill, steps = {"hf": [], "carpe": []}, {"hf": [], "carpe": []}
         with torch.no_grad():
             for round_ in range(1 + args.repeats):  # one warm-up round, then interleaved rounds
                 for kind in ["hf", "carpe"]:
-                    p, s = generate_timed(kind, llava, model, ids, mask, pix, new)
+                    p, s = generate_timed(kind, llava, model, ids, mask, pix, args.new_tokens, CLOCKS[args.clock])
                     if round_ > 0:
                         prefill[kind].append(p)
                         steps[kind].extend(s)
-        context_tokens = int(model.prompt_mask(ids, mask).sum()) + 1
-        per_token = {k: median(v) for k, v in steps.items()}
-        pre = {k: median(v) for k, v in prefill.items()}
-        results.append(dict(prompt_length=L, new_tokens=new, prefill_s=pre, per_token_s=per_token,
-                            prefill_rounds_s=prefill, decode_steps_s=steps,
-                            context_pass_tokens=context_tokens,
+        pre, per_token = medians(prefill), medians(steps)
+        results.append(dict(prompt_length=L, new_tokens=args.new_tokens, prefill_s=pre, per_token_s=per_token,
+                            context_pass_tokens=int(model.prompt_mask(ids, mask).sum()) + 1,
                             prefill_ratio=pre["carpe"] / pre["hf"], per_token_ratio=per_token["carpe"] / per_token["hf"]))
-        print0(f"  decode prompt {L}: prefill HF {fmt_ms(pre['hf'])} CARPE {fmt_ms(pre['carpe'])}; "
-               f"per token HF {fmt_ms(per_token['hf'])} CARPE {fmt_ms(per_token['carpe'])}")
     rows = [[r["prompt_length"], r["context_pass_tokens"], fmt_ms(r["prefill_s"]["hf"]), fmt_ms(r["prefill_s"]["carpe"]),
              f"{r['prefill_ratio']:.3f}x", fmt_ms(r["per_token_s"]["hf"]), fmt_ms(r["per_token_s"]["carpe"]),
-             f"{r['per_token_ratio']:.3f}x", fmt_ms(r["per_token_s"]["carpe"] - r["per_token_s"]["hf"])] for r in results]
-    print_table(f"decode: batch 1, greedy, {new} new tokens, {args.layers} layers, d={args.hidden}, medians over "
-                f"{args.repeats} rounds, {args.clock} time (targets: prefill <= 1.2x, per token <= 1.15x, "
-                f"per token flat in prompt length)",
-                ["prompt", "context pass tokens", "HF prefill", "CARPE prefill", "ratio", "HF per token",
-                 "CARPE per token", "ratio", "CARPE - HF per token"], rows)
+             f"{r['per_token_ratio']:.3f}x"] for r in results]
+    print_table(f"decode: batch 1, greedy, {args.new_tokens} new tokens, {args.layers} layers, d={args.hidden}, "
+                f"medians of {args.repeats} rounds, {args.clock} time (targets: prefill <= 1.2x, per token <= 1.15x "
+                f"and flat in prompt length)", ["prompt", "context pass tokens", "HF prefill", "CARPE prefill", "ratio",
+                                                "HF per token", "CARPE per token", "ratio"], rows)
     growth = None
     if len(results) > 1:
         growth = {k: results[-1]["per_token_s"][k] / results[0]["per_token_s"][k] for k in ["hf", "carpe"]}
-        print0(f"per-token cost at prompt {results[-1]['prompt_length']} over prompt {results[0]['prompt_length']}: "
+        print0(f"per-token cost at prompt {results[-1]['prompt_length']} over {results[0]['prompt_length']}: "
                f"HF {growth['hf']:.3f}x, CARPE {growth['carpe']:.3f}x")
     return dict(results=results, per_token_growth=growth)
 
 
 # -----------------------------------------------------------------------------
-# section compile: torch.compile vs eager on the CARPE training step
+# section compile: regional torch.compile vs eager on the training step
 
-def section_compile(args, device):
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    llava, _ = bench_llava(args, device)
+def compile_worker(spec):
+    """One model (vanilla / carpe) at one depth, in a fresh process whose inductor cache is empty:
+    the first compiled step's wall time (cold compile + one step), then eager and compiled steps
+    interleaved. Eager is the same model under torch.compiler.set_stance("force_eager")."""
+    args, device = argparse.Namespace(**spec["args"]), torch.device(spec["device"])
+    dtype, vanilla = getattr(torch, spec["dtype"]), spec["path"] == "vanilla"
+    args.layers = spec["layers"]
+    llava = bench_llava(args, device)
     model = bench_carpe(llava, args)
+    net = llava if vanilla else model
     batch = make_batch(llava, args.step_batch, args.prompt_text, args.answer, device)
-    compiled = torch.compile(model, backend=args.compile_backend)
-    eager_step = make_step(model, torch.optim.AdamW(model.param_groups(), weight_decay=0.0), batch, dtype, False)
-    compiled_step = make_step(compiled, torch.optim.AdamW(model.param_groups(), weight_decay=0.0), batch, dtype, False)
+    loss_fn = (lambda: vanilla_loss_by_parts(llava, batch)) if vanilla else (lambda: model(**batch).loss)
     with torch.no_grad(), autocast_ctx(device, dtype):
-        eager_first_loss = model(**batch).loss.item()  # what the first compiled step must give
+        eager_loss = loss_fn().item()  # what the first compiled step must give
+    kernels.reset_compile_counts()
+    kernels.compile_blocks(carpe.repeated_blocks(net), backend=args.compile_backend)
+    step = make_step(net, batch, dtype, vanilla, loss_fn)
     sync(device)
-    t0 = time.perf_counter()  # wall time: inductor compiles in worker processes
-    loss_first = compiled_step()  # compiles forward and backward
+    t0 = time.perf_counter()  # wall time: inductor compiles in worker processes too
+    compiled_loss = step().item()
     sync(device)
     compile_s = time.perf_counter() - t0
-    from torch._dynamo.utils import counters
-    graph_breaks = sum(counters["graph_break"].values())  # data-dependent shapes, .item(), python loops
-    times = time_interleaved(dict(eager=eager_step, compiled=compiled_step), args.repeats, device)
-    t = {k: median(v) for k, v in times.items()}
-    r = dict(backend=args.compile_backend, compile_s=compile_s, times=times, median_s=t, graph_breaks=graph_breaks,
-             speedup=t["eager"] / t["compiled"], first_loss=loss_first.item(),
-             eager_first_loss=eager_first_loss)
-    print_table(f"compile: CARPE training step, backend {args.compile_backend}, median of {args.repeats}, {args.clock} time (report only)",
-                ["", "time"], [["first compiled call (compile, wall time)", f"{compile_s:.1f} s"],
-                               ["graph breaks", str(graph_breaks)],
-                               ["eager step", fmt_ms(t["eager"])], ["compiled step", fmt_ms(t["compiled"])],
-                               ["eager / compiled", f"{r['speedup']:.2f}x"]])
-    return r
+    counts = kernels.compile_counts()
+
+    def eager_step():
+        with torch.compiler.set_stance("force_eager"):
+            step()
+    t = medians(time_interleaved(dict(eager=eager_step, compiled=step), args.repeats, device, CLOCKS[args.clock]))
+    return dict(first_step_s=compile_s, unique_graphs=counts.unique_graphs, graph_breaks=counts.graph_breaks,
+                eager_calls=counts.eager_calls,
+                blocks=len(carpe.repeated_blocks(net)), median_s=t, speedup=t["eager"] / t["compiled"],
+                eager_loss=eager_loss, compiled_loss=compiled_loss,
+                loss_rel_diff=abs(compiled_loss - eager_loss) / abs(eager_loss))
+
+
+def section_compile(args, device):
+    spec = dict(section="compile", args=vars(args), device=str(device), dtype=str(train_dtype(device)).removeprefix("torch."))
+    results = []
+    for layers in args.compile_layers:
+        for path in ["vanilla", "carpe"]:
+            cache = tempfile.mkdtemp(prefix="bench-inductor-")  # empty: the compile is cold
+            try:
+                r = run_worker(dict(spec, path=path, layers=layers), env=dict(TORCHINDUCTOR_CACHE_DIR=cache))
+            finally:
+                shutil.rmtree(cache, ignore_errors=True)
+            results.append(dict(r, path=path, layers=layers))
+            print0(f"  compile {path} {layers} layers: first step {r['first_step_s']:.1f} s, {r['speedup']:.2f}x")
+    rows = [[r["path"], r["layers"], r["blocks"], r["unique_graphs"], r["graph_breaks"] + r["eager_calls"],
+             f"{r['first_step_s']:.1f} s",
+             fmt_ms(r["median_s"]["eager"]), fmt_ms(r["median_s"]["compiled"]), f"{r['speedup']:.2f}x",
+             f"{r['loss_rel_diff']:.1e}"] for r in results]
+    print_table(f"compile: kernels.compile_blocks, backend {args.compile_backend}, training step, median of "
+                f"{args.repeats}, {args.clock} time (targets: CARPE's deepest first step <= 2x its shallowest, "
+                f"CARPE eager/compiled >= 1.3x, 0 graph breaks, loss rel. diff <= 1e-5)",
+                ["model", "layers", "blocks", "graphs", "graph breaks + eager calls", "first compiled step (cold, wall)", "eager",
+                 "compiled", "eager/compiled", "loss rel. diff"], rows)
+    carpe_runs = [r for r in results if r["path"] == "carpe"]
+    growth = carpe_runs[-1]["first_step_s"] / carpe_runs[0]["first_step_s"]
+    print0(f"CARPE cold compile at {carpe_runs[-1]['layers']} layers over {carpe_runs[0]['layers']}: {growth:.2f}x")
+    return dict(backend=args.compile_backend, results=results, carpe_compile_growth=growth)
+
+
+# -----------------------------------------------------------------------------
+# section json: loading the LLaVA json per rank, before and after the packed cache
+
+def write_llava_json(path, image_root, entries, chars, n_images=64, seed=0):
+    """A LLaVA-Instruct-like json: entries alternating human/gpt turns (about `chars` characters
+    each), 9 in 10 with an image out of n_images small files under image_root."""
+    g = torch.Generator().manual_seed(seed)
+    os.makedirs(image_root, exist_ok=True)
+    for i in range(n_images):
+        Image.new("RGB", (8, 8), (i, 2 * i, 3 * i)).save(os.path.join(image_root, f"{i:03d}.png"))
+    words = [f"w{int(x)}" for x in torch.randint(0, 5000, (4096,), generator=g)]
+    with open(path, "w") as f:
+        f.write("[")
+        for i in range(entries):
+            n_turns = 2 * (1 + i % 3)
+            text = " ".join(words[(i * 7 + k) % 4096] for k in range(max(chars // (6 * n_turns), 1)))
+            conv = [dict(**{"from": "human" if t % 2 == 0 else "gpt"}, value=f"{text} {t}") for t in range(n_turns)]
+            entry = dict(id=f"{i:06d}", conversations=conv)
+            if i % 10:
+                entry["image"] = f"{i % n_images:03d}.png"
+                conv[0]["value"] = data.IMAGE_TAG + "\n" + conv[0]["value"]
+            f.write(("," if i else "") + json.dumps(entry))
+        f.write("]")
+
+
+def json_worker(spec):
+    """One way of getting the LLaVA records into a rank: `parse` (json.load and check every entry
+    in every rank), `pack` (data.ensure_llava_cache: once per node), `map` (TrainDataset.from_config
+    from the cache: every rank, every resume)."""
+    config = data.DataConfig(llava_json=spec["json"], image_root=spec["image_root"], cache_dir=spec["cache_dir"])
+    processor = tiny.tiny_llava()[1] if spec["path"] == "map" else None
+    t0 = time.perf_counter()
+    with PeakMemory(torch.device("cpu")) as meter:
+        if spec["path"] == "parse":
+            with open(spec["json"]) as f:
+                entries = json.load(f)
+            records = [data.check_entry(e, config.image_root)[1] for e in entries]
+            n = sum(r is not None for r in records)
+        elif spec["path"] == "pack":
+            data.ensure_llava_cache(config, progress=False)
+            n = None
+        else:
+            dataset, _ = data.TrainDataset.from_config(config, processor)
+            n = len(dataset.llava)
+    return dict(seconds=time.perf_counter() - t0, peak_bytes=meter.peak, held_bytes=meter.held, records=n,
+                cache=data.llava_cache_dir(config))
+
+
+def section_json(args, device):
+    root = tempfile.mkdtemp(prefix="bench-json-")
+    try:
+        spec = dict(section="json", json=os.path.join(root, "llava.json"), image_root=os.path.join(root, "images"),
+                    cache_dir=os.path.join(root, "cache"))
+        t0 = time.perf_counter()
+        write_llava_json(spec["json"], spec["image_root"], args.json_entries, args.json_chars)
+        print0(f"  json: wrote {args.json_entries} entries, {os.path.getsize(spec['json']) / 2**20:.0f} MiB in "
+               f"{time.perf_counter() - t0:.0f} s")
+        r = {p: run_worker(dict(spec, path=p), env={}) for p in ["parse", "pack", "map"]}
+        r["file_bytes"] = os.path.getsize(spec["json"])
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    rows = [[what, f"{r[p]['seconds']:.2f} s", fmt_mib(r[p]["peak_bytes"]), fmt_mib(r[p]["held_bytes"])]
+            for what, p in [("before, every rank: json.load + check", "parse"),
+                            ("after, once per node: check + pack (ensure_llava_cache)", "pack"),
+                            ("after, every rank and resume: map the cache (from_config)", "map")]]
+    print_table(f"json: {args.json_entries} entries, {fmt_mib(r['file_bytes'])}, one process each",
+                ["", "time", "peak memory", "held after"], rows)
+    return dict(r, entries=args.json_entries)
 
 
 # -----------------------------------------------------------------------------
 
 SECTIONS = dict(paper=section_paper, head=section_head, step=section_step, decode=section_decode,
-                compile=section_compile)
-DEFAULT_SECTIONS = ["paper", "head", "step", "decode"]
+                compile=section_compile, json=section_json)
+WORKERS = dict(head=head_memory_worker, step=step_memory_worker, compile=compile_worker, json=json_worker)
+
+
+def int_list(text):
+    return [int(x) for x in text.split(",") if x]
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="CARPE benchmarks: fused head vs paper form, step and decode cost over "
-                                            "vanilla LLaVA, torch.compile.")
-    p.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
-                   help=f"comma-separated sections out of {','.join(SECTIONS)} (compile is opt-in: it takes minutes)")
-    p.add_argument("--compile", action="store_true", help="also run the compile section")
+    p = argparse.ArgumentParser(description="CARPE benchmarks: fused head vs the paper's form, step and decode cost "
+                                            "over vanilla LLaVA, regional torch.compile, LLaVA json loading.")
+    p.add_argument("--sections", default="paper,head,step,decode",
+                   help=f"comma-separated sections out of {','.join(SECTIONS)} (compile and json are slow: ask for them)")
     p.add_argument("--out", default="bench_out", help="folder for <section>.json results")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds per path (after one warm-up); medians reported")
@@ -804,16 +785,14 @@ def get_parser():
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="accelerator peak TFLOP/s for MFU (default: bf16 dense peak of known GPUs; no MFU on CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--clock", choices=["wall", "cpu"], default=None,
-                   help="wall: elapsed time; cpu: this process's CPU time (robust on a shared machine, "
-                        "best with --threads 1). Default: cpu on CPU, wall on GPU")
-    # head
-    p.add_argument("--head-n", default="512,2048", help="comma-separated supervised token counts N")
-    p.add_argument("--head-d", type=int, default=1024, help="hidden width d of the head section (7B: 4096)")
-    p.add_argument("--vocab", type=int, default=32064, help="vocabulary V of the head section (LLaVA-1.5: 32064)")
+    p.add_argument("--clock", choices=list(CLOCKS), default=None,
+                   help="wall: elapsed time; cpu: this process's CPU time (steadier on a shared machine, best with "
+                        "--threads 1). Default: cpu on CPU, wall on GPU")
+    p.add_argument("--head-n", type=int_list, default="512,2048", help="head: comma-separated supervised token counts N")
+    p.add_argument("--head-d", type=int, default=1024, help="head: hidden width d (7B: 4096)")
+    p.add_argument("--vocab", type=int, default=32064, help="head: vocabulary V (LLaVA-1.5: 32064)")
     p.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk of the fused linear CE")
-    # model for step / decode / compile
-    p.add_argument("--layers", type=int, default=32, help="LM decoder layers (LLaVA-7B: 32)")
+    p.add_argument("--layers", type=int, default=32, help="step/decode: LM decoder layers (LLaVA-7B: 32)")
     p.add_argument("--hidden", type=int, default=256, help="LM width d (multiple of 64; heads of 64)")
     p.add_argument("--vision-layers", type=int, default=24, help="CLIP tower layers (ViT-L: 24); width is hidden/4")
     p.add_argument("--image-size", type=int, default=336, help="image side in px; patch 14 (336 -> 576 image tokens)")
@@ -822,59 +801,49 @@ def get_parser():
     p.add_argument("--step-batch", type=int, default=2, help="samples per training step")
     p.add_argument("--prompt-text", type=int, default=60, help="prompt text tokens per sample (with <s>)")
     p.add_argument("--answer", type=int, default=40, help="supervised answer tokens per sample")
-    p.add_argument("--decode-lengths", default="600,1200", help="comma-separated prompt lengths for decode")
-    p.add_argument("--new-tokens", type=int, default=32, help="tokens to decode")
-    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: no codegen)")
+    p.add_argument("--decode-lengths", type=int_list, default="600,1200", help="decode: comma-separated prompt lengths")
+    p.add_argument("--new-tokens", type=int, default=32, help="decode: tokens to generate")
+    p.add_argument("--compile-layers", type=int_list, default="4,32", help="compile: LM depths to compile")
+    p.add_argument("--compile-backend", default="inductor", help="compile: torch.compile backend (aot_eager: no codegen)")
+    p.add_argument("--json-entries", type=int, default=665_000, help="json: entries of the generated LLaVA json")
+    p.add_argument("--json-chars", type=int, default=1500, help="json: characters of text per entry (mix665k: ~1.5K)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one measured path per process
     return p
 
 
 def parse_args(argv=None):
     args = get_parser().parse_args(argv)
-    args.head_n = [int(x) for x in str(args.head_n).split(",")] if not isinstance(args.head_n, list) else args.head_n
-    args.decode_lengths = ([int(x) for x in str(args.decode_lengths).split(",")]
-                           if not isinstance(args.decode_lengths, list) else args.decode_lengths)
-    sections = [s for s in args.sections.split(",") if s] if isinstance(args.sections, str) else list(args.sections)
-    if args.compile and "compile" not in sections:
-        sections.append("compile")
-    unknown = [s for s in sections if s not in SECTIONS]
+    args.sections = [s for s in args.sections.split(",") if s]
+    unknown = [s for s in args.sections if s not in SECTIONS]
     if unknown:
         raise SystemExit(f"--sections: unknown {unknown}; known: {list(SECTIONS)}")
-    args.sections = sections
     if args.hidden % 64:
         raise SystemExit(f"--hidden {args.hidden} must be a multiple of 64 (heads of 64)")
+    args.clock = args.clock or ("wall" if args.device.startswith("cuda") else "cpu")
     return args
 
 
-def worker_main(spec):
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
-    fn = dict(head=head_memory_worker, step=step_memory_worker)[spec["section"]]
-    print(json.dumps(fn(spec)), flush=True)
+def machine_info(device):
+    names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")] \
+        if os.path.exists("/proc/cpuinfo") else []
+    return dict(device=str(device), cpu=names[0] if names else "?", cores=os.cpu_count(), threads=torch.get_num_threads(),
+                load_average=os.getloadavg(), torch=torch.__version__,
+                gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
 
 
 def run(args):
-    """Run the selected sections; returns {section: result} and writes <out>/<section>.json."""
+    """Run the selected sections -> {section: result}; writes <out>/<section>.json."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    global clock
-    args.clock = args.clock or ("wall" if device.type == "cuda" else "cpu")
-    clock = CLOCK[args.clock]
     os.makedirs(args.out, exist_ok=True)
-    cpu = "?"
-    if os.path.exists("/proc/cpuinfo"):
-        names = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")]
-        cpu = names[0] if names else "?"
-    machine = dict(device=str(device), cpu=cpu, cores=os.cpu_count(), threads=torch.get_num_threads(), clock=args.clock,
-                   torch=torch.__version__,
-                   gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
-    print0(f"machine: {machine}")
+    machine = machine_info(device)
+    print0(f"machine: {machine}, clock: {args.clock}")
     results = {}
     for name in args.sections:
         t0 = time.perf_counter()
-        r = SECTIONS[name](args, device)
-        r = dict(section=name, machine=machine, seconds=time.perf_counter() - t0, result=r)
+        r = dict(section=name, machine=machine, result=SECTIONS[name](args, device))
+        r.update(seconds=time.perf_counter() - t0, load_average_after=os.getloadavg())
         with open(os.path.join(args.out, f"{name}.json"), "w") as f:
             json.dump(r, f, indent=1, default=str)
         print0(f"[{name}: {r['seconds']:.0f} s, {os.path.join(args.out, name + '.json')}]")
@@ -884,6 +853,9 @@ def run(args):
 
 if __name__ == "__main__":
     if IS_WORKER:
-        worker_main(json.loads(get_parser().parse_args().worker))
+        spec = json.loads(get_parser().parse_args().worker)
+        if spec.get("args", {}).get("threads"):
+            torch.set_num_threads(spec["args"]["threads"])
+        print(json.dumps(WORKERS[spec["section"]](spec)), flush=True)
     else:
         run(parse_args())

@@ -25,6 +25,7 @@ kernels.py: the two hot paths of CARPE, plus the reference forms the tests compa
 Labels follow the Hugging Face convention: `labels` has the input's shape, -100 marks
 unsupervised positions, and position t's hidden state predicts labels[t + 1].
 """
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -236,7 +237,12 @@ def compile_blocks(blocks, backend="inductor", mode=None):
       eagerly: transformers' cache is a list indexed by the layer's own `layer_idx`, a Python
       int that dynamo must burn into the graph (guards on `past_key_values.layers[i]`), so each
       of the 32 layers would need its own graph. Full-sequence passes (training, the context
-      pass, scoring) have no cache and run compiled.
+      pass, scoring) have no cache and run compiled; such calls are counted (compile_counts), so
+      a training forward that leaves HF's `use_cache` on (HF then builds a cache) shows up.
+    Hooks that a block's submodules carry do run inside the compiled region: HF's output-capturing
+    hooks (installed on every submodule once a caller asks HF for hidden states or attentions)
+    read a ContextVar dynamo cannot trace, a graph break; take intermediate outputs with forward
+    hooks on the blocks themselves, as carpe.hidden_state_at does.
     `torch.compiler.nested_compile_region` solves the same sharing inside a whole-program
     compile (one subgraph traced once, called per layer); with the glue eager there is no outer
     program to compile, so plain per-block compilation is the simpler tool.
@@ -260,26 +266,33 @@ def compiled_unless_cached(forward, backend, mode):
 
     def block_forward(*args, **kwargs):
         if kwargs.get("past_key_values") is not None:
+            EAGER_CALLS["kv_cache"] += 1  # counted: a training forward that forgot use_cache=False shows here
             return forward(*args, **kwargs)  # a generation step: the layer indexes the cache by its own id
         return compiled(*args, **kwargs)
     block_forward.compiled = compiled
     return block_forward
 
 
+EAGER_CALLS = Counter()  # block calls compile_blocks routed to the eager forward, by reason
+
+
 @dataclass
 class CompileCounts:
-    """What dynamo did since the last reset_compile_counts(): the graphs it traced (one per
-    cache entry, so graphs beyond one per kind of block are recompiles) and the graph breaks
-    it met (fullgraph=True makes those an error inside compiled blocks; the count is for
-    whole-model compiles)."""
+    """Since the last reset_compile_counts(): the graphs dynamo traced (one per cache entry, so
+    graphs beyond one per kind of block are recompiles), the graph breaks it met (fullgraph=True
+    makes those an error inside compiled blocks; the count is for whole-model compiles), and the
+    calls of compiled blocks that ran eagerly because they carried a KV cache."""
     unique_graphs: int
     graph_breaks: int
+    eager_calls: int
 
 
 def reset_compile_counts():
     dynamo_counters.clear()
+    EAGER_CALLS.clear()
 
 
 def compile_counts():
     return CompileCounts(unique_graphs=dynamo_counters["stats"]["unique_graphs"],
-                         graph_breaks=sum(dynamo_counters["graph_break"].values()))
+                         graph_breaks=sum(dynamo_counters["graph_break"].values()),
+                         eager_calls=sum(EAGER_CALLS.values()))

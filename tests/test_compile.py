@@ -17,15 +17,6 @@ import kernels
 import tiny
 
 
-def repeated_blocks(model):
-    """carpe.repeated_blocks where it exists; else the same list by hand."""
-    if hasattr(carpe, "repeated_blocks"):
-        return carpe.repeated_blocks(model)
-    llava = model.llava
-    return (list(llava.model.language_model.layers) + list(carpe.encoder_layers(llava.model.vision_tower))
-            + [model.vision_integrator.block])
-
-
 def tiny_carpe(seed=0):
     """The tiny CARPE (6 LM layers, 3 CLIP layers, one integrator block), its integrator and
     context encoder moved off their identity / uniform start so every gradient is non-trivial."""
@@ -68,20 +59,20 @@ def check_compiled_step(backend):
     batches = train_batches(model.llava)
     references = [loss_and_grads(model, b) for b in batches]
     kernels.reset_compile_counts()
-    kernels.compile_blocks(repeated_blocks(model), backend=backend)
+    kernels.compile_blocks(carpe.repeated_blocks(model), backend=backend)
     for batch, reference in zip(batches, references):
         assert_same_step(model, batch, reference)
     counts = kernels.compile_counts()
     # one graph per kind of block: the 6 LM layers share one, the 3 CLIP layers one, the
     # integrator one; the second batch (other batch size and lengths) reuses them
-    assert counts == kernels.CompileCounts(unique_graphs=3, graph_breaks=0)
+    assert counts == kernels.CompileCounts(unique_graphs=3, graph_breaks=0, eager_calls=0)
     # epoch 1: the context pass runs without grad (guarded), one more graph for the LM layers only
     model.set_context_trainable(False)
     reference = None
     with torch.compiler.set_stance("force_eager"):  # the reference twin: the same blocks, eager
         reference = loss_and_grads(model, batches[0])
     assert_same_step(model, batches[0], reference)
-    assert kernels.compile_counts() == kernels.CompileCounts(unique_graphs=4, graph_breaks=0)
+    assert kernels.compile_counts() == kernels.CompileCounts(unique_graphs=4, graph_breaks=0, eager_calls=0)
 
 
 def test_compiled_step_equals_eager_with_one_graph_per_kind_of_block():
@@ -100,8 +91,13 @@ def test_generation_with_compiled_blocks_equals_eager():
     ids, pixels = batch["input_ids"][:, :-5], batch["pixel_values"]  # the prompts
     with torch.no_grad():
         reference = model.generate(ids, pixel_values=pixels, max_new_tokens=3)
-        kernels.compile_blocks(repeated_blocks(model), backend="eager")  # no grad: nothing for aot to add
+        kernels.compile_blocks(carpe.repeated_blocks(model), backend="eager")  # no grad: nothing for aot to add
+        kernels.reset_compile_counts()
         assert torch.equal(model.generate(ids, pixel_values=pixels, max_new_tokens=3), reference)
+    # the context pass and the towers ran compiled; the LM layers' cached calls (prefill + 2 steps) eagerly
+    counts = kernels.compile_counts()
+    assert counts.graph_breaks == 0 and counts.unique_graphs >= 3
+    assert counts.eager_calls == 3 * len(model.llava.model.language_model.layers)
 
 
 class Block(nn.Module):
