@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -62,6 +63,38 @@ def all_reduce_sum(t):
 def print0(*a, **k):
     if int(os.environ.get("RANK", "0")) == 0:
         print(*a, **k, flush=True)
+
+
+def full_tensor(t):
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def clip_grad_norm(params, max_norm):
+    """Global grad norm over plain and FSDP (DTensor) gradients; clip in place (when finite).
+    -> the norm before clipping (the same on every rank)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    norm = sum(full_tensor(g.float().pow(2).sum()) for g in grads).sqrt()
+    if max_norm > 0 and torch.isfinite(norm):
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(coef.item() if isinstance(g, DTensor) else coef.to(g.dtype))
+    return norm.item()
+
+
+def gather_trainable(model):
+    """Full trainable tensors on CPU (gathered from the FSDP shards; every rank must call this)."""
+    return {name: full_tensor(t).detach().cpu().contiguous() for name, t in model.trainable_state_dict().items()}
+
+
+def weights_checksum(weights):
+    """48 bits of a sha256 of the weights: exact in float64, so ranks can compare by all-reduce."""
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        digest.update(name.encode())
+        digest.update(weights[name].float().numpy().tobytes())
+    return float(int(digest.hexdigest()[:12], 16))
 
 
 def peak_memory_gb(device):
@@ -186,7 +219,8 @@ def load_run(out_dir, device="cpu", dtype=None):
     llava, processor = load_base(run["base"], device, dtype)
     vision_moe = None
     if run.get("moe"):
-        vision_moe = moe.build_vision_moe(llava, moe.MoEConfig.from_dict(run["moe"]), device=device, dtype=dtype)
+        vision_moe = moe.build_vision_moe(llava, moe.MoEConfig.from_dict(run["moe"]), device=device, dtype=dtype,
+                                          image_processor=processor.image_processor)
     carpe_config = CarpeConfig.from_dict(run["carpe"]) if run.get("carpe") else CarpeConfig()
     model = build_model(run.get("method", "carpe"), llava, carpe_config, vision_moe)
     model.load_trainable_state_dict(state)
@@ -206,7 +240,8 @@ def save_run(out, weights, run_config):
 # -----------------------------------------------------------------------------
 # the run folder is the unit of safety: one run at a time, a used folder is not silently reused
 
-RUN_OUTPUTS = ("ckpt", "superseded", "log.jsonl", "config.json", "model.safetensors", MANIFEST, "summary.json")
+RUN_OUTPUTS = ("ckpt", "superseded", "log.jsonl", "config.json", "model.safetensors", MANIFEST, "summary.json",
+               "skipped_entries.json")
 
 
 def lock_run_folder(out):

@@ -36,7 +36,6 @@ Choices where the paper is silent:
    eval.py --ckpt read).
 """
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -51,16 +50,17 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import carpe
 import common
 import data
+import kernels
 import moe
 import tiny
-from common import all_reduce_sum, barrier, cosine_schedule, peak_memory_gb, print0, setup_distributed
+from common import (all_reduce_sum, barrier, clip_grad_norm, cosine_schedule, gather_trainable, peak_memory_gb,
+                    print0, setup_distributed, weights_checksum)
 
 PRESETS = {
     # tiny: a 1:1 mix and 3 epochs so that the few hundred synthetic samples hold enough
@@ -80,11 +80,11 @@ DEFAULT_MODEL_MAX_LENGTH = 2048  # LLaVA-1.5's
 # optimizer's layout, so a resume refuses a change. APPLIED: a resume uses the new value (and
 # config.json records it). The model flags are checked through the model's config (carpe / moe).
 FIXED_ON_RESUME = ("preset", "batch_size", "seed", "mix", "epochs", "max_steps", "closed_k", "model_max_length",
-                   "warmup_ratio", "skip_bad_samples", "fsdp")
+                   "warmup_ratio", "skip_bad_samples", "template", "fsdp")
 APPLIED_ON_RESUME = ("data", "image_root", "imagenet", "imagenet_classes", "micro_batch_size", "lr_adapter", "lr",
                      "grad_clip", "compile", "save_every", "keep_checkpoints", "num_workers", "cache_dir",
                      "gradient_checkpointing", "max_loss_ratio", "max_skipped_steps")
-MODEL_FLAGS = ("base", "method", "moe", "balance_weight", "fixed_weights", "no_integrator_self_attn", "query_layer",
+MODEL_FLAGS = ("base", "method", "moe", "experts", "balance_weight", "fixed_weights", "no_integrator_self_attn", "query_layer",
                "integrator_heads")
 RUN_FLAGS = ("out", "resume", "overwrite")  # where the run goes, not what it computes
 
@@ -103,6 +103,8 @@ def parse_args(argv=None):
     p.add_argument("--imagenet-classes", default=None,
                    help="class-name file: one per line in sorted dir order, or wnid<TAB>name (default <imagenet>/classnames.txt)")
     p.add_argument("--mix", default=None, help="ImageNet : LLaVA samples per epoch (default: preset's; paper 1:7)")
+    p.add_argument("--template", choices=data.TEMPLATES, default="vicuna_v1",
+                   help="conversation template: vicuna_v1 (LLaVA-1.5 bases) or chat (the tokenizer's own chat template)")
     p.add_argument("--closed-k", type=int, default=10, help="candidates listed in a closed-world ImageNet prompt")
     p.add_argument("--model-max-length", type=int, default=None,
                    help=f"longer samples are cut (and counted); default {DEFAULT_MODEL_MAX_LENGTH}, or the base's "
@@ -129,7 +131,8 @@ def parse_args(argv=None):
                    help="skip a step whose loss exceeds this multiple of the mean of the last 20 updated steps' "
                         "losses (0 = off; e.g. 10)")
     p.add_argument("--fsdp", action="store_true", help="FSDP2: shard the model per LM decoder layer")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each repeated block (LM and vision layers, integrator) in place; the glue stays eager")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0 = only at the end)")
     p.add_argument("--keep-checkpoints", type=int, default=2,
                    help="how many recent checkpoints to keep (0 = all); the one resumed from is always kept")
@@ -139,6 +142,10 @@ def parse_args(argv=None):
                         "<out>/superseded/ (nothing is deleted)")
     p.add_argument("--seed", type=int, default=0, help="seed of the model init and the data order")
     p.add_argument("--moe", action="store_true", help="CARPE-MoE: route each sample to one of several vision experts")
+    p.add_argument("--experts", default=None,
+                   help="with --moe: the experts, as a JSON file or a comma list NAME[:FAMILY]=SOURCE[@LAYER] (SOURCE a "
+                        "local folder or a Hub id), e.g. clip,siglip=/models/siglip,dinov2=facebook/dinov2-large@-2 "
+                        "(default: the paper's four; tiny preset: four tiny random experts)")
     p.add_argument("--balance-weight", type=float, default=None, help="MoE load-balancing loss weight (default 0.01)")
     p.add_argument("--fixed-weights", type=float, nargs=2, metavar=("V", "L"), default=None,
                    help="ablation: fixed (vision, language) weights instead of the context encoder")
@@ -149,7 +156,8 @@ def parse_args(argv=None):
                    help="checkpoint the frozen LM's layers (default: on for llava-7b, off for tiny)")
     p.add_argument("--num-workers", type=int, default=None, help="DataLoader workers per rank (default: preset's)")
     p.add_argument("--cache-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache"),
-                   help="where --preset tiny keeps its synthetic data and pre-trained tiny base")
+                   help="where --preset tiny keeps its synthetic data and pre-trained tiny base, and where the checked "
+                        "LLaVA json is packed (once per node, reused by every rank and resume)")
     return p.parse_args(argv)
 
 
@@ -186,6 +194,8 @@ def resolve_args(args):
         raise SystemExit(f"--mix {args.mix!r}: expected IMAGENET:LLAVA with non-negative numbers, e.g. 1:7") from None
     if args.moe and args.method != "carpe":
         raise SystemExit("--moe only applies to --method carpe")
+    if args.experts and not args.moe:
+        raise SystemExit("--experts only applies with --moe")
     if args.preset != "tiny":
         if args.method != "imagenet-ft" and not args.data:
             raise SystemExit(f"--preset {args.preset} needs --data (LLaVA-Instruct json) and --image-root")
@@ -219,9 +229,18 @@ def fit_model_max_length(args, llava):
 # -----------------------------------------------------------------------------
 # model, optimizer, distributed wrapping
 
-def is_context_name(name):
-    # the context prompt and encoder (frozen in epoch 1); to become carpe.is_context_name
-    return name == "context_prompt" or name.startswith("context_encoder.")
+def moe_config_from_args(args):
+    """--experts (default: the paper's four; on the tiny preset four tiny random experts) and
+    --balance-weight -> MoEConfig, recorded in the run config so that eval.py rebuilds the same."""
+    try:
+        experts = moe.parse_experts(args.experts) if args.experts else None
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"--experts: {e}") from None
+    config = moe.MoEConfig(experts=experts) if experts else tiny.tiny_moe_config() if args.preset == "tiny" \
+        else moe.MoEConfig()
+    if args.balance_weight is not None:
+        config.balance_weight = args.balance_weight
+    return config
 
 
 def create_model(args, llava, processor, device):
@@ -229,10 +248,8 @@ def create_model(args, llava, processor, device):
     torch.manual_seed(args.seed)
     vision_moe, moe_config = None, None
     if args.moe:
-        moe_config = tiny.tiny_moe_config() if args.preset == "tiny" else moe.MoEConfig()
-        if args.balance_weight is not None:
-            moe_config.balance_weight = args.balance_weight
-        vision_moe = moe.build_vision_moe(llava, moe_config, device=device)
+        moe_config = moe_config_from_args(args)
+        vision_moe = moe.build_vision_moe(llava, moe_config, device=device, image_processor=processor.image_processor)
     carpe_config = carpe.CarpeConfig(integrator_heads=args.integrator_heads,
                                      fixed_weights=tuple(args.fixed_weights) if args.fixed_weights else None,
                                      query_layer=args.query_layer, integrator_self_attn=not args.no_integrator_self_attn,
@@ -254,7 +271,7 @@ def optimizer_groups(args, model):
     groups = model.param_groups(args.lr_adapter, args.lr)
     if not args.fsdp:
         return groups
-    context = {id(p) for name, p in model.named_parameters() if is_context_name(name)}
+    context = {id(p) for name, p in model.named_parameters() if carpe.is_context_name(name)}
     split = []
     for g in groups:
         split.append(dict(g, params=[p for p in g["params"] if id(p) not in context]))
@@ -275,7 +292,7 @@ def make_optimizer(args, model, total_steps):
 def wrap_model(args, model, device, world):
     """FSDP2 / compile / DDP. -> (the module to call forward on, the context tensors). `model`
     stays the raw module: its parameters are what the optimizer and the checkpoints see."""
-    context_params = [p for name, p in model.named_parameters() if is_context_name(name)]
+    context_params = [p for name, p in model.named_parameters() if carpe.is_context_name(name)]
     forward_model = model
     if args.fsdp:
         mesh = init_device_mesh(device.type, (world,))
@@ -289,8 +306,8 @@ def wrap_model(args, model, device, world):
             # samples chose, and gathering ~1.6B frozen parameters every step would buy nothing
             ignored |= set(model.vision_moe.encoders.parameters())
         fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=ignored or None)
-    if args.compile:
-        forward_model = torch.compile(forward_model)
+    if args.compile:  # per repeated block, in place (after fully_shard, as FSDP2 expects)
+        kernels.compile_blocks(carpe.repeated_blocks(model))
     if world > 1 and not args.fsdp:
         context_ids = {id(p) for p in context_params}
         ignore = [name for name, p in forward_model.named_parameters() if id(p) in context_ids]
@@ -298,29 +315,6 @@ def wrap_model(args, model, device, world):
         forward_model = DDP(forward_model, device_ids=[device.index] if device.type == "cuda" else None,
                             find_unused_parameters=True)
     return forward_model, context_params
-
-
-def full_tensor(t):
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def clip_grad_norm(params, max_norm):
-    """Global grad norm over plain and FSDP (DTensor) gradients; clip in place (when finite).
-    -> the norm before clipping (the same on every rank)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    norm = sum(full_tensor(g.float().pow(2).sum()) for g in grads).sqrt()
-    if max_norm > 0 and torch.isfinite(norm):
-        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        for g in grads:
-            g.mul_(coef.item() if isinstance(g, DTensor) else coef.to(g.dtype))
-    return norm.item()
-
-
-def gather_trainable(model):
-    """Full trainable tensors on CPU (gathered from the FSDP shards; every rank must call this)."""
-    return {name: full_tensor(t).detach().cpu().contiguous() for name, t in model.trainable_state_dict().items()}
 
 
 # -----------------------------------------------------------------------------
@@ -352,6 +346,8 @@ class StepStats:
     tokens: float = 0.0  # non-pad tokens
     truncated: float = 0.0  # samples cut at --model-max-length
     balance_loss: float = 0.0  # CARPE-MoE's load-balancing loss
+    replaced: float = 0.0  # bad samples the loader replaced (--skip-bad-samples)
+    replaced_ids: list = field(default_factory=list)  # their (id, reason)
     route_hist: list | None = None  # CARPE-MoE: images routed to each expert
 
     def add(self, out, batch):
@@ -361,6 +357,8 @@ class StepStats:
         self.samples += len(batch["ids"])
         self.tokens += int(batch["attention_mask"].sum())
         self.truncated += batch["n_truncated"]
+        self.replaced += len(batch.skipped)
+        self.replaced_ids += [list(item) for item in batch.skipped]
         if out.balance_loss is not None:
             self.balance_loss += out.balance_loss.item()
         if out.route is not None:
@@ -368,16 +366,22 @@ class StepStats:
             self.route_hist = [a + int(b) for a, b in zip(self.route_hist, hist)]
 
 
-SCALAR_STATS = [f.name for f in fields(StepStats) if f.name != "route_hist"]
+SCALAR_STATS = [f.name for f in fields(StepStats) if f.type is float]
 
 
 def reduce_stats(stats):
-    """Sum every field over ranks with one all-reduce of a packed float64 tensor."""
+    """Sum every number over ranks with one all-reduce of a packed float64 tensor; the ids of
+    replaced samples (rare) are gathered only when there are some."""
     hist = stats.route_hist or []
     packed = all_reduce_sum(torch.tensor([getattr(stats, k) for k in SCALAR_STATS] + hist, dtype=torch.float64))
     values = packed.tolist()
-    route_hist = [int(v) for v in values[len(SCALAR_STATS):]] if stats.route_hist is not None else None
-    return StepStats(**dict(zip(SCALAR_STATS, values)), route_hist=route_hist)
+    total = StepStats(**dict(zip(SCALAR_STATS, values)), replaced_ids=stats.replaced_ids,
+                      route_hist=[int(v) for v in values[len(SCALAR_STATS):]] if stats.route_hist is not None else None)
+    if total.replaced and dist.is_initialized():  # every rank sees the same count, so all take part
+        per_rank = [None] * dist.get_world_size()
+        dist.all_gather_object(per_rank, stats.replaced_ids)
+        total.replaced_ids = [item for ids in per_rank for item in ids]
+    return total
 
 
 # -----------------------------------------------------------------------------
@@ -421,16 +425,25 @@ def claim_run_folder(args, rank):
     return lock
 
 
-def build_dataset(args, processor):
-    """-> (dataset, skipped LLaVA entries)."""
+def build_dataset(args, processor, rank, local_rank):
+    """-> (dataset, LLaVA entries dropped up front). The LLaVA json is checked and packed once per
+    node (local rank 0); every rank then memory-maps the packed copy."""
     config = data.DataConfig(llava_json=args.data if args.method != "imagenet-ft" else None,
                              image_root=args.image_root, imagenet=args.imagenet,
                              imagenet_classes=args.imagenet_classes, mix=args.mix_ratio, closed_k=args.closed_k,
                              model_max_length=args.model_max_length, skip_bad_samples=args.skip_bad_samples,
-                             seed=args.seed)
-    dataset, n_skipped = data.TrainDataset.from_config(config, processor)
-    if n_skipped:
-        print0(f"warning: skipped {n_skipped} bad LLaVA entries (--skip-bad-samples)")
+                             seed=args.seed, template=args.template, cache_dir=args.cache_dir)
+    try:
+        if config.llava_json and local_rank == 0:
+            data.ensure_llava_cache(config)
+        barrier()
+        dataset, n_skipped = data.TrainDataset.from_config(config, processor)
+    except ValueError as e:  # data.BadSampleError or a template the tokenizer cannot render: named there
+        raise SystemExit(str(e)) from None
+    if n_skipped and rank == 0:  # the ids and reasons, for the record
+        common.write_json_atomic(os.path.join(args.out, "skipped_entries.json"), dataset.skipped.items)
+        print0(f"warning: --skip-bad-samples dropped {n_skipped} LLaVA entries (all in {args.out}/skipped_entries.json):"
+               f"\n  {dataset.skipped.summary()}")
     return dataset, n_skipped
 
 
@@ -552,11 +565,11 @@ def setup(args, rank, world, local_rank, device):
     llava, processor = carpe.load_base(args.base, device=device, dtype=dtype)
     fit_model_max_length(args, llava)
     model, image_transform, moe_config = create_model(args, llava, processor, device)
-    config = dict(method=args.method, base=args.base,
+    config = dict(method=args.method, base=args.base, template=args.template,
                   carpe=model.config.to_dict() if hasattr(model.config, "to_dict") else None,
                   moe=moe_config.to_dict() if moe_config is not None else None,
                   train={k: v for k, v in vars(args).items() if k not in RUN_FLAGS + ("mix_ratio",)})
-    dataset, n_skipped = build_dataset(args, processor)
+    dataset, n_skipped = build_dataset(args, processor, rank, local_rank)
     steps_per_epoch = len(dataset) // args.batch_size
     if steps_per_epoch == 0:
         raise SystemExit(f"an epoch has {len(dataset)} samples, fewer than --batch-size {args.batch_size}")
@@ -671,6 +684,8 @@ def log_step(run, stats, loss, grad_norm, lrs, skipped, seconds):
                   tokens_per_s=stats.tokens / seconds, peak_mem_gb=peak_memory_gb(run.device),
                   truncated=state.truncated, skipped=state.skipped_samples, context_trainable=state.context_trainable,
                   skipped_step=skipped, skipped_steps=state.skipped_steps)
+    if stats.replaced_ids:  # bad samples the loader replaced in this step (--skip-bad-samples)
+        record["skipped_ids"] = stats.replaced_ids
     if stats.route_hist is not None:
         record["balance_loss"] = stats.balance_loss / stats.micro_batches
         record["route_hist"] = stats.route_hist
@@ -727,6 +742,7 @@ def train(run):
             state.step += 1
             state.tokens += int(stats.tokens)
             state.truncated += int(stats.truncated)
+            state.skipped_samples += int(stats.replaced)
             record = log_step(run, stats, loss, grad_norm, lrs, skipped, time.time() - t0)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", alpha=f"{record['vision_weight']:.3f}")
@@ -736,15 +752,6 @@ def train(run):
                 weights = save(run)
     bar.close()
     return weights
-
-
-def weights_checksum(weights):
-    """48 bits of a sha256 of the weights: exact in float64, so ranks can compare by all-reduce."""
-    digest = hashlib.sha256()
-    for name in sorted(weights):
-        digest.update(name.encode())
-        digest.update(weights[name].float().numpy().tobytes())
-    return float(int(digest.hexdigest()[:12], 16))
 
 
 def finish(run, weights):

@@ -64,7 +64,7 @@ def run_a(small_data, tmp_path_factory):
 
 
 def context_names(state):
-    return [n for n in state if n == "context_prompt" or n.startswith("context_encoder.")]
+    return [n for n in state if carpe.is_context_name(n)]
 
 
 def test_resume_is_exact(run_a, small_data, tmp_path):
@@ -202,7 +202,7 @@ def test_fsdp_optimizer_groups_keep_plain_context_tensors_apart():
     """Under FSDP2 the context prompt/encoder stay plain tensors among DTensors; AdamW's CUDA
     multi-tensor path refuses a group that mixes them, so they get a group of their own."""
     model = carpe.CARPE(tiny.tiny_llava()[0], carpe.CarpeConfig(integrator_heads=4))
-    context = {id(p) for n, p in model.named_parameters() if train.is_context_name(n)}
+    context = {id(p) for n, p in model.named_parameters() if carpe.is_context_name(n)}
     for fsdp in (False, True):
         args = train.parse_args(["--preset", "tiny", "--out", "unused", "--lr", "1e-3", "--lr-adapter", "1e-4"]
                                 + (["--fsdp"] if fsdp else []))
@@ -398,3 +398,57 @@ def test_model_max_length_fits_the_base(small_data, tmp_path, capsys):
     train.main(flags(small_data, tmp_path, "--max-steps", "1", "--overwrite"))
     assert "--model-max-length 1024: the base has 1024 positions" in capsys.readouterr().out
     assert json.load(open(tmp_path / "config.json"))["train"]["model_max_length"] == 1024
+
+
+def test_bad_samples_are_dropped_or_replaced_and_named(small_data, tmp_path):
+    """--skip-bad-samples reaches data.py: an entry whose image is missing is dropped up front
+    (its id in skipped_entries.json), one whose image is truncated is replaced in the loader (its
+    id in the step's log line); without the flag the run stops naming the entry."""
+    import shutil
+    entries = json.load(open(small_data))
+    with_image = [e for e in entries if "image" in e]
+    image_root = train.resolve_args(train.parse_args(["--preset", "tiny", "--out", "x"]))
+    train.use_tiny_world(image_root)
+    broken = []
+    for e in with_image[:4]:  # truncated copies: the header passes the up-front check, decoding fails
+        src = os.path.join(image_root.image_root, e["image"])
+        dst = tmp_path / f"cut-{os.path.basename(src)}"
+        dst.write_bytes(open(src, "rb").read()[:200])
+        e["image"] = str(dst)
+        broken.append(e["id"])
+    with_image[4]["image"] = "missing.png"
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(entries))
+    with pytest.raises(SystemExit, match=rf"{with_image[4]['id']}.*missing\.png"):
+        train.main(flags(str(path), tmp_path / "strict", "--epochs", "1"))
+    out = tmp_path / "skip"
+    train.main(flags(str(path), out, "--epochs", "1", "--skip-bad-samples"))
+    dropped = json.load(open(out / "skipped_entries.json"))
+    assert [item[0] for item in dropped] == [with_image[4]["id"]]
+    log = read_log(out)
+    replaced = [item for r in log for item in r.get("skipped_ids", [])]
+    assert replaced and {i for i, _ in replaced} <= set(broken), replaced
+    assert all("cut-" in reason for _, reason in replaced)
+    assert log[-1]["skipped"] == 1 + len(replaced)  # the running count: dropped up front + replaced
+
+
+def test_experts_and_template_reach_the_run(small_data, tmp_path):
+    with pytest.raises(SystemExit, match=r"--experts only applies with --moe"):
+        train.resolve_args(train.parse_args(["--preset", "tiny", "--out", "x", "--experts", "clip"]))
+    with pytest.raises(SystemExit, match=r"--experts: expert entry 'clip=base@x'"):
+        train.moe_config_from_args(train.parse_args(["--out", "x", "--moe", "--experts", "clip=base@x"]))
+    config = train.moe_config_from_args(train.parse_args(["--out", "x", "--moe", "--experts", "clip=base@-1"]))
+    assert [(e.name, e.feature_layer) for e in config.experts] == [("clip", -1)]
+    with pytest.raises(SystemExit, match=r"template 'chat' needs a tokenizer with a chat_template"):
+        train.main(flags(small_data, tmp_path, "--max-steps", "1", "--template", "chat"))
+
+
+def test_compile_hands_the_repeated_blocks_to_compile_blocks(small_data, tmp_path, monkeypatch):
+    """--compile compiles carpe.repeated_blocks in place through kernels.compile_blocks (whose
+    compiled-equals-eager test is in test_compile.py); recorded here without compiling, to stay fast."""
+    import kernels
+    compiled = []
+    monkeypatch.setattr(kernels, "compile_blocks", lambda blocks, backend="inductor": compiled.append(blocks))
+    model = train.main(flags(small_data, tmp_path, "--max-steps", "1", "--compile"))
+    assert len(compiled) == 1 and [id(b) for b in compiled[0]] == [id(b) for b in carpe.repeated_blocks(model)]
+    assert json.load(open(tmp_path / "config.json"))["train"]["compile"] is True
