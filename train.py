@@ -23,17 +23,13 @@ Choices where the paper is silent:
    averaged by hand.
  - GPU: the frozen base in bf16, trainable tensors in fp32, bf16 autocast; under FSDP a
    MixedPrecisionPolicy(bf16 params, fp32 reduce). CPU: fp32 throughout.
- - Finite or nothing: a step whose loss or gradient norm is not finite (or, with
-   --max-loss-ratio, whose loss spikes) is skipped: no update, gradients dropped, counted in
-   log.jsonl; --max-skipped-steps in a row stop the run. The weights are checked finite before
-   every save. A stopped run names its last good checkpoint and renames the ones holding the
-   weights that failed to step_XXXXXXX.rejected.
- - The run folder (--out) is locked for the run; a used folder needs --resume or --overwrite.
-   Checkpoints (common.py) carry a manifest of file digests; --resume falls back past a damaged
-   one. A resume applies the settings that do not change the run's data, schedule or model
-   (APPLIED_ON_RESUME) and refuses a change of the others in one line (FIXED_ON_RESUME).
- - The final weights go to <out>/config.json + <out>/model.safetensors (what common.load_run and
-   eval.py --ckpt read).
+ - Finite or nothing: a step whose loss or gradient norm is not finite (or spikes, with
+   --max-loss-ratio) is skipped and counted; --max-skipped-steps in a row stop the run, naming the
+   last checkpoint whose weights trained on finitely. Weights are checked finite before a save.
+ - The run folder is locked for the run; a used one needs --resume or --overwrite. Checkpoints
+   (common.py) carry file digests; --resume falls back past a damaged one, applies the flags in
+   APPLIED_ON_RESUME and refuses, in one line, a change of those in FIXED_ON_RESUME.
+ - The final weights go to <out>/config.json + <out>/model.safetensors (common.load_run reads them).
 """
 import argparse
 import json
@@ -139,7 +135,9 @@ def parse_args(argv=None):
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="resume from <out>/ckpt's newest intact checkpoint (falling back past damaged ones), or from "
                         "the checkpoint folder given; checkpoints and log lines after the resumed step are moved to "
-                        "<out>/superseded/ (nothing is deleted)")
+                        "<out>/superseded/ (nothing is deleted). Changed learning rates, clipping, --save-every, "
+                        "--keep-checkpoints, workers, skip guards apply; a changed model, batch, seed, mix, schedule "
+                        "length, --closed-k, --model-max-length, --template or --fsdp is refused")
     p.add_argument("--seed", type=int, default=0, help="seed of the model init and the data order")
     p.add_argument("--moe", action="store_true", help="CARPE-MoE: route each sample to one of several vision experts")
     p.add_argument("--experts", default=None,

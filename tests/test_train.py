@@ -452,3 +452,21 @@ def test_compile_hands_the_repeated_blocks_to_compile_blocks(small_data, tmp_pat
     model = train.main(flags(small_data, tmp_path, "--max-steps", "1", "--compile"))
     assert len(compiled) == 1 and [id(b) for b in compiled[0]] == [id(b) for b in carpe.repeated_blocks(model)]
     assert json.load(open(tmp_path / "config.json"))["train"]["compile"] is True
+
+
+def test_loss_spike_guard_skips_the_step(small_data, tmp_path, monkeypatch):
+    """--max-loss-ratio: a finite loss 1000x the recent mean is skipped like a non-finite one."""
+    reduce_stats = train.reduce_stats
+    steps = iter(range(1, 100))
+
+    def spike_at_step_6(stats):
+        total = reduce_stats(stats)
+        if next(steps) == 6:
+            total.loss *= 1000
+        return total
+
+    monkeypatch.setattr(train, "reduce_stats", spike_at_step_6)
+    train.main(flags(small_data, tmp_path, "--max-steps", "7", "--max-loss-ratio", "10"))
+    log = read_log(tmp_path)
+    assert [r["step"] for r in log if r["skipped_step"]] == [6]
+    assert log[5]["skipped_step"].startswith("loss spike") and log[-1]["skipped_steps"] == 1
