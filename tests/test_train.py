@@ -470,3 +470,28 @@ def test_loss_spike_guard_skips_the_step(small_data, tmp_path, monkeypatch):
     log = read_log(tmp_path)
     assert [r["step"] for r in log if r["skipped_step"]] == [6]
     assert log[5]["skipped_step"].startswith("loss spike") and log[-1]["skipped_steps"] == 1
+
+
+def test_non_finite_weights_are_never_saved(small_data, tmp_path, monkeypatch):
+    """An update that leaves a NaN in the weights (finite loss and gradient before it) is caught
+    by the check before the save: the run stops, that step is not written, step 2 is named."""
+    make_optimizer = train.make_optimizer
+
+    def nan_after_step_3(args, model, total_steps):
+        optimizer, scheduler = make_optimizer(args, model, total_steps)
+        calls = []
+
+        def poison(optimizer, *_):
+            calls.append(1)
+            if len(calls) == 3:
+                with torch.no_grad():
+                    model.context_encoder.bias.fill_(float("nan"))
+        optimizer.register_step_post_hook(poison)
+        return optimizer, scheduler
+
+    monkeypatch.setattr(train, "make_optimizer", nan_after_step_3)
+    with pytest.raises(SystemExit, match=r"the trainable weights at step 3: tensor context_encoder\.bias holds 2 "
+                                         r"non-finite.*last good checkpoint is \S*step_0000002"):
+        train.main(flags(small_data, tmp_path, "--max-steps", "6", "--save-every", "1", "--keep-checkpoints", "0"))
+    assert [os.path.basename(p) for p in common.list_checkpoints(str(tmp_path))] == ["step_0000001", "step_0000002"]
+    assert not os.path.exists(tmp_path / "model.safetensors")
