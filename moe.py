@@ -29,8 +29,9 @@ Choices made where the paper is silent:
  - Preprocessing: each expert's own image processor (its preprocessor_config.json, read by
    AutoImageProcessor with the PIL backend; the clip expert uses the base LLaVA's), after LLaVA's
    pad-to-square with that processor's mean colour int(255 * m) (LLaVA's expand2square). So the
-   input size is the processor's: siglip 384 (27x27 -> pooled to 24x24), dinov2-large 224 (its
-   resize 256 + centre crop; 16x16 -> 24x24), clip and cumo 336. ExpertConfig.image_size
+   input size is the processor's: siglip 384 (27x27 -> pooled to 24x24), clip and cumo 336; the
+   paper's dinov2 entry asks for 336 (24x24 through interpolated position embeddings) instead of
+   its processor's 224 crop (16x16, which would be stretched to 24x24). ExpertConfig.image_size
    overrides a processor's size (resize and crop both set to it). Size, mean and std are written
    by hand only for small random experts built from a config (ExpertConfig.tiny), through a PIL
    CLIP image processor that resizes straight to the square size.
@@ -146,7 +147,9 @@ def paper_experts():
     return [
         ExpertConfig("clip", "base_clip"),
         ExpertConfig("siglip", "siglip", "google/siglip-so400m-patch14-384", has_cls=False),
-        ExpertConfig("dinov2", "dinov2", "facebook/dinov2-large"),
+        # DINOv2 at 336 px: its interpolated position embeddings give the base grid (24x24) itself,
+        # where its processor's 224 px crop would give 16x16 stretched to it
+        ExpertConfig("dinov2", "dinov2", "facebook/dinov2-large", image_size=336),
         ExpertConfig("cumo", "clip_moe", "shi-labs/CuMo-mistral-7b"),
     ]
 
