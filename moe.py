@@ -615,6 +615,9 @@ class VisionMoE(nn.Module):
         self.expert_names = [e.name for e in config.experts]  # router order: route e = expert_names[e]
         vcfg = llava.config.vision_config
         d = llava.config.text_config.hidden_size
+        if not isinstance(llava.config.vision_feature_layer, int):
+            raise ValueError(f"CARPE-MoE needs a base that reads one vision layer; this one concatenates layers "
+                             f"{llava.config.vision_feature_layer} (vision_feature_layer)")
         self.grid = vcfg.image_size // vcfg.patch_size  # the base tower's grid side (24 for LLaVA-1.5)
         self.encoders = nn.ModuleDict(encoders)  # frozen; "clip" may be llava's own vision_tower
         self.llm_adapters = nn.ModuleDict()  # into the LLM embedding space (adapter lr)
