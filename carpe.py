@@ -847,8 +847,7 @@ def make_image_transform(processor):
 
 
 def load_base(base, device="cpu", dtype=None):
-    """(llava, processor) for a LLaVA-1.5-style base: a Hugging Face id or folder (the tiny
-    base of tiny.py is an ordinary one). dtype: a torch dtype, None = float32, or "auto" = as
+    """(llava, processor) for a LLaVA-1.5-style base: a Hugging Face id or folder. dtype: a torch dtype, None = float32, or "auto" = as
     saved. Weights come through safetensors; never trust_remote_code. The processor uses the
     PIL image backend (transformers 5 would pick torchvision when it is installed), the one
     training and evaluation were written against."""

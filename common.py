@@ -469,7 +469,7 @@ def reject_checkpoints(out, from_step):
 
 
 def weight_files(path):
-    """The safetensors files of a run dir / HF dir / tiny-base dir, or a single .safetensors file."""
+    """The safetensors files of a run dir or an HF model dir, or a single .safetensors file."""
     if os.path.isfile(path) and path.endswith(".safetensors"):
         return [path]
     if not os.path.isdir(path):
@@ -480,8 +480,8 @@ def weight_files(path):
             return [os.path.join(path, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
-        raise FileNotFoundError(f"--wise-ft: no *.safetensors in {path} (expected a train.py run dir, "
-                                f"an HF model dir or a tiny-base dir)")
+        raise FileNotFoundError(f"--wise-ft: no *.safetensors in {path} (expected a train.py run dir "
+                                f"or an HF model dir)")
     return files
 
 
