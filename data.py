@@ -39,9 +39,9 @@ Checks (one bad item costs one item; messages name the file and the entry):
  - Up front, streaming the json entry by entry: JSON and UTF-8 validity (bytes that are not UTF-8
    and lone surrogate escapes name their entry), roles alternating human/gpt and ending on gpt,
    no empty turn, exactly one <image> tag in a human turn for an entry with an image and none
-   without, the image file present with an image header PIL can identify. A truncated image
-   passes that header check: decoding all ~565K images up front costs about an epoch of IO, so
-   pixels are decoded in the loader.
+   without, the image file present and starting with an image signature (junk and empty files
+   fail here). A truncated image passes that check: decoding all ~565K images up front costs
+   about an epoch of IO, so pixels are decoded in the loader.
  - In the loader: an image that fails to decode, image tokens that cutting to model_max_length
    would cut, and samples left with no supervised token. Longer samples are cut at the end and
    counted.
@@ -376,11 +376,20 @@ class ConversationTokenizer:
 # -----------------------------------------------------------------------------
 # LLaVA-Instruct: the up-front check, streamed, packed once into a memory-mapped cache
 
+IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+
+
 def image_problem(path):
-    """Why the image file at path cannot be used, or None. Reads the header only (PIL identifies
-    format and size without decoding pixels); a truncated file is caught when it is decoded."""
-    if not os.path.isfile(path):
-        return f"image file {path} does not exist"
+    """Why the image file at path cannot be used, or None. Reads the first bytes only: a known
+    signature (JPEG, PNG, GIF, BMP, TIFF, WebP) passes, anything else must open in PIL (header
+    only, no pixels). A truncated file is caught when the loader decodes it."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        return f"image file {path} {'does not exist' if isinstance(e, FileNotFoundError) else f'cannot be read ({e})'}"
+    if head.startswith(IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return None
     try:
         with Image.open(path) as im:
             im.size
