@@ -22,11 +22,10 @@ Templates (`DataConfig.template`):
    arithmetic: split at </s> into rounds, each round split at " ASSISTANT: "; the instruction
    (its tokens minus BOS minus the trailing space's token) is masked, the answer and its </s> are
    supervised; rounds after the first are one token shorter in context when the tokenizer adds
-   no SentencePiece prefix after a special token (LLaVA: `not tokenizer.legacy`). We test that
-   behaviour directly instead of reading `tokenizer.legacy`, so a byte-level BPE tokenizer (no
-   prefix at all) gets no adjustment, which is exact for it. When the arithmetic does not land on
-   the sequence's end (LLaVA prints "tokenization mismatch" and trains on nothing), the sample is
-   an error.
+   no SentencePiece prefix after a special token (LLaVA: `not tokenizer.legacy`; tested here as a
+   behaviour, so byte-level BPE, which adds no prefix anywhere, gets no adjustment, exact for it).
+   Where the arithmetic misses the sequence's end (LLaVA's "tokenization mismatch": it trains on
+   nothing) the sample is an error.
  - "chat": the tokenizer's own chat template (apply_chat_template, e.g. ChatML). The whole
    rendered string is tokenised the same way; supervised are the tokens from the end of the
    generation prompt (the template rendered up to that assistant turn) through the first special
@@ -54,11 +53,10 @@ Checks (one bad item costs one item; messages name the file and the entry):
 The LLaVA json cache (`ensure_llava_cache`): a folder under `DataConfig.cache_dir` (default
 $XDG_CACHE_HOME/carpe or ~/.cache/carpe, never beside the json, whose folder may be read-only),
 keyed by the json's absolute path, size and mtime and the settings that change its content
-(image_root, skip_bad_samples). It holds the checked records as compact JSON in one byte file plus
-int64 offsets, written into a temporary folder and renamed into place, so a reader never sees half
-a cache and two writers cannot corrupt it. Every rank and every resume memory-maps it; DataLoader
-workers share its pages. Building it streams the json (one entry alive at a time), so the peak
-is the size of one read chunk plus the offsets, not the parsed list.
+(image_root, skip_bad_samples): the checked records as compact JSON in one byte file plus int64
+offsets, built in a temporary folder and renamed into place (a reader never sees half a cache).
+Every rank and every resume memory-maps it. Building it streams the json (one entry alive at a
+time): the peak is one read chunk plus the offsets, not the parsed list.
 
 Other choices where the paper and LLaVA leave room:
  - A conversation must alternate human/gpt starting with human and end with a gpt turn (LLaVA
@@ -178,11 +176,6 @@ class SkipReport:
     @property
     def ids(self):
         return [sample_id for sample_id, _ in self.items]
-
-    def summary(self, shown=5):
-        lines = [f"{sample_id}: {reason}" for sample_id, reason in self.items[:shown]]
-        more = [f"... and {len(self.items) - shown} more"] if len(self.items) > shown else []
-        return "\n  ".join(lines + more)
 
 
 # -----------------------------------------------------------------------------
@@ -458,60 +451,60 @@ def entry_id(entry):
 _WHITESPACE = re.compile(r"[ \t\r\n]*")
 
 
-def iter_json_list(path, chunk_bytes=1 << 23, max_entry_chars=1 << 26):
-    """Yield the entries of a top-level JSON list one at a time, reading the file in chunks, so
-    only one chunk and one entry are alive. Bytes that are not UTF-8 come through as lone
-    surrogates (surrogateescape) so the check names the entry holding them."""
-    decoder = json.JSONDecoder()
-    utf8 = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
-    state = dict(buf="", pos=0, eof=False)
+class JsonListReader:
+    """Iterates over the entries of a top-level JSON list, reading the file in chunks: one chunk and
+    one entry are alive at a time. Bytes that are not UTF-8 come through as lone surrogates
+    (surrogateescape), so the check names the entry holding them."""
 
-    def fill(f):  # drop what was consumed, append the next chunk
-        chunk = f.read(chunk_bytes)
-        state["eof"] = not chunk
-        state["buf"] = state["buf"][state["pos"]:] + utf8.decode(chunk, final=not chunk)
-        state["pos"] = 0
+    def __init__(self, path, chunk_bytes=1 << 23, max_entry_chars=1 << 26):
+        self.path, self.chunk_bytes, self.max_entry_chars = path, chunk_bytes, max_entry_chars
 
-    def next_char(f):  # the next non-whitespace character ("" at the end of the file)
+    def fill(self):  # drop what was consumed, append the next chunk
+        chunk = self.file.read(self.chunk_bytes)
+        self.eof = not chunk
+        self.buf = self.buf[self.pos:] + self.utf8.decode(chunk, final=self.eof)
+        self.pos = 0
+
+    def next_char(self):  # the next non-whitespace character ("" at the end of the file)
         while True:
-            state["pos"] = _WHITESPACE.match(state["buf"], state["pos"]).end()
-            if state["pos"] < len(state["buf"]) or state["eof"]:
-                return state["buf"][state["pos"]:state["pos"] + 1]
-            fill(f)
+            self.pos = _WHITESPACE.match(self.buf, self.pos).end()
+            if self.pos < len(self.buf) or self.eof:
+                return self.buf[self.pos:self.pos + 1]
+            self.fill()
 
-    def fail(index, why):
-        raise BadSampleError(f"--data {path}: not valid JSON at entry {index} ({why})")
+    def fail(self, index, why):
+        raise BadSampleError(f"--data {self.path}: not valid JSON at entry {index} ({why})")
 
-    with open(path, "rb") as f:
-        if next_char(f) != "[":
-            raise BadSampleError(f"--data {path}: expected a JSON list of entries")
-        state["pos"] += 1
-        index = 0
-        if next_char(f) == "]":
-            state["pos"] += 1
-        else:
-            while True:
+    def __iter__(self):
+        decoder = json.JSONDecoder()
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
+        self.buf, self.pos, self.eof = "", 0, False
+        with open(self.path, "rb") as self.file:
+            if self.next_char() != "[":
+                raise BadSampleError(f"--data {self.path}: expected a JSON list of entries")
+            self.pos += 1
+            index = 0
+            while self.next_char() != "]":
+                if index:  # the comma after the previous entry
+                    if self.next_char() != ",":
+                        self.fail(index, f"expected ',' or ']' after entry {index - 1}")
+                    self.pos += 1
+                    self.next_char()
                 while True:  # an entry may run past the chunk: read on until it parses
                     try:
-                        entry, end = decoder.raw_decode(state["buf"], state["pos"])
-                        if end < len(state["buf"]) or state["eof"]:
+                        entry, end = decoder.raw_decode(self.buf, self.pos)
+                        if end < len(self.buf) or self.eof:
                             break
                     except json.JSONDecodeError as e:
-                        if state["eof"] or len(state["buf"]) - state["pos"] > max_entry_chars:
-                            fail(index, e.msg)
-                    fill(f)
-                state["pos"] = end
+                        if self.eof or len(self.buf) - self.pos > self.max_entry_chars:
+                            self.fail(index, e.msg)
+                    self.fill()
+                self.pos = end
                 yield entry
                 index += 1
-                c = next_char(f)
-                state["pos"] += 1
-                if c == "]":
-                    break
-                if c != ",":
-                    fail(index, f"expected ',' or ']' after entry {index - 1}, found {c!r}")
-                next_char(f)
-        if next_char(f):
-            fail(index, "text after the closing ']'")
+            self.pos += 1
+            if self.next_char():
+                self.fail(index, "text after the closing ']'")
 
 
 def llava_cache_dir(config: DataConfig):
@@ -538,7 +531,7 @@ def pack_llava_json(config: DataConfig, folder, progress=True):
     with open(os.path.join(folder, "records.bin"), "wb") as out:
         bar = tqdm(desc=f"checking {os.path.basename(config.llava_json)}", unit=" entries", disable=not progress,
                    mininterval=2.0)
-        for i, entry in enumerate(iter_json_list(config.llava_json)):
+        for i, entry in enumerate(JsonListReader(config.llava_json)):
             bar.update()
             n_entries += 1
             problems, record = check_entry(entry, config.image_root)

@@ -575,12 +575,17 @@ def test_streaming_reader_equals_json_load(tmp_path):
     path = tmp_path / "d.json"
     path.write_text(json.dumps(entries, indent=2, ensure_ascii=False))
     for chunk in (1, 7, 64, 1 << 20):  # chunk edges fall inside multi-byte characters and entries
-        assert list(data.iter_json_list(str(path), chunk_bytes=chunk)) == entries
+        assert list(data.JsonListReader(str(path), chunk_bytes=chunk)) == entries
     (tmp_path / "empty.json").write_text(" [ ] ")
-    assert list(data.iter_json_list(str(tmp_path / "empty.json"))) == []
+    assert list(data.JsonListReader(str(tmp_path / "empty.json"))) == []
     (tmp_path / "obj.json").write_text('{"a": 1}')
     with pytest.raises(data.BadSampleError, match="obj.json: expected a JSON list"):
-        list(data.iter_json_list(str(tmp_path / "obj.json")))
+        list(data.JsonListReader(str(tmp_path / "obj.json")))
+    for text, why in [("[1, 2", "entry 2"), ("[1 2]", "expected ',' or ']' after entry 0"), ("[1,]", "entry 1"),
+                      ("[1] x", "text after")]:
+        (tmp_path / "bad.json").write_text(text)
+        with pytest.raises(data.BadSampleError, match=f"bad.json: not valid JSON at {why}|bad.json: .*{why}"):
+            list(data.JsonListReader(str(tmp_path / "bad.json"), chunk_bytes=2))
 
 
 def test_cache_built_once_keyed_and_mapped(tmp_path, processor, monkeypatch):
