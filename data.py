@@ -177,6 +177,12 @@ class SkipReport:
     def ids(self):
         return [sample_id for sample_id, _ in self.items]
 
+    def summary(self, shown=5):
+        """The first few "id: reason" lines, for a warning."""
+        lines = [f"{sample_id}: {reason}" for sample_id, reason in self.items[:shown]]
+        more = [f"... and {len(self.items) - shown} more"] if len(self.items) > shown else []
+        return "\n  ".join(lines + more)
+
 
 # -----------------------------------------------------------------------------
 # packed records: one byte buffer + offsets, no per-record Python objects in the workers

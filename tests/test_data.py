@@ -612,3 +612,11 @@ def test_cache_built_once_keyed_and_mapped(tmp_path, processor, monkeypatch):
     blocked.write_text("")
     with pytest.raises(data.BadSampleError, match="cannot write the LLaVA json cache under .*file-not-dir.*--cache-dir"):
         data.ensure_llava_cache(data.DataConfig(llava_json=path, image_root=str(tmp_path), cache_dir=str(blocked / "x")))
+
+
+def test_skip_report_summary():
+    report = data.SkipReport()
+    for i in range(7):
+        report.add(f"s{i}", f"reason {i}")
+    assert len(report) == 7 and report.ids[:2] == ["s0", "s1"]
+    assert report.summary(2) == "s0: reason 0\n  s1: reason 1\n  ... and 5 more"
