@@ -1,16 +1,12 @@
 """
 data.py: the training data of CARPE (paper section 4.1).
 
- - LLaVA-Instruct (`llava_v1_5_mix665k.json`): entries {id, image?, conversations: [{from, value}]},
-   images under an image root, text-only entries allowed; checked and packed once per node into a
-   memory-mapped cache.
+ - LLaVA-Instruct (`llava_v1_5_mix665k.json`: {id, image?, conversations: [{from, value}]}, text-only
+   entries allowed), checked and packed once per node into a memory-mapped cache.
  - ImageNet-style classification: an ImageFolder `<root>/train/<class_dir>/*` plus a class-name
-   file; one of 20 prompt templates per sample, 50% open world, 50% closed world (k shuffled
-   candidates); the answer is the class name.
- - The interleaved mix (ImageNet : LLaVA = 1 : 7), a deterministic shard per rank, resumable from
-   a sample position.
- - A collate that right-pads, builds the attention mask and labels, and turns the images into
-   pixel_values through an `image_transform` (a tensor, or a dict of tensors for CARPE-MoE).
+   file; one of 20 prompt templates, 50% open world, 50% closed world; the answer is the class name.
+ - The 1:7 mix, a deterministic shard per rank, resumable from a sample position, and a collate
+   into right-padded Batches (pixel_values a tensor, or a dict of tensors for CARPE-MoE).
 
 Templates (`DataConfig.template`):
  - "vicuna_v1", the template of LLaVA-1.5 bases, as LLaVA's conv_vicuna_v1 renders it:
@@ -59,8 +55,7 @@ Every rank and every resume memory-maps it. Building it streams the json (one en
 time): the peak is one read chunk plus the offsets, not the parsed list.
 
 Other choices where the paper and LLaVA leave room:
- - A conversation must alternate human/gpt starting with human and end with a gpt turn (LLaVA
-   drops a leading gpt turn; here it is an error).
+ - Turns alternate human/gpt from human to gpt (LLaVA drops a leading gpt turn; here: an error).
  - The mix: each epoch holds every LLaVA entry once plus round(n_llava * a / b) ImageNet
    images (a:b = 1:7), taken from a seeded permutation of ImageNet that continues across epochs
    (epoch 2 sees other images than epoch 1); the union is shuffled with a seed from (seed, epoch).
