@@ -311,7 +311,9 @@ def ensure_synthetic(cache_dir, config: SyntheticConfig = None):
 
 
 def synthetic_data_config(root, **overrides):
-    """DataConfig for the synthetic data set in root."""
+    """DataConfig for the synthetic data set in root; its packed json cache goes beside root (the
+    tiny world's cache folder), not into the user's ~/.cache."""
+    overrides = dict(dict(cache_dir=os.path.dirname(root)), **overrides)
     return DataConfig(llava_json=os.path.join(root, "conversations.json"), image_root=root, imagenet=root,
                       imagenet_classes=os.path.join(root, "classnames.txt"), **overrides)
 
