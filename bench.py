@@ -55,14 +55,8 @@ import data
 import kernels
 import tiny
 
-IS_WORKER = "--worker" in sys.argv
 CLOCKS = dict(wall=time.perf_counter, cpu=time.process_time)
 GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
-
-
-def print0(*args):
-    if not IS_WORKER:  # workers print one JSON line, nothing else
-        print(*args, flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -150,9 +144,9 @@ def default_peak_tflops(device):
 
 def print_table(title, header, rows):
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    print0(f"\n{title}")
+    print(f"\n{title}")
     for row in [header, ["-" * w for w in widths]] + rows:
-        print0("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
+        print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)))
 
 
 def fmt_ms(s):
@@ -283,7 +277,7 @@ def section_head(args, device):
     dtype = train_dtype(device)
     shapes = [(n, args.head_d) for n in args.head_n] + ([(2048, 4096)] if device.type == "cuda" else [])
     check = head_check(64, 32, 1000, device, chunk_size=24)  # three chunks
-    print0("head check (fp32, N=64, d=32, V=1000, 3 chunks): max |fused - naive| = "
+    print("head check (fp32, N=64, d=32, V=1000, 3 chunks): max |fused - naive| = "
            + ", ".join(f"{k} {v:.2e}" for k, v in check["max_abs_diff"].items()))
     peak_tflops = args.peak_tflops or default_peak_tflops(device)
     results, rows = [], []
@@ -496,7 +490,7 @@ def step_flops(llava, batch, model=None):
 def section_step(args, device):
     dtype = train_dtype(device)
     check = step_check(args, device)
-    print0(f"step check: CARPE fixed_weights=(0,1) vs vanilla: |loss diff| {check['loss_abs_diff']:.2e}, "
+    print(f"step check: CARPE fixed_weights=(0,1) vs vanilla: |loss diff| {check['loss_abs_diff']:.2e}, "
            f"max |grad diff| {check['grad_max_abs_diff']:.2e} (max |grad| {check['grad_max_abs']:.2e})")
     llava = bench_llava(args, device)
     model = bench_carpe(llava, args)
@@ -622,7 +616,7 @@ def section_decode(args, device):
     growth = None
     if len(results) > 1:
         growth = {k: results[-1]["per_token_s"][k] / results[0]["per_token_s"][k] for k in ["hf", "carpe"]}
-        print0(f"per-token cost at prompt {results[-1]['prompt_length']} over {results[0]['prompt_length']}: "
+        print(f"per-token cost at prompt {results[-1]['prompt_length']} over {results[0]['prompt_length']}: "
                f"HF {growth['hf']:.3f}x, CARPE {growth['carpe']:.3f}x")
     return dict(results=results, per_token_growth=growth)
 
@@ -676,7 +670,7 @@ def section_compile(args, device):
             finally:
                 shutil.rmtree(cache, ignore_errors=True)
             results.append(dict(r, path=path, layers=layers))
-            print0(f"  compile {path} {layers} layers: first step {r['first_step_s']:.1f} s, {r['speedup']:.2f}x")
+            print(f"  compile {path} {layers} layers: first step {r['first_step_s']:.1f} s, {r['speedup']:.2f}x")
     rows = [[r["path"], r["layers"], r["blocks"], r["unique_graphs"], r["graph_breaks"] + r["eager_calls"],
              f"{r['first_step_s']:.1f} s",
              fmt_ms(r["median_s"]["eager"]), fmt_ms(r["median_s"]["compiled"]), f"{r['speedup']:.2f}x",
@@ -688,7 +682,7 @@ def section_compile(args, device):
                  "compiled", "eager/compiled", "loss rel. diff"], rows)
     carpe_runs = [r for r in results if r["path"] == "carpe"]
     growth = carpe_runs[-1]["first_step_s"] / carpe_runs[0]["first_step_s"]
-    print0(f"CARPE cold compile at {carpe_runs[-1]['layers']} layers over {carpe_runs[0]['layers']}: {growth:.2f}x")
+    print(f"CARPE cold compile at {carpe_runs[-1]['layers']} layers over {carpe_runs[0]['layers']}: {growth:.2f}x")
     return dict(backend=args.compile_backend, results=results, carpe_compile_growth=growth)
 
 
@@ -747,7 +741,7 @@ def section_json(args, device):
                     cache_dir=os.path.join(root, "cache"))
         t0 = time.perf_counter()
         write_llava_json(spec["json"], spec["image_root"], args.json_entries, args.json_chars)
-        print0(f"  json: wrote {args.json_entries} entries, {os.path.getsize(spec['json']) / 2**20:.0f} MiB in "
+        print(f"  json: wrote {args.json_entries} entries, {os.path.getsize(spec['json']) / 2**20:.0f} MiB in "
                f"{time.perf_counter() - t0:.0f} s")
         r = {p: run_worker(dict(spec, path=p), env={}) for p in ["parse", "pack", "map"]}
         r["file_bytes"] = os.path.getsize(spec["json"])
@@ -838,7 +832,7 @@ def run(args):
     device = torch.device(args.device)
     os.makedirs(args.out, exist_ok=True)
     machine = machine_info(device)
-    print0(f"machine: {machine}, clock: {args.clock}")
+    print(f"machine: {machine}, clock: {args.clock}")
     results = {}
     for name in args.sections:
         t0 = time.perf_counter()
@@ -846,14 +840,15 @@ def run(args):
         r.update(seconds=time.perf_counter() - t0, load_average_after=os.getloadavg())
         with open(os.path.join(args.out, f"{name}.json"), "w") as f:
             json.dump(r, f, indent=1, default=str)
-        print0(f"[{name}: {r['seconds']:.0f} s, {os.path.join(args.out, name + '.json')}]")
+        print(f"[{name}: {r['seconds']:.0f} s, {os.path.join(args.out, name + '.json')}]")
         results[name] = r
     return results
 
 
 if __name__ == "__main__":
-    if IS_WORKER:
-        spec = json.loads(get_parser().parse_args().worker)
+    worker = get_parser().parse_args().worker
+    if worker:  # one measured path: its JSON result is the last line printed
+        spec = json.loads(worker)
         if spec.get("args", {}).get("threads"):
             torch.set_num_threads(spec["args"]["threads"])
         print(json.dumps(WORKERS[spec["section"]](spec)), flush=True)
