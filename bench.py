@@ -1,39 +1,28 @@
 """
-bench.py: what CARPE costs over vanilla LLaVA, how close the fused paths come to the hardware,
-what regional torch.compile buys, and what reading the LLaVA json costs per rank.
-Flat script in the spirit of nanoGPT's bench.py; one section per name:
+bench.py: what CARPE costs over vanilla LLaVA, how close the fused head comes to the hardware, what
+regional torch.compile buys, and what reading the LLaVA json costs per rank. One section per name:
 
     python bench.py                          # paper, head, step, decode (~6 min of CPU time at 1 thread)
     python bench.py --sections compile,json  # the slow ones (compile: tens of minutes on CPU)
-    python bench.py --out bench_out          # <out>/<section>.json per section
 
- paper    FLOPs of CARPE's additions over LLaVA-1.5-7B per training step, counted (no model run).
- head     mix + loss with a trainable head, forward + backward: kernels.fused_mixed_cross_entropy
-          vs the paper's form (kernels.reference_mixed_cross_entropy) vs the floor of three bare
-          N x d x V matmuls; peak memory of each in its own process.
- step     one training step (forward, backward, AdamW) of CARPE vs vanilla LLaVA (HF with labels)
-          with the same frozen set; CARPE's overhead split into context pass, integrator, head.
- decode   prefill and per-token latency of CARPE.generate vs HF generate (greedy, cached).
- compile  kernels.compile_blocks (regional: each repeated block) vs eager on the training step of
-          vanilla LLaVA and of CARPE at each of --compile-layers: cold compile time (a fresh process
-          with an empty inductor cache), step-time ratio, graphs, graph breaks, loss difference.
- json     the LLaVA json (a generated file of --json-entries entries): per-rank load time and peak
-          memory when every rank parses and checks it, the one-off check + pack per node
-          (data.ensure_llava_cache), and the per-rank load from the packed cache
-          (data.TrainDataset.from_config).
+ paper    FLOPs per sample of CARPE's additions over LLaVA-1.5-7B's training step, counted (no model run).
+ head     mix + loss with a trainable head, forward + backward: kernels.fused_mixed_cross_entropy vs the
+          paper's form (kernels.reference_mixed_cross_entropy) vs three bare N x d x V matmuls; peak memory.
+ step     one training step (forward, backward, AdamW) of CARPE vs vanilla LLaVA (HF with labels), the
+          same frozen set; CARPE's overhead split into context pass, integrator, head.
+ decode   prefill and per-token latency of CARPE.generate vs HF generate (batch 1, greedy, cached, no EOS).
+ compile  kernels.compile_blocks (regional) vs eager on the training step of vanilla LLaVA and CARPE per
+          --compile-layers: cold compile (fresh process, empty inductor cache), speed-up, graphs, loss.
+ json     a generated LLaVA json: per-rank time and peak memory of parsing and checking it in every rank,
+          of the one-off pack per node (data.ensure_llava_cache), of mapping the pack (TrainDataset.from_config).
 
-Choices:
- - Timing: the paths of a section run in turn, --repeats rounds after one warm-up round; medians,
-   and ratios of medians (the shared machine is noisy; ratios move much less than times).
- - CPU memory: one process per measured path (--worker); peak RSS (VmHWM, reset through
-   /proc/self/clear_refs after set-up) over the RSS after set-up. GPU: max_memory_allocated.
- - The step/decode/compile model: tiny_llava with LLaVA-7B's proportions at d=256: 32 layers,
-   heads of 64, MLP 688 (7B's 11008/4096), a 24-layer CLIP of width 64 at 336 px / patch 14 (576
-   image tokens), V = 32064 * 256 / 4096 = 2004 (the head's share of a step as at 7B). Batch 2,
-   each sample 60 prompt text tokens (with <s>), 576 image tokens, 40 answer tokens. CARPE in
-   epoch-2 mode (the context pass runs backward too), the costlier epoch.
- - Decode: batch 1, no EOS stop; prefill = first token, per token = the gaps between later tokens.
- - MFU on GPU only, against --peak-tflops (default: the card's bf16 dense peak).
+Timing: the paths of a section run in turn, one warm-up round then --repeats rounds; medians and ratios of
+medians (a shared machine is noisy; ratios move much less than times). Memory: on CPU one process per path,
+peak RSS over the RSS after set-up; on GPU max_memory_allocated. The step/decode/compile model is tiny_llava
+with LLaVA-7B's proportions at d=256: 32 layers, heads of 64, MLP 688 (11008/4096 of d), a 24-layer CLIP of
+width 64 at 336 px / patch 14 (576 image tokens), V = 32064 * 256 / 4096 = 2004 (the head's share of a step
+as at 7B); samples of 60 prompt text tokens (with <s>), 576 image tokens, 40 answer tokens; CARPE in epoch-2
+mode (the context pass runs backward too), the costlier epoch.
 """
 import argparse
 import json
@@ -56,7 +45,9 @@ import kernels
 import tiny
 
 CLOCKS = dict(wall=time.perf_counter, cpu=time.process_time)
-GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
+# glibc keeps freed blocks below its (growing, up to 32 MiB) mmap threshold in the process, so RSS
+# would remember memory already given back; a fixed 64 KiB threshold unmaps every larger tensor on free
+MEMORY_ENV = dict(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
 
 
 # -----------------------------------------------------------------------------
@@ -71,7 +62,7 @@ def time_interleaved(fns, repeats, device, clock, warmup=1):
     """fns {name: callable}, run in turn for warmup + repeats rounds -> {name: [seconds per timed round]}."""
     times = {name: [] for name in fns}
     for round_ in range(warmup + repeats):
-        for name, fn in fns.items():
+        for name, fn in fns.items():  # in turn: a slow spell of the machine hits every path alike
             sync(device)
             t0 = clock()
             fn()
@@ -85,45 +76,33 @@ def medians(times):
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def read_status_bytes(key):
-    """VmRSS / VmHWM of this process in bytes (Linux)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{key} not in /proc/self/status: peak-RSS measurement needs Linux")
-
-
 class PeakMemory:
-    """Peak memory of the block over the memory at its start: RSS on CPU, allocated on GPU;
-    `held` is what is still there at the end."""
+    """Peak memory of the block over the memory at its start (.peak) and what it still holds at the
+    end (.held): RSS on CPU (Linux: VmRSS, and VmHWM reset through /proc/self/clear_refs), allocated
+    memory on GPU."""
 
     def __init__(self, device):
-        self.cuda = device.type == "cuda"
+        self.device = device
 
-    def now(self):
-        return torch.cuda.memory_allocated() if self.cuda else read_status_bytes("VmRSS")
+    def read(self, key):
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated() if key == "VmHWM" else torch.cuda.memory_allocated()
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))  # kB
 
     def __enter__(self):
-        if self.cuda:
-            torch.cuda.synchronize()
+        sync(self.device)
+        if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         else:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # resets VmHWM to the current RSS
-        self.baseline = self.now()
+        self.baseline = self.read("VmRSS")
         return self
 
     def __exit__(self, *exc):
-        if self.cuda:
-            torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() if self.cuda else read_status_bytes("VmHWM")
-        self.peak, self.held = peak - self.baseline, self.now() - self.baseline
-
-
-# glibc keeps freed blocks below its (growing, up to 32 MiB) mmap threshold in the process, so RSS
-# would remember memory already given back; a fixed 64 KiB threshold unmaps every larger tensor on free
-MEMORY_ENV = dict(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
+        sync(self.device)
+        self.peak, self.held = self.read("VmHWM") - self.baseline, self.read("VmRSS") - self.baseline
 
 
 def run_worker(spec, env=MEMORY_ENV):
@@ -137,9 +116,11 @@ def run_worker(spec, env=MEMORY_ENV):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def default_peak_tflops(device):
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    return next((tflops for key, tflops in GPU_PEAK_TFLOPS.items() if key in name), None)
+def measure_memory(spec, paths, device):
+    """Peak memory of each path -> {path: worker result}. On CPU each path runs in its own process (a
+    process's peak RSS covers everything before it); on GPU the peak counter resets, so they run here."""
+    return {p: run_worker(dict(spec, path=p)) if device.type == "cpu" else WORKERS[spec["section"]](dict(spec, path=p))
+            for p in paths}
 
 
 def print_table(title, header, rows):
@@ -157,48 +138,50 @@ def fmt_mib(b):
     return f"{b / 2**20:.0f} MiB"
 
 
+def train_dtype(device):
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def autocast_ctx(device, dtype):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
-def train_dtype(device):
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+def zero_grads(tensors):
+    for t in tensors:
+        t.grad = None
 
 
 # -----------------------------------------------------------------------------
 # section paper: CARPE's additions over LLaVA-1.5-7B, counted
 
-def paper_cost(d=4096, layers=32, ffn=11008, vocab=32064, d_vision=1024, image_tokens=576, prompt_text=60,
-               answer=40, mlp_ratio=4.0):
-    """FLOPs per sample of a training step. A (m, k) x (k, n) matmul is 2mkn FLOPs; a trainable
-    layer costs 3x its forward (forward, input grad, weight grad), a frozen one the gradient
-    flows through 2x; causal attention 4 T (T/2) d per layer and forward."""
-    T, S, P, N = prompt_text + image_tokens + answer, prompt_text + 1, image_tokens, answer
-    lm_forward = lambda t: 2 * layers * (4 * d * d + 3 * d * ffn) * t + layers * 4 * t * (t / 2) * d  # noqa: E731
-    mlp = int(mlp_ratio * d)
-    integrator_params = 4 * d * d + 4 * d * d + 2 * d * mlp  # cross q,k,v,o + self q,k,v,o + MLP (no biases)
-    adapter_params = d_vision * d + d * d
-    integrator_forward = (2 * T * 2 * d * d + 2 * P * 2 * d * d + 4 * T * P * d  # cross: q,o on T; k,v on P; scores
-                          + 2 * T * 4 * d * d + 4 * T * (T / 2) * d + 2 * T * 2 * d * mlp)  # causal self + MLP
-    vanilla = {"LM (frozen, grads flow to the projector)": 2 * lm_forward(T),
+def paper_cost(d=4096, layers=32, ffn=11008, vocab=32064, d_vision=1024, P=576, prompt_text=60, answer=40):
+    """FLOPs per sample of one training step, vanilla LLaVA-1.5-7B and what CARPE adds. A (m, k) x (k, n)
+    matmul is 2mkn FLOPs; a trainable layer costs 3x its forward (forward, input grad, weight grad), a
+    frozen one the gradient flows through 2x; causal attention 2 T^2 d per layer and forward."""
+    T, S, N = prompt_text + P + answer, prompt_text + 1, answer  # sample, context pass (+ ctx token), supervised
+    lm = lambda t: 2 * layers * (4 * d * d + 3 * d * ffn) * t + 2 * layers * t * t * d  # noqa: E731 (frozen LM fwd)
+    adapter_params = d_vision * d + d * d  # raw adapter, shaped as LLaVA's projector
+    integrator_params = 16 * d * d  # cross q,k,v,o 4d^2 + self q,k,v,o 4d^2 + MLP d->4d->d 8d^2 (no biases)
+    # q, o, self-attention and MLP on the T queries, k and v on the P image tokens, the cross and causal scores
+    integrator_forward = 2 * T * 14 * d * d + 2 * P * 2 * d * d + 4 * T * P * d + 2 * T * T * d
+    vanilla = {"LM (frozen, grads flow to the projector)": 2 * lm(T),
                "head over all T tokens (HF)": 3 * 2 * T * d * vocab,
                "projector (trainable) on P tokens": 3 * 2 * P * adapter_params}
-    added = {"context pass (frozen LM on prompt + 1 tokens, fwd + bwd)": 2 * lm_forward(S),
+    added = {"context pass (frozen LM on prompt + 1 tokens, fwd + bwd)": 2 * lm(S),
              "raw adapter on P tokens (trainable)": 3 * 2 * P * adapter_params,
              "integrator block on T tokens (trainable)": 3 * integrator_forward,
              "head: fused on N supervised minus HF's over T": 3 * 2 * (N - T) * d * vocab}
-    ratio = (sum(vanilla.values()) + sum(added.values())) / sum(vanilla.values())
     return dict(tokens_per_sample=T, vanilla_flops_per_sample=vanilla, carpe_added_flops_per_sample=added,
-                flops_ratio=ratio, integrator_params=integrator_params, adapter_params=adapter_params)
+                flops_ratio=1 + sum(added.values()) / sum(vanilla.values()),
+                integrator_params=integrator_params, adapter_params=adapter_params)
 
 
 def section_paper(args, device):
     r = paper_cost(prompt_text=args.prompt_text, answer=args.answer)
     rows = [[k, f"{v / 1e12:.3f} TFLOP"] for k, v in r["vanilla_flops_per_sample"].items()]
     rows += [["+ " + k, f"{v / 1e12:+.3f} TFLOP"] for k, v in r["carpe_added_flops_per_sample"].items()]
-    rows += [["CARPE / vanilla FLOPs", f"{r['flops_ratio']:.3f}x"],
-             ["new trainable parameters (integrator + raw adapter)",
-              f"{(r['integrator_params'] + r['adapter_params']) / 1e6:.0f} M"]]
+    rows += [["CARPE / vanilla FLOPs", f"{r['flops_ratio']:.3f}x"], ["new trainable parameters (integrator + "
+             "raw adapter)", f"{(r['integrator_params'] + r['adapter_params']) / 1e6:.0f} M"]]
     print_table(f"paper: LLaVA-1.5-7B, per sample of {r['tokens_per_sample']} tokens", ["term", "FLOPs"], rows)
     return r
 
@@ -219,6 +202,9 @@ def head_inputs(N, d, V, device, seed=0, batch=2):
                 labels=labels.to(device))
 
 
+HEAD_LEAVES = ["h_vision", "h_llm", "head_weight"]  # the head inputs that get gradients
+
+
 def head_step(path, x, chunk_size, dtype):
     """One forward + backward of `path` (naive / fused / floor) on head_inputs x."""
     with autocast_ctx(x["h_llm"].device, dtype):
@@ -236,29 +222,17 @@ def head_step(path, x, chunk_size, dtype):
     return loss.detach()
 
 
-def zero_grads(tensors):
-    for t in tensors:
-        t.grad = None
-
-
 def head_check(N, d, V, device, chunk_size):
     """Loss and gradients of fused vs naive on the same inputs, fp32: max abs differences and scales."""
     x = head_inputs(N, d, V, device)
-    leaves = [x["h_vision"], x["h_llm"], x["head_weight"]]
-    names = ["loss", "grad_h_vision", "grad_h_llm", "grad_head_weight"]
+    names = ["loss"] + ["grad_" + k for k in HEAD_LEAVES]
     out = {}
     for path in ["naive", "fused"]:
-        zero_grads(leaves)
-        out[path] = [head_step(path, x, chunk_size, torch.float32)] + [t.grad.clone() for t in leaves]
+        zero_grads(x[k] for k in HEAD_LEAVES)
+        out[path] = [head_step(path, x, chunk_size, torch.float32)] + [x[k].grad.clone() for k in HEAD_LEAVES]
     return dict(loss_naive=out["naive"][0].item(), loss_fused=out["fused"][0].item(),
                 max_abs_diff={n: (a - b).abs().max().item() for n, a, b in zip(names, out["naive"], out["fused"])},
                 max_abs={n: a.abs().max().item() for n, a in zip(names, out["naive"])})
-
-
-def time_head(x, args, dtype, device):
-    leaves = [x["h_vision"], x["h_llm"], x["head_weight"]]
-    fns = {p: (lambda p=p: (zero_grads(leaves), head_step(p, x, args.chunk_size, dtype))) for p in ["naive", "fused", "floor"]}
-    return time_interleaved(fns, args.repeats, device, CLOCKS[args.clock])
 
 
 def head_memory_worker(spec):
@@ -266,10 +240,9 @@ def head_memory_worker(spec):
     x = head_inputs(spec["N"], spec["d"], spec["V"], device)
     with torch.no_grad():
         x["h_llm"][0, :8] @ x["head_weight"].t()  # the matmul library's one-off allocations happen before
-    grad_bytes = sum(x[k].numel() * x[k].element_size() for k in ["h_vision", "h_llm", "head_weight"])
+    grad_bytes = sum(x[k].numel() * x[k].element_size() for k in HEAD_LEAVES)
     with PeakMemory(device) as meter:
-        head_step(spec["path"], x, spec["chunk_size"], getattr(torch, spec["dtype"]))
-        sync(device)
+        head_step(spec["path"], x, spec["chunk_size"], train_dtype(device))
     return dict(peak_bytes=meter.peak, grad_bytes=grad_bytes)
 
 
@@ -278,32 +251,28 @@ def section_head(args, device):
     shapes = [(n, args.head_d) for n in args.head_n] + ([(2048, 4096)] if device.type == "cuda" else [])
     check = head_check(64, 32, 1000, device, chunk_size=24)  # three chunks
     print("head check (fp32, N=64, d=32, V=1000, 3 chunks): max |fused - naive| = "
-           + ", ".join(f"{k} {v:.2e}" for k, v in check["max_abs_diff"].items()))
-    peak_tflops = args.peak_tflops or default_peak_tflops(device)
+          + ", ".join(f"{k} {v:.2e}" for k, v in check["max_abs_diff"].items()))
     results, rows = [], []
     for N, d in shapes:
-        times = time_head(head_inputs(N, d, args.vocab, device), args, dtype, device)
+        x = head_inputs(N, d, args.vocab, device)
+        fns = {p: (lambda p=p: (zero_grads(x[k] for k in HEAD_LEAVES), head_step(p, x, args.chunk_size, dtype)))
+               for p in ["naive", "fused", "floor"]}
+        times = time_interleaved(fns, args.repeats, device, CLOCKS[args.clock])
         t = medians(times)
         r = dict(N=N, d=d, V=args.vocab, times=times, median_s=t, speedup_fused_over_naive=t["naive"] / t["fused"],
                  fused_over_floor=t["fused"] / t["floor"])
         row = [N, d, fmt_ms(t["naive"]), fmt_ms(t["fused"]), fmt_ms(t["floor"]),
                f"{r['speedup_fused_over_naive']:.2f}x", f"{r['fused_over_floor']:.2f}x"]
         if not args.no_memory:
-            spec = dict(section="head", N=N, d=d, V=args.vocab, chunk_size=args.chunk_size,
-                        dtype=str(dtype).removeprefix("torch."), device=str(device))
-            mem = {p: (run_worker if device.type == "cpu" else head_memory_worker)(dict(spec, path=p))
-                   for p in ["naive", "fused"]}
+            spec = dict(section="head", N=N, d=d, V=args.vocab, chunk_size=args.chunk_size, device=str(device))
+            mem = measure_memory(spec, ["naive", "fused"], device)
             over_grads = {p: m["peak_bytes"] - m["grad_bytes"] for p, m in mem.items()}  # what grows with N x V
             r.update(memory=mem, peak_over_grads=over_grads, peak_ratio_NV=over_grads["naive"] / max(over_grads["fused"], 1))
             row += [fmt_mib(mem["naive"]["peak_bytes"]), fmt_mib(mem["fused"]["peak_bytes"]), f"{r['peak_ratio_NV']:.1f}x"]
-        if peak_tflops:
-            r["mfu_fused"] = 3 * 2 * N * d * args.vocab / t["fused"] / (peak_tflops * 1e12)
-            row.append(f"{100 * r['mfu_fused']:.0f}%")
         results.append(r)
         rows.append(row)
     header = (["N", "d", "naive", "fused", "floor", "naive/fused", "fused/floor"]
-              + (["peak naive", "peak fused", "ratio over grads"] if not args.no_memory else [])
-              + (["MFU fused"] if peak_tflops else []))
+              + (["peak naive", "peak fused", "ratio over grads"] if not args.no_memory else []))
     print_table(f"head: mix + CE, fwd + bwd, trainable head, V={args.vocab}, chunk {args.chunk_size}, median of "
                 f"{args.repeats}, {args.clock} time (targets at N=2048, d=1024: naive/fused >= 1.7x, memory >= 4x, "
                 f"fused/floor <= 1.3x)", header, rows)
@@ -313,23 +282,21 @@ def section_head(args, device):
 # -----------------------------------------------------------------------------
 # the model with LLaVA-7B proportions (sections step, decode, compile)
 
-def bench_llava(args, device):
+def bench_models(args, device, fixed_weights=None):
+    """The LLaVA with 7B's proportions at width args.hidden (see the module docstring), CARPE around it
+    in epoch-2 mode, and a training batch -> (llava, CARPE, batch)."""
+    h = args.hidden
     llava, _ = tiny.tiny_llava(
-        seed=0, image_size=args.image_size, patch_size=14, layers=args.layers, hidden=args.hidden,
-        heads=args.hidden // 64, kv_heads=args.hidden // 64, intermediate=round(args.hidden * 11008 / 4096),
-        vision_hidden=args.hidden // 4, vision_layers=args.vision_layers, vision_heads=max(args.hidden // 256, 1),
-        max_positions=2048)
+        seed=0, image_size=args.image_size, patch_size=14, layers=args.layers, hidden=h, heads=h // 64,
+        kv_heads=h // 64, intermediate=round(h * 11008 / 4096), vision_hidden=h // 4,
+        vision_layers=args.vision_layers, vision_heads=max(h // 256, 1), max_positions=2048)
     if args.model_vocab and args.model_vocab != llava.config.text_config.vocab_size:
         llava.resize_token_embeddings(args.model_vocab, mean_resizing=False)
-    return llava.to(device)
-
-
-def bench_carpe(llava, args, fixed_weights=None):
-    config = carpe.CarpeConfig(integrator_heads=max(args.hidden // 64, 1), fixed_weights=fixed_weights,
-                               chunk_size=args.chunk_size)
+    llava.to(device)
+    config = carpe.CarpeConfig(integrator_heads=max(h // 64, 1), fixed_weights=fixed_weights, chunk_size=args.chunk_size)
     model = carpe.CARPE(llava, config)  # also sets CARPE's frozen set on llava, which vanilla then shares
     model.set_context_trainable(True)  # epoch-2 mode: the context pass also runs backward
-    return model
+    return llava, model, make_batch(llava, args.step_batch, args.prompt_text, args.answer, device)
 
 
 def image_tokens(llava):
@@ -338,8 +305,8 @@ def image_tokens(llava):
 
 
 def make_batch(llava, batch, prompt_text, answer, device, seed=0, text_vocab=512):
-    """vicuna_v1-like samples of random ids: <s>, a third of the prompt text, the image tokens,
-    the rest of the prompt, the (supervised) answer. Ids below 5 are the special tokens."""
+    """vicuna_v1-like samples of random ids: <s>, a third of the prompt text, the image tokens, the rest
+    of the prompt, the (supervised) answer; answer=0 gives a generation prompt. Ids below 5 are special."""
     g = torch.Generator().manual_seed(seed)
     P, before = image_tokens(llava), max(prompt_text // 3, 1)
     rows = []
@@ -349,17 +316,11 @@ def make_batch(llava, batch, prompt_text, answer, device, seed=0, text_vocab=512
         rows.append(torch.cat([text[:before], torch.full((P,), llava.config.image_token_id), text[before:]]))  # (T,)
     input_ids = torch.stack(rows)  # (B, T)
     labels = torch.full_like(input_ids, kernels.IGNORE_INDEX)
-    labels[:, -answer:] = input_ids[:, -answer:]
+    labels[:, input_ids.size(1) - answer:] = input_ids[:, input_ids.size(1) - answer:]
     vc = llava.config.vision_config
     pixel_values = torch.randn(batch, 3, vc.image_size, vc.image_size, generator=g)
     return dict(input_ids=input_ids.to(device), attention_mask=torch.ones_like(input_ids).to(device),
                 pixel_values=pixel_values.to(device), labels=labels.to(device))
-
-
-def vanilla_param_groups(llava, lr_adapter=2e-5, lr=2e-4):
-    """Vanilla LLaVA with CARPE's frozen set: projector (adapter lr) and head trainable."""
-    return [dict(params=list(llava.model.multi_modal_projector.parameters()), lr=lr_adapter),
-            dict(params=list(llava.lm_head.parameters()), lr=lr)]
 
 
 def step_loss(model, batch, vanilla):
@@ -380,8 +341,10 @@ def vanilla_loss_by_parts(llava, batch):
 
 
 def make_step(model, batch, dtype, vanilla, loss_fn=None):
-    """-> step(): forward, backward, AdamW over the trainable set; returns the loss."""
-    params = vanilla_param_groups(model) if vanilla else model.param_groups()
+    """-> step(): forward, backward, AdamW over the trainable set; returns the loss. Vanilla LLaVA
+    trains CARPE's shared set: the projector (at the adapter lr) and the head."""
+    params = ([dict(params=list(model.model.multi_modal_projector.parameters()), lr=2e-5),
+               dict(params=list(model.lm_head.parameters()), lr=2e-4)] if vanilla else model.param_groups())
     optimizer = torch.optim.AdamW(params, weight_decay=0.0)
     loss_fn = loss_fn or (lambda: step_loss(model, batch, vanilla))
     device = batch["input_ids"].device
@@ -396,14 +359,19 @@ def make_step(model, batch, dtype, vanilla, loss_fn=None):
     return step
 
 
+def worker_setup(spec):
+    """A step/compile worker's model from its spec: the section's args, at spec["layers"] if given."""
+    args, device = argparse.Namespace(**spec["args"]), torch.device(spec["device"])
+    args.layers = spec.get("layers", args.layers)
+    return (args, device, train_dtype(device)) + bench_models(args, device)
+
+
 # -----------------------------------------------------------------------------
 # section step: one training step, CARPE vs vanilla LLaVA
 
 def step_check(args, device):
     """CARPE with fixed_weights=(0, 1) is vanilla LLaVA: same loss, same projector and head grads."""
-    llava = bench_llava(args, device)
-    model = bench_carpe(llava, args, fixed_weights=(0.0, 1.0))
-    batch = make_batch(llava, args.step_batch, args.prompt_text, args.answer, device)
+    llava, model, batch = bench_models(args, device, fixed_weights=(0.0, 1.0))
     shared = {n: p for n, p in llava.named_parameters() if p.requires_grad}
     out = {}
     for name, net in [("vanilla", llava), ("carpe", model)]:
@@ -418,83 +386,50 @@ def step_check(args, device):
 
 
 def step_breakdown(model, llava, batch, args, device, dtype):
-    """CARPE's additions timed on their own, forward + backward each: the context pass, the
-    integrator (raw adapter + block), the head (fused CE on the supervised tokens vs HF's logits
-    over every token + CE)."""
+    """CARPE's additions timed on their own, forward + backward each: the context pass, the integrator
+    (raw adapter + block), the head (fused CE on the supervised tokens vs HF's logits over every token)."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    B, T = ids.shape
-    d = llava.config.text_config.hidden_size
+    (B, T), d, head = ids.shape, llava.config.text_config.hidden_size, llava.lm_head
     with torch.no_grad():
         feats = carpe.raw_vision_features(llava, batch["pixel_values"])  # (B, P, Dv), frozen tower
     has_image = torch.ones(B, dtype=torch.bool, device=device)
     h_query, h_vision, h_llm = (torch.randn(B, T, d, device=device, requires_grad=True) for _ in range(3))  # (B, T, d)
     weights = torch.full((B, 2), 0.5, device=device)
-    head = llava.lm_head
-
-    def context():
-        weights, _ = model.context(ids, mask, labels)
-        weights[:, 0].sum().backward()
-
-    def integrator():
-        memory = model.vision_integrator.raw_adapter(feats)  # (B, P, d)
-        model.integrate(h_query, model.memory_kv(memory), has_image).float().square().mean().backward()
-
-    def head_carpe():
-        kernels.fused_mixed_cross_entropy(h_vision, h_llm, weights, labels, head.weight, head.bias,
-                                          chunk_size=args.chunk_size).backward()
-
-    def head_vanilla():
-        logits = head(h_llm)  # (B, T, V), as HF computes them
-        F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                        ignore_index=kernels.IGNORE_INDEX).backward()
+    parts = dict(  # each a scalar of its output, backward from it
+        context=lambda: model.context(ids, mask, labels)[0][:, 0].sum(),
+        integrator=lambda: model.integrate(h_query, model.memory_kv(model.vision_integrator.raw_adapter(feats)),
+                                           has_image).float().square().mean(),
+        head_carpe=lambda: kernels.fused_mixed_cross_entropy(h_vision, h_llm, weights, labels, head.weight, head.bias,
+                                                             chunk_size=args.chunk_size),
+        head_vanilla=lambda: F.cross_entropy(head(h_llm)[:, :-1].flatten(0, 1).float(),  # (B, T, V) as HF has them
+                                             labels[:, 1:].flatten(), ignore_index=kernels.IGNORE_INDEX))
 
     def timed(fn):
         def run():
             with autocast_ctx(device, dtype):
-                fn()
+                out = fn()
+            out.backward()
             zero_grads(list(model.parameters()) + [h_query, h_vision, h_llm])
         return run
-    fns = dict(context=context, integrator=integrator, head_carpe=head_carpe, head_vanilla=head_vanilla)
-    return medians(time_interleaved({k: timed(fn) for k, fn in fns.items()}, args.repeats, device, CLOCKS[args.clock]))
+    return medians(time_interleaved({k: timed(fn) for k, fn in parts.items()}, args.repeats, device, CLOCKS[args.clock]))
 
 
 def step_memory_worker(spec):
-    args, device = argparse.Namespace(**spec["args"]), torch.device(spec["device"])
-    llava = bench_llava(args, device)
-    model = bench_carpe(llava, args)
-    batch = make_batch(llava, args.step_batch, args.prompt_text, args.answer, device)
+    args, device, dtype, llava, model, batch = worker_setup(spec)
     vanilla = spec["path"] == "vanilla"
-    step = make_step(llava if vanilla else model, batch, getattr(torch, spec["dtype"]), vanilla)
+    step = make_step(llava if vanilla else model, batch, dtype, vanilla)
     step()  # AdamW's state exists from here on: the measured step is a steady-state one
     with PeakMemory(device) as meter:
         step()
     return dict(peak_bytes=meter.peak)
 
 
-def step_flops(llava, batch, model=None):
-    """Analytic FLOPs of one step, for MFU: the frozen LM forward + input-grad backward, head and
-    projector 3x; CARPE adds its context pass, integrator and head on the supervised tokens only."""
-    tc = llava.config.text_config
-    d, L, ffn, V = tc.hidden_size, tc.num_hidden_layers, tc.intermediate_size, tc.vocab_size
-    B, T = batch["input_ids"].shape
-    lm = lambda t: 2 * L * (4 * d * d + 3 * d * ffn) * t + 2 * L * t * t * d  # noqa: E731
-    if model is None:
-        return 2 * lm(T) * B + 6 * B * T * d * V
-    N = int((batch["labels"][:, 1:] != kernels.IGNORE_INDEX).sum())
-    S = int(model.prompt_mask(batch["input_ids"], batch["attention_mask"], batch["labels"]).sum(1).max()) + 1
-    P = image_tokens(llava)
-    integrator = 2 * T * 16 * d * d + 2 * P * 2 * d * d + 4 * T * P * d + 2 * T * T * d
-    return 2 * lm(T) * B + 2 * lm(S) * B + 3 * integrator * B + 6 * N * d * V
-
-
 def section_step(args, device):
     dtype = train_dtype(device)
     check = step_check(args, device)
     print(f"step check: CARPE fixed_weights=(0,1) vs vanilla: |loss diff| {check['loss_abs_diff']:.2e}, "
-           f"max |grad diff| {check['grad_max_abs_diff']:.2e} (max |grad| {check['grad_max_abs']:.2e})")
-    llava = bench_llava(args, device)
-    model = bench_carpe(llava, args)
-    batch = make_batch(llava, args.step_batch, args.prompt_text, args.answer, device)
+          f"max |grad diff| {check['grad_max_abs_diff']:.2e} (max |grad| {check['grad_max_abs']:.2e})")
+    llava, model, batch = bench_models(args, device)
     steps = dict(vanilla=make_step(llava, batch, dtype, True), carpe=make_step(model, batch, dtype, False))
     times = time_interleaved(steps, args.repeats, device, CLOCKS[args.clock])
     t, parts = medians(times), step_breakdown(model, llava, batch, args, device, dtype)
@@ -505,22 +440,15 @@ def section_step(args, device):
              vocab=llava.config.text_config.vocab_size)
     rows = [["vanilla step", fmt_ms(t["vanilla"]), ""], ["CARPE step", fmt_ms(t["carpe"]), f"{r['time_ratio']:.3f}x"]]
     if not args.no_memory:
-        spec = dict(section="step", args=vars(args), device=str(device), dtype=str(dtype).removeprefix("torch."))
-        r["memory"] = {p: (run_worker if device.type == "cpu" else step_memory_worker)(dict(spec, path=p))
-                       for p in ["vanilla", "carpe"]}
+        spec = dict(section="step", args=vars(args), device=str(device))
+        r["memory"] = measure_memory(spec, ["vanilla", "carpe"], device)
         r["memory_ratio"] = r["memory"]["carpe"]["peak_bytes"] / r["memory"]["vanilla"]["peak_bytes"]
         rows[0].append(fmt_mib(r["memory"]["vanilla"]["peak_bytes"]))
         rows[1].append(fmt_mib(r["memory"]["carpe"]["peak_bytes"]) + f" ({r['memory_ratio']:.3f}x)")
-    peak_tflops = args.peak_tflops or default_peak_tflops(device)
-    if peak_tflops:
-        r["mfu"] = dict(vanilla=step_flops(llava, batch) / t["vanilla"] / (peak_tflops * 1e12),
-                        carpe=step_flops(llava, batch, model) / t["carpe"] / (peak_tflops * 1e12))
-        rows[0].append(f"{100 * r['mfu']['vanilla']:.1f}%")
-        rows[1].append(f"{100 * r['mfu']['carpe']:.1f}%")
-    header = ["", "time", "CARPE/vanilla"] + (["peak memory"] if "memory" in r else []) + (["MFU"] if peak_tflops else [])
     print_table(f"step: B={args.step_batch}, T={r['T']} ({args.prompt_text} prompt text + {image_tokens(llava)} image "
                 f"+ {args.answer} answer), {args.layers} layers, d={args.hidden}, V={r['vocab']}, median of "
-                f"{args.repeats}, {args.clock} time (targets: time <= 1.25x, memory <= 1.15x)", header, rows)
+                f"{args.repeats}, {args.clock} time (targets: time <= 1.25x, memory <= 1.15x)",
+                ["", "time", "CARPE/vanilla"] + (["peak memory"] if "memory" in r else []), rows)
     rows = [[f"{k} (fwd + bwd)", fmt_ms(v)] for k, v in parts.items()]
     rows += [["CARPE's additions (context + integrator + head_carpe - head_vanilla)", fmt_ms(explained)],
              ["measured step difference (CARPE - vanilla)", fmt_ms(overhead)]]
@@ -531,80 +459,60 @@ def section_step(args, device):
 # -----------------------------------------------------------------------------
 # section decode: CARPE.generate vs HF generate
 
-def decode_prompt(llava, length, device, seed=0, text_vocab=512):
-    g = torch.Generator().manual_seed(seed)
-    P = image_tokens(llava)
-    if length < P + 2:
-        raise ValueError(f"--decode-lengths: {length} is too short for {P} image tokens")
-    text = torch.randint(5, text_vocab, (length - P,), generator=g)
-    text[0] = 1
-    ids = torch.cat([text[:20], torch.full((P,), llava.config.image_token_id), text[20:]])[None]  # (1, L)
-    vc = llava.config.vision_config
-    pixel_values = torch.randn(1, 3, vc.image_size, vc.image_size, generator=g)
-    return ids.to(device), torch.ones_like(ids).to(device), pixel_values.to(device)
+def generate_timed(kind, llava, model, prompt, new, clock):
+    """One generate call of `kind` (hf / carpe) on a make_batch prompt -> (prefill s, [decode step s]).
+    The clock is stamped as each token comes out: first stamp minus the start = prefill, the gaps
+    between stamps = decode steps."""
+    ids, mask, pix = prompt["input_ids"], prompt["attention_mask"], prompt["pixel_values"]
+    stamps = []
 
+    def stamp_hf(input_ids, scores, **kwargs):  # a stopping criterion: HF calls it once per new token
+        stamps.append(clock())
+        return torch.zeros(input_ids.size(0), dtype=torch.bool, device=input_ids.device)  # never stop
 
-class TokenClock:
-    """Stamps the clock each time a token is produced: as a StoppingCriteria for HF generate
-    (called once per new token), as a wrapper of generation_step for CARPE. First stamp minus
-    the start = prefill; the gaps between stamps = decode steps."""
-
-    def __init__(self, clock):
-        self.clock, self.stamps = clock, []
-
-    def __call__(self, input_ids, scores, **kwargs):  # StoppingCriteria protocol: never stop
-        self.stamps.append(self.clock())
-        return torch.zeros(input_ids.size(0), dtype=torch.bool, device=input_ids.device)
-
-    def wrap(self, fn):
-        def timed(*a, **k):
-            out = fn(*a, **k)
-            sync(out.device)
-            self.stamps.append(self.clock())
-            return out
-        return timed
-
-
-def generate_timed(kind, llava, model, ids, mask, pix, new, clock):
-    """One generate call of `kind` (hf / carpe) -> (prefill seconds, [decode step seconds])."""
-    stamps = TokenClock(clock)
+    def stamp_carpe(*a, **k):  # CARPE.generation_step: the prefill, then one call per new token
+        logits = type(model).generation_step(model, *a, **k)
+        sync(logits.device)
+        stamps.append(clock())
+        return logits
     sync(ids.device)
     t0 = clock()
     if kind == "hf":
         out = llava.generate(input_ids=ids, attention_mask=mask, pixel_values=pix, max_new_tokens=new,
                              min_new_tokens=new, do_sample=False, num_beams=1,
-                             stopping_criteria=StoppingCriteriaList([stamps]))
+                             stopping_criteria=StoppingCriteriaList([stamp_hf]))
     else:
-        model.generation_step = stamps.wrap(type(model).generation_step.__get__(model))
+        model.generation_step = stamp_carpe  # an instance attribute shadows the method for this call
         try:
             out = model.generate(ids, mask, pix, max_new_tokens=new, eos_token_id=None)
         finally:
             del model.generation_step
     if out.shape[1] != ids.shape[1] + new:
         raise RuntimeError(f"{kind} generate returned {out.shape[1] - ids.shape[1]} new tokens, asked {new}")
-    return stamps.stamps[0] - t0, [b - a for a, b in zip(stamps.stamps, stamps.stamps[1:])]
+    return stamps[0] - t0, [b - a for a, b in zip(stamps, stamps[1:])]
 
 
 def section_decode(args, device):
-    llava = bench_llava(args, device)
-    model = bench_carpe(llava, args)
+    llava, model, _ = bench_models(args, device)
     if device.type == "cuda":
         model.to(torch.bfloat16)
     results = []
     for L in args.decode_lengths:
-        ids, mask, pix = decode_prompt(llava, L, device)
-        pix = pix.to(llava.dtype)
+        if L < image_tokens(llava) + 2:
+            raise SystemExit(f"--decode-lengths: {L} is too short for {image_tokens(llava)} image tokens")
+        prompt = make_batch(llava, 1, L - image_tokens(llava), 0, device)  # (1, L), nothing supervised
+        prompt["pixel_values"] = prompt["pixel_values"].to(llava.dtype)
         prefill, steps = {"hf": [], "carpe": []}, {"hf": [], "carpe": []}
         with torch.no_grad():
             for round_ in range(1 + args.repeats):  # one warm-up round, then interleaved rounds
                 for kind in ["hf", "carpe"]:
-                    p, s = generate_timed(kind, llava, model, ids, mask, pix, args.new_tokens, CLOCKS[args.clock])
+                    p, s = generate_timed(kind, llava, model, prompt, args.new_tokens, CLOCKS[args.clock])
                     if round_ > 0:
                         prefill[kind].append(p)
                         steps[kind].extend(s)
         pre, per_token = medians(prefill), medians(steps)
         results.append(dict(prompt_length=L, new_tokens=args.new_tokens, prefill_s=pre, per_token_s=per_token,
-                            context_pass_tokens=int(model.prompt_mask(ids, mask).sum()) + 1,
+                            context_pass_tokens=int(model.prompt_mask(prompt["input_ids"], prompt["attention_mask"]).sum()) + 1,
                             prefill_ratio=pre["carpe"] / pre["hf"], per_token_ratio=per_token["carpe"] / per_token["hf"]))
     rows = [[r["prompt_length"], r["context_pass_tokens"], fmt_ms(r["prefill_s"]["hf"]), fmt_ms(r["prefill_s"]["carpe"]),
              f"{r['prefill_ratio']:.3f}x", fmt_ms(r["per_token_s"]["hf"]), fmt_ms(r["per_token_s"]["carpe"]),
@@ -617,7 +525,7 @@ def section_decode(args, device):
     if len(results) > 1:
         growth = {k: results[-1]["per_token_s"][k] / results[0]["per_token_s"][k] for k in ["hf", "carpe"]}
         print(f"per-token cost at prompt {results[-1]['prompt_length']} over {results[0]['prompt_length']}: "
-               f"HF {growth['hf']:.3f}x, CARPE {growth['carpe']:.3f}x")
+              f"HF {growth['hf']:.3f}x, CARPE {growth['carpe']:.3f}x")
     return dict(results=results, per_token_growth=growth)
 
 
@@ -628,13 +536,9 @@ def compile_worker(spec):
     """One model (vanilla / carpe) at one depth, in a fresh process whose inductor cache is empty:
     the first compiled step's wall time (cold compile + one step), then eager and compiled steps
     interleaved. Eager is the same model under torch.compiler.set_stance("force_eager")."""
-    args, device = argparse.Namespace(**spec["args"]), torch.device(spec["device"])
-    dtype, vanilla = getattr(torch, spec["dtype"]), spec["path"] == "vanilla"
-    args.layers = spec["layers"]
-    llava = bench_llava(args, device)
-    model = bench_carpe(llava, args)
+    args, device, dtype, llava, model, batch = worker_setup(spec)
+    vanilla = spec["path"] == "vanilla"
     net = llava if vanilla else model
-    batch = make_batch(llava, args.step_batch, args.prompt_text, args.answer, device)
     loss_fn = (lambda: vanilla_loss_by_parts(llava, batch)) if vanilla else (lambda: model(**batch).loss)
     with torch.no_grad(), autocast_ctx(device, dtype):
         eager_loss = loss_fn().item()  # what the first compiled step must give
@@ -653,14 +557,13 @@ def compile_worker(spec):
             step()
     t = medians(time_interleaved(dict(eager=eager_step, compiled=step), args.repeats, device, CLOCKS[args.clock]))
     return dict(first_step_s=compile_s, unique_graphs=counts.unique_graphs, graph_breaks=counts.graph_breaks,
-                eager_calls=counts.eager_calls,
-                blocks=len(carpe.repeated_blocks(net)), median_s=t, speedup=t["eager"] / t["compiled"],
-                eager_loss=eager_loss, compiled_loss=compiled_loss,
+                eager_calls=counts.eager_calls, blocks=len(carpe.repeated_blocks(net)), median_s=t,
+                speedup=t["eager"] / t["compiled"], eager_loss=eager_loss, compiled_loss=compiled_loss,
                 loss_rel_diff=abs(compiled_loss - eager_loss) / abs(eager_loss))
 
 
 def section_compile(args, device):
-    spec = dict(section="compile", args=vars(args), device=str(device), dtype=str(train_dtype(device)).removeprefix("torch."))
+    spec = dict(section="compile", args=vars(args), device=str(device))
     results = []
     for layers in args.compile_layers:
         for path in ["vanilla", "carpe"]:
@@ -672,14 +575,13 @@ def section_compile(args, device):
             results.append(dict(r, path=path, layers=layers))
             print(f"  compile {path} {layers} layers: first step {r['first_step_s']:.1f} s, {r['speedup']:.2f}x")
     rows = [[r["path"], r["layers"], r["blocks"], r["unique_graphs"], r["graph_breaks"] + r["eager_calls"],
-             f"{r['first_step_s']:.1f} s",
-             fmt_ms(r["median_s"]["eager"]), fmt_ms(r["median_s"]["compiled"]), f"{r['speedup']:.2f}x",
-             f"{r['loss_rel_diff']:.1e}"] for r in results]
+             f"{r['first_step_s']:.1f} s", fmt_ms(r["median_s"]["eager"]), fmt_ms(r["median_s"]["compiled"]),
+             f"{r['speedup']:.2f}x", f"{r['loss_rel_diff']:.1e}"] for r in results]
     print_table(f"compile: kernels.compile_blocks, backend {args.compile_backend}, training step, median of "
                 f"{args.repeats}, {args.clock} time (targets: CARPE's deepest first step <= 2x its shallowest, "
                 f"CARPE eager/compiled >= 1.3x, 0 graph breaks, loss rel. diff <= 1e-5)",
-                ["model", "layers", "blocks", "graphs", "graph breaks + eager calls", "first compiled step (cold, wall)", "eager",
-                 "compiled", "eager/compiled", "loss rel. diff"], rows)
+                ["model", "layers", "blocks", "graphs", "graph breaks + eager calls", "first compiled step (cold, wall)",
+                 "eager", "compiled", "eager/compiled", "loss rel. diff"], rows)
     carpe_runs = [r for r in results if r["path"] == "carpe"]
     growth = carpe_runs[-1]["first_step_s"] / carpe_runs[0]["first_step_s"]
     print(f"CARPE cold compile at {carpe_runs[-1]['layers']} layers over {carpe_runs[0]['layers']}: {growth:.2f}x")
@@ -721,15 +623,12 @@ def json_worker(spec):
     with PeakMemory(torch.device("cpu")) as meter:
         if spec["path"] == "parse":
             with open(spec["json"]) as f:
-                entries = json.load(f)
-            records = [data.check_entry(e, config.image_root)[1] for e in entries]
-            n = sum(r is not None for r in records)
+                n = sum(data.check_entry(e, config.image_root)[1] is not None for e in json.load(f))
         elif spec["path"] == "pack":
             data.ensure_llava_cache(config, progress=False)
             n = None
         else:
-            dataset, _ = data.TrainDataset.from_config(config, processor)
-            n = len(dataset.llava)
+            n = len(data.TrainDataset.from_config(config, processor)[0].llava)
     return dict(seconds=time.perf_counter() - t0, peak_bytes=meter.peak, held_bytes=meter.held, records=n,
                 cache=data.llava_cache_dir(config))
 
@@ -739,10 +638,8 @@ def section_json(args, device):
     try:
         spec = dict(section="json", json=os.path.join(root, "llava.json"), image_root=os.path.join(root, "images"),
                     cache_dir=os.path.join(root, "cache"))
-        t0 = time.perf_counter()
         write_llava_json(spec["json"], spec["image_root"], args.json_entries, args.json_chars)
-        print(f"  json: wrote {args.json_entries} entries, {os.path.getsize(spec['json']) / 2**20:.0f} MiB in "
-               f"{time.perf_counter() - t0:.0f} s")
+        # the default allocator here: what a rank really holds, freed memory included
         r = {p: run_worker(dict(spec, path=p), env={}) for p in ["parse", "pack", "map"]}
         r["file_bytes"] = os.path.getsize(spec["json"])
     finally:
@@ -776,8 +673,6 @@ def get_parser():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds per path (after one warm-up); medians reported")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements (subprocesses on CPU)")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="accelerator peak TFLOP/s for MFU (default: bf16 dense peak of known GPUs; no MFU on CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--clock", choices=list(CLOCKS), default=None,
                    help="wall: elapsed time; cpu: this process's CPU time (steadier on a shared machine, best with "

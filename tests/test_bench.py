@@ -112,7 +112,7 @@ def test_paper_cost_counts():
 def test_head_memory_workers_fused_holds_less():
     # each path in its own process, peak RSS over baseline; logits (1024 x 16000 fp32 = 62 MiB)
     # are above glibc's mmap threshold, so freed memory leaves RSS and the peaks are honest
-    spec = dict(section="head", N=1024, d=64, V=16000, chunk_size=128, dtype="float32", device="cpu")
+    spec = dict(section="head", N=1024, d=64, V=16000, chunk_size=128, device="cpu")
     naive = bench.run_worker(dict(spec, path="naive"))
     fused = bench.run_worker(dict(spec, path="fused"))
     logits_bytes = 1024 * 16000 * 4
