@@ -119,8 +119,8 @@ def run_worker(spec, env=MEMORY_ENV):
 def measure_memory(spec, paths, device):
     """Peak memory of each path -> {path: worker result}. On CPU each path runs in its own process (a
     process's peak RSS covers everything before it); on GPU the peak counter resets, so they run here."""
-    return {p: run_worker(dict(spec, path=p)) if device.type == "cpu" else WORKERS[spec["section"]](dict(spec, path=p))
-            for p in paths}
+    measure = run_worker if device.type == "cpu" else WORKERS[spec["section"]]
+    return {p: measure(dict(spec, path=p)) for p in paths}
 
 
 def print_table(title, header, rows):
@@ -712,21 +712,17 @@ def parse_args(argv=None):
     return args
 
 
-def machine_info(device):
-    names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")] \
-        if os.path.exists("/proc/cpuinfo") else []
-    return dict(device=str(device), cpu=names[0] if names else "?", cores=os.cpu_count(), threads=torch.get_num_threads(),
-                load_average=os.getloadavg(), torch=torch.__version__,
-                gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
-
-
 def run(args):
     """Run the selected sections -> {section: result}; writes <out>/<section>.json."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     os.makedirs(args.out, exist_ok=True)
-    machine = machine_info(device)
+    cpus = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")] \
+        if os.path.exists("/proc/cpuinfo") else []
+    machine = dict(device=str(device), cpu=cpus[0] if cpus else "?", cores=os.cpu_count(), threads=torch.get_num_threads(),
+                   load_average=os.getloadavg(), torch=torch.__version__,
+                   gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
     print(f"machine: {machine}, clock: {args.clock}")
     results = {}
     for name in args.sections:
