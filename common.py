@@ -24,7 +24,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import moe
-from carpe import CarpeConfig, build_model, load_base, make_image_transform
+from baselines import build_model
+from carpe import CarpeConfig, load_base, make_image_transform
 
 
 

@@ -66,6 +66,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import baselines
 import carpe
 import kernels
 import tiny
@@ -183,7 +184,7 @@ def load_model(args, device):
     else:
         method, template = args.method or "llava", args.template
         llava, processor = carpe.load_base(base, device=device, dtype=dtype)
-        model = carpe.build_model(method, llava, carpe.CarpeConfig(integrator_heads=args.integrator_heads))
+        model = baselines.build_model(method, llava, carpe.CarpeConfig(integrator_heads=args.integrator_heads))
         model.to(device=device, dtype=dtype)
         image_transform = carpe.make_image_transform(processor)
     model.eval()

@@ -231,7 +231,7 @@ def compile_blocks(blocks, backend="inductor", mode=None):
       `_call_impl`): module hooks run eagerly around the compiled region. FSDP2's unshard /
       reshard hooks therefore keep working when this is called after `fully_shard` (per-block
       all-gathers, as torchtitan composes them), and the forward hooks that capture a layer's
-      output (carpe.capture_layer_outputs, carpe.hidden_state_at), added and removed on every
+      output (carpe.run_language_model, carpe.hidden_state_at), added and removed on every
       call, stay plain Python (dynamo does not guard on hooks: `skip_nnmodule_hook_guards`).
     - calls with a KV cache (`past_key_values`, generation's prefill and decode steps) run
       eagerly: transformers' cache is a list indexed by the layer's own `layer_idx`, a Python

@@ -49,6 +49,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import baselines
 import carpe
 import common
 import data
@@ -252,7 +253,7 @@ def create_model(args, llava, processor, device):
                                      fixed_weights=tuple(args.fixed_weights) if args.fixed_weights else None,
                                      query_layer=args.query_layer, integrator_self_attn=not args.no_integrator_self_attn,
                                      gradient_checkpointing=args.gradient_checkpointing)
-    model = carpe.build_model(args.method, llava, carpe_config, vision_moe)
+    model = baselines.build_model(args.method, llava, carpe_config, vision_moe)
     model.to(device)
     for name, p in model.named_parameters():  # trainable tensors in fp32 (the frozen base may be bf16)
         if model.is_trainable_name(name) and p.dtype != torch.float32:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import baselines
 import carpe
 import eval as E
 import train
@@ -96,7 +97,7 @@ def fixed_batch(processor, n=24):
 
 def test_levi_loss_falls(runs):
     trained, processor, _ = common.load_run(runs["levi"])
-    untrained = carpe.build_model("levi", carpe.load_base(json.load(open(os.path.join(runs["levi"], "config.json")))["base"])[0],
+    untrained = baselines.build_model("levi", carpe.load_base(json.load(open(os.path.join(runs["levi"], "config.json")))["base"])[0],
                                   trained.config).eval()
     batch = fixed_batch(processor)
     with torch.no_grad():

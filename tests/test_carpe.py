@@ -11,8 +11,9 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 import moe
-from carpe import (CARPE, CarpeConfig, LEVI, LlavaBaseline, build_model, encoder_layers, load_base, make_image_transform,
-                   positions_from_mask, repeated_blocks, run_language_model)
+from baselines import LEVI, LlavaBaseline, build_model
+from carpe import (CARPE, CarpeConfig, encoder_layers, load_base, make_image_transform, positions_from_mask, repeated_blocks,
+                   run_language_model)
 from data import SYSTEM_PROMPT
 from kernels import IGNORE_INDEX
 from tiny import save_tiny_base, tiny_llava, tiny_moe_config, tiny_tokenizer

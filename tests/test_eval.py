@@ -21,6 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 torch.set_num_threads(1)  # tiny models; threads only fight the other test processes
 
+import baselines  # noqa: E402
 import benchmarks as B  # noqa: E402
 import carpe  # noqa: E402
 import common  # noqa: E402
@@ -179,7 +180,7 @@ def run_dirs(tmp_path_factory):
     dirs = []
     for seed in (1, 2):
         llava, _ = carpe.load_base(base)
-        model = carpe.build_model("imagenet-ft", llava)
+        model = baselines.build_model("imagenet-ft", llava)
         g = torch.Generator().manual_seed(seed)
         state = {k: (v + 0.5 * torch.randn(v.shape, generator=g)).contiguous() for k, v in model.trainable_state_dict().items()}
         d = str(root / f"ft{seed}")
@@ -441,7 +442,7 @@ def test_moe_run_dir_records_routes_by_name(run_dirs, tiny_data, tmp_path):
     llava, _ = carpe.load_base(base)
     moe_config = tiny.tiny_moe_config()
     cfg = carpe.CarpeConfig(integrator_heads=4)
-    model = carpe.build_model("carpe", llava, cfg, vision_moe=moe.build_vision_moe(llava, moe_config))
+    model = baselines.build_model("carpe", llava, cfg, vision_moe=moe.build_vision_moe(llava, moe_config))
     g = torch.Generator().manual_seed(0)
     state = {k: v.clone() for k, v in model.trainable_state_dict().items()}
     for k in state:  # a router and context encoder that say something
