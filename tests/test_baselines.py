@@ -1,4 +1,4 @@
-"""The paper's baselines and CARPE's ablations (issue 7), each trained by train.py and evaluated by
+"""The paper's baselines and CARPE's ablations, each trained by train.py and evaluated by
 eval.py on the tiny preset, in the same harness as CARPE: ImageNet fine-tune, LEVI, and CARPE with
 fixed weights / no integrator self-attention / last-layer queries. (Vanilla LLaVA and WiSE-FT are
 covered in test_eval.py; LEVI's causality and cached decoding in test_carpe.py.)"""
