@@ -731,3 +731,30 @@ def test_torchrun_train_moe_tiny(tmp_path, parallel):
     with torch.no_grad():
         a = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=image_transform(images))
     assert a.route.min() >= 0 and torch.isfinite(a.logits).all()
+
+
+def test_train_with_local_folder_experts_then_eval_reloads_exactly_them(tmp_path):
+    """train.py --moe --experts <local save_pretrained folders>, then eval.py --ckpt on the run: the run's
+    config names the folders, eval rebuilds exactly those encoders, and its routing is keyed by name."""
+    import eval as E
+    import train
+    sources = save_expert_folders(tmp_path)
+    spec = f"clip,siglip={tmp_path / 'siglip'},dino={tmp_path / 'dinov2'}@-1,cumo={tmp_path / 'cumo'}"
+    run = str(tmp_path / "run")
+    train.main(["--preset", "tiny", "--moe", "--experts", spec, "--out", run, "--max-steps", "2",
+                "--batch-size", "8", "--balance-weight", "1.0"])
+    saved = moe.MoEConfig.from_dict(json.load(open(os.path.join(run, "config.json")))["moe"])
+    assert [(e.name, e.source) for e in saved.experts] == [
+        ("clip", ""), ("siglip", str(tmp_path / "siglip")), ("dino", str(tmp_path / "dinov2")),
+        ("cumo", str(tmp_path / "cumo"))]
+    # what eval.py loads: the encoders are the folders' own weights, not fresh ones
+    model, _, _ = common.load_run(run)
+    for name, folder in (("siglip", "siglip"), ("dino", "dinov2")):
+        want = sources[folder].state_dict()
+        got = model.vision_moe.encoders[name].state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), name
+    data_root = tiny.build_tiny_benchmarks(str(tmp_path / "bench"), per_class=1, n_vl=1)
+    E.main(["--bench", "imagenet", "--preset", "tiny", "--ckpt", run, "--data-root", data_root, "--limit", "6"])
+    metrics = json.load(open(os.path.join(run, "eval", "imagenet", "metrics.json")))
+    assert metrics["n"] == 6 and set(metrics["routing"]) <= {"clip", "siglip", "dino", "cumo"}
+    assert sum(metrics["routing"].values()) == 6
