@@ -69,6 +69,7 @@ from tqdm import tqdm
 import baselines
 import carpe
 import kernels
+import small
 import tiny
 from benchmarks import (BENCH_GROUPS, BENCHMARKS, MATCH_RULES, comparison_table, markdown_tables, open_image, read_eval_dir,
                         table2_average, table3_average, table_name)
@@ -80,6 +81,8 @@ PRESETS = {  # defaults a preset fills in when the flag is not given
     "tiny": dict(base="tiny", data_root="runs/tiny-eval-data", batch_size=4, max_new_tokens=8, workers=0, dtype="float32"),
     "llava-7b": dict(base="llava-hf/llava-1.5-7b-hf", data_root="playground/data/eval", batch_size=16,
                      max_new_tokens=None, workers=4, dtype="auto"),
+    # small: small.py's SmolLM2 + Fashion-MNIST world (base and data root resolved from its cache)
+    "small": {k: v for k, v in small.EVAL_PRESET.items() if k != "template"},
 }
 
 
@@ -561,7 +564,7 @@ def parse_args(argv=None):
                    "default: the preset's (tiny: train.py's cached pre-stage base if present, else 'tiny')")
     p.add_argument("--template", default=None, choices=TEMPLATES, help="conversation template of the prompts for a "
                    "model built around --base (default vicuna_v1); a --ckpt run uses the template it was trained with")
-    p.add_argument("--preset", default="llava-7b", choices=list(PRESETS), help="defaults for base, data root, batch size, dtype")
+    p.add_argument("--preset", default="llava-7b", choices=list(PRESETS), help="defaults for base, data root, batch size, dtype (tiny: the offline tiny world; small: small.py's SmolLM2 + Fashion-MNIST world, bench fashion-mnist; llava-7b: the paper's)")
     p.add_argument("--data-root", default=None, help="root of the benchmark folders (default: the preset's)")
     p.add_argument("--out", default=None, help="output folder (default <ckpt>/eval, else runs/eval-<method>)")
     p.add_argument("--world", default="open", choices=["open", "closed"],
@@ -604,6 +607,11 @@ def parse_args(argv=None):
         args.base = tiny.tiny_default_base(args.cache_dir)
     elif args.base == "tiny":
         args.base = tiny.ensure_random_base(args.cache_dir)
+    if args.preset == "small" and (args.base is None or args.data_root is None):
+        world = small.ensure_small_world(args.cache_dir)
+        args.base, args.data_root = args.base or world.base, args.data_root or world.eval_root
+    if args.preset == "small" and not args.ckpt and args.template is None:
+        args.template = small.EVAL_PRESET["template"]  # a bare small base speaks its own chat template
     if args.table is None:
         if args.bench is None:
             p.error("--bench is required (or --table DIR ...)")

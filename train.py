@@ -55,6 +55,7 @@ import common
 import data
 import kernels
 import moe
+import small
 import tiny
 from common import (all_reduce_sum, barrier, clip_grad_norm, cosine_schedule, gather_trainable, peak_memory_gb,
                     print0, setup_distributed, weights_checksum)
@@ -63,9 +64,12 @@ PRESETS = {
     # tiny: a 1:1 mix and 3 epochs so that the few hundred synthetic samples hold enough
     # classification prompts; learning rates 30x the paper's so that 150 steps show the effect
     "tiny": dict(base=None, batch_size=16, micro_batch_size=8, lr_adapter=6e-4, lr=6e-3, integrator_heads=4,
-                 num_workers=0, gradient_checkpointing=False, mix="1:1", epochs=3),
+                 num_workers=0, gradient_checkpointing=False, mix="1:1", epochs=3, template="vicuna_v1"),
     "llava-7b": dict(base="llava-hf/llava-1.5-7b-hf", batch_size=64, micro_batch_size=8, lr_adapter=2e-5, lr=2e-4,
-                     integrator_heads=32, num_workers=4, gradient_checkpointing=True, mix="1:7", epochs=None),
+                     integrator_heads=32, num_workers=4, gradient_checkpointing=True, mix="1:7", epochs=None,
+                     template="vicuna_v1"),
+    # small: SmolLM2-135M-Instruct + Fashion-MNIST on CPU (small.py), its own chat template
+    "small": dict(small.TRAIN_PRESET),
 }
 # per-method exceptions to a preset: on the tiny preset, LEVI's five fresh blocks at CARPE's 1:1 mix
 # and 6e-3 forget the conversations (their loss rises over the first steps), so LEVI keeps the
@@ -90,7 +94,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train CARPE (or a baseline) on LLaVA-Instruct + ImageNet.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="llava-7b",
-                   help="tiny: offline tiny LLaVA + synthetic data on CPU; llava-7b: the paper's setting")
+                   help="tiny: offline tiny LLaVA + synthetic data on CPU; small: SmolLM2-135M + Fashion-MNIST on CPU (small.py; needs requirements-small.txt); llava-7b: the paper's setting")
     p.add_argument("--base", default=None, help="base LLaVA: HF id or folder (default: the preset's)")
     p.add_argument("--method", choices=["carpe", "imagenet-ft", "levi"], default="carpe",
                    help="what to train: CARPE, the ImageNet fine-tune baseline (projector, ImageNet only) or LEVI")
@@ -100,8 +104,9 @@ def parse_args(argv=None):
     p.add_argument("--imagenet-classes", default=None,
                    help="class-name file: one per line in sorted dir order, or wnid<TAB>name (default <imagenet>/classnames.txt)")
     p.add_argument("--mix", default=None, help="ImageNet : LLaVA samples per epoch (default: preset's; paper 1:7)")
-    p.add_argument("--template", choices=data.TEMPLATES, default="vicuna_v1",
-                   help="conversation template: vicuna_v1 (LLaVA-1.5 bases) or chat (the tokenizer's own chat template)")
+    p.add_argument("--template", choices=data.TEMPLATES, default=None,
+                   help="conversation template: vicuna_v1 (LLaVA-1.5 bases) or chat (the tokenizer's own chat "
+                        "template); default: the preset's (chat for small, else vicuna_v1)")
     p.add_argument("--closed-k", type=int, default=10, help="candidates listed in a closed-world ImageNet prompt")
     p.add_argument("--model-max-length", type=int, default=None,
                    help=f"longer samples are cut (and counted); default {DEFAULT_MODEL_MAX_LENGTH}, or the base's "
@@ -195,12 +200,22 @@ def resolve_args(args):
         raise SystemExit("--moe only applies to --method carpe")
     if args.experts and not args.moe:
         raise SystemExit("--experts only applies with --moe")
-    if args.preset != "tiny":
+    if args.preset not in ("tiny", "small"):
         if args.method != "imagenet-ft" and not args.data:
             raise SystemExit(f"--preset {args.preset} needs --data (LLaVA-Instruct json) and --image-root")
         if not args.imagenet:
             raise SystemExit(f"--preset {args.preset} needs --imagenet (ImageFolder root with train/)")
     return args
+
+
+def use_small_world(args):
+    """--preset small: the flags left unset point at small.py's cached world."""
+    world = small.ensure_small_world(args.cache_dir)
+    for key in ("base", "data", "image_root", "imagenet", "imagenet_classes"):
+        if getattr(args, key) is None:
+            setattr(args, key, getattr(world, key))
+    if args.method == "imagenet-ft" and args.max_steps is None:  # as many steps as CARPE makes
+        args.max_steps = small.carpe_steps(world)
 
 
 def use_tiny_world(args):
@@ -553,6 +568,11 @@ def setup(args, rank, world, local_rank, device):
             tiny.ensure_tiny_world(args.cache_dir)
         barrier()
         use_tiny_world(args)
+    elif args.preset == "small":
+        if local_rank == 0:  # build small.py's stages 1-3 (LM, tower, aligned LVLM) on first use
+            small.ensure_small_world(args.cache_dir)
+        barrier()
+        use_small_world(args)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
