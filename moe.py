@@ -779,7 +779,6 @@ def build_vision_moe(llava, moe_config: MoEConfig, device="cpu", dtype=None, ima
     preprocessing; None = AutoImageProcessor on the folder / id llava was loaded from."""
     base_dtype = llava.model.multi_modal_projector.linear_1.weight.dtype
     dtype = dtype or base_dtype  # of the added encoders; the new adapters and router follow the base projector
-    vcfg = llava.config.vision_config
     if llava.config.vision_feature_select_strategy != "default":
         raise ValueError("CARPE-MoE needs the base's vision_feature_select_strategy='default' (CLS dropped), "
                          f"got {llava.config.vision_feature_select_strategy!r}")

@@ -1,6 +1,5 @@
 """Tests for moe.py (CARPE-MoE): CuMo CLIP-MoE upcycling and loading, routing, the balance loss,
 per-expert preprocessing, and CARPE training with the tiny VisionMoE."""
-import copy
 import itertools
 import json
 import os

@@ -17,7 +17,6 @@ import torch
 from safetensors.torch import load_file
 
 import carpe
-import data
 import train
 import common  # noqa: E402
 import tiny  # noqa: E402
@@ -404,7 +403,6 @@ def test_bad_samples_are_dropped_or_replaced_and_named(small_data, tmp_path):
     """--skip-bad-samples reaches data.py: an entry whose image is missing is dropped up front
     (its id in skipped_entries.json), one whose image is truncated is replaced in the loader (its
     id in the step's log line); without the flag the run stops naming the entry."""
-    import shutil
     entries = json.load(open(small_data))
     with_image = [e for e in entries if "image" in e]
     image_root = train.resolve_args(train.parse_args(["--preset", "tiny", "--out", "x"]))
