@@ -520,6 +520,7 @@ def base_side_of_run(run_dir, base, out_dir):
         raise ValueError(f"--wise-ft: {run_dir} is a CARPE-MoE run; pair it with another run dir, not with a base")
     llava, _ = load_base(base, dtype="auto")  # on CPU, as saved (fp16 for llava-hf): the 7B base never needs a GPU here
     cfg = CarpeConfig.from_dict(run["carpe"]) if run.get("carpe") else None
+    torch.manual_seed(run["train"].get("seed", 0))  # the run's own init of the modules it adds
     model = build_model(run["method"], llava, cfg)
     os.makedirs(out_dir, exist_ok=True)
     shutil.copy(os.path.join(run_dir, "config.json"), os.path.join(out_dir, "config.json"))

@@ -320,6 +320,10 @@ def wrap_model(args, model, device, world):
             # samples chose, and gathering ~1.6B frozen parameters every step would buy nothing
             ignored |= set(model.vision_moe.encoders.parameters())
         fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=ignored or None)
+        # ranks may use different parameters in one step (a text-only micro-batch leaves LEVI's cross-attention
+        # without a gradient; an MoE expert nobody on a rank chose, too): reduce-scatter zeros for the unused ones,
+        # as DDP's find_unused_parameters does, so every rank joins the same collectives
+        model.set_reduce_scatter_unused_params(True)
     if args.compile:  # per repeated block, in place (after fully_shard, as FSDP2 expects)
         kernels.compile_blocks(carpe.repeated_blocks(model))
     if world > 1 and not args.fsdp:
