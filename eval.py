@@ -656,6 +656,10 @@ def main(argv=None):
                 f.write(text)
         return
     benches = bench_list(args.bench)
+    scored_officially = [b.name for b in benches if not b.group.startswith("cls")]
+    if args.match != "official" and scored_officially:  # a VL score is its official script's or nothing
+        raise EvalError(f"--match {args.match} is a classification variant; {', '.join(scored_officially)} are "
+                        f"scored only by their official rules (drop --match or evaluate them separately)")
     rank, world, local_rank, device = setup_distributed()
     if args.preset == "tiny" and device.type == "cpu":
         torch.set_num_threads(1)  # a tiny model gains nothing from threads, and loses much on a busy machine

@@ -690,8 +690,9 @@ def build_tiny_benchmarks(root, seed=0, per_class=4, n_vl=6):
 # 5. a tiny CARPE-MoE expert set
 
 def tiny_moe_config():
-    """Four tiny random experts of different families and different patch grids (the base
-    carpe.tiny_llava grid is 6x6): clip = the base tower (6x6), siglip 7x7, dinov2 10x10, cumo 9x9."""
+    """Four tiny random experts of different families and different patch grids: clip = the base
+    tower (tiny_llava's 6x6; the pre-stage base's 3x3 with TINY_OVERRIDES), siglip 7x7, dinov2 10x10,
+    cumo 9x9, each pooled to the base grid."""
     return MoEConfig(experts=[
         ExpertConfig("clip", "base_clip", "", 48, CLIP_MEAN, CLIP_STD, -2, True),
         ExpertConfig("siglip", "siglip", "", 56, SIGLIP_MEAN, SIGLIP_STD, -2, False,

@@ -124,7 +124,6 @@ def test_carpe_at_fixed_weights_0_1_is_the_lvlm(world, items):
     assert all(w == [0.0, 1.0] for w in weights)
 
 
-@pytest.mark.skipif("--template" not in open(TRAIN).read(), reason="train.py has no --template flag yet")
 def test_carpe_run_reloads_to_the_same_answers(world, items):
     """Stage 4 through train.py (2 steps); two loads of the run answer identically, and unlike the base."""
     run = small.ensure_runs(CACHE, world, ["carpe"], SMOKE, TRAIN)["carpe"]
