@@ -83,6 +83,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from kernels import IGNORE_INDEX
 
@@ -527,7 +528,6 @@ def pack_llava_json(config: DataConfig, folder, progress=True):
     """Check every entry of the json, streaming, and write the good records into folder:
     records.bin (compact JSON, back to back), offsets.npy (int64, n + 1), meta.json (counts and the
     skipped entries). Raises BadSampleError listing the first bad entries unless skip_bad_samples."""
-    from tqdm import tqdm
     offsets, skipped, first_bad, n_bad, n_entries = array("q", [0]), SkipReport(), [], 0, 0
     with open(os.path.join(folder, "records.bin"), "wb") as out:
         bar = tqdm(desc=f"checking {os.path.basename(config.llava_json)}", unit=" entries", disable=not progress,

@@ -63,6 +63,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
+from huggingface_hub import try_to_load_from_cache
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -129,7 +130,6 @@ def base_digest(base):
     Hub id is looked up in the local Hub cache (after loading, it is there)."""
     folder = base
     if not os.path.isdir(base):
-        from huggingface_hub import try_to_load_from_cache
         cached = try_to_load_from_cache(base, "config.json")
         if not isinstance(cached, str):
             return short_digest(f"hub:{base}")  # not in the cache: the id is all we know
@@ -207,7 +207,7 @@ def expert_names(model):
     vision_moe = getattr(model, "vision_moe", None)
     if vision_moe is None:
         return None
-    return getattr(vision_moe, "expert_names", None) or [e.name for e in vision_moe.config.experts]
+    return vision_moe.expert_names
 
 
 # -----------------------------------------------------------------------------
