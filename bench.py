@@ -12,7 +12,9 @@ regional torch.compile buys, and what reading the LLaVA json costs per rank. One
           same frozen set; CARPE's overhead split into context pass, integrator, head.
  decode   prefill and per-token latency of CARPE.generate vs HF generate (batch 1, greedy, cached, no EOS).
  compile  kernels.compile_blocks (regional) vs eager on the training step of vanilla LLaVA and CARPE per
-          --compile-layers: cold compile (fresh process, empty inductor cache), speed-up, graphs, loss.
+          --compile-layers: cold compile (fresh process, empty inductor cache), speed-up, graphs, loss, and
+          the bound on the speed-up: the eager step's share of time in GEMM and attention kernels, which
+          inductor calls unchanged (profiled), caps eager/compiled at 1 / share.
  json     a generated LLaVA json: per-rank time and peak memory of parsing and checking it in every rank,
           of the one-off pack per node (data.ensure_llava_cache), of mapping the pack (TrainDataset.from_config).
 
@@ -37,6 +39,7 @@ import time
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.profiler import ProfilerActivity, profile
 from transformers import StoppingCriteriaList
 
 import carpe
@@ -532,6 +535,29 @@ def section_decode(args, device):
 # -----------------------------------------------------------------------------
 # section compile: regional torch.compile vs eager on the training step
 
+KEPT_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation")  # GEMMs
+
+
+def is_kept_kernel(op_name):
+    """Ops whose kernels inductor calls as they are (a library GEMM, an attention or convolution kernel)
+    rather than generating code for: compiling cannot make them faster."""
+    return op_name in KEPT_OPS or "scaled_dot_product" in op_name or "convolution" in op_name
+
+
+def kept_kernel_share(step, device):
+    """Share of one profiled call of step() spent in is_kept_kernel ops (self time: a parent op such
+    as aten::linear counts only its own overhead, its GEMM once). A compiled step cannot beat
+    eager by more than 1 / share if it keeps those kernels: Amdahl's bound on what compile buys."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        sync(device)
+    ops = prof.key_averages()
+    own = (lambda e: e.self_device_time_total) if device.type == "cuda" else (lambda e: e.self_cpu_time_total)
+    total = sum(own(e) for e in ops)
+    return sum(own(e) for e in ops if is_kept_kernel(e.key)) / total if total else 0.0
+
+
 def compile_worker(spec):
     """One model (vanilla / carpe) at one depth, in a fresh process whose inductor cache is empty:
     the first compiled step's wall time (cold compile + one step), then eager and compiled steps
@@ -556,7 +582,9 @@ def compile_worker(spec):
         with torch.compiler.set_stance("force_eager"):
             step()
     t = medians(time_interleaved(dict(eager=eager_step, compiled=step), args.repeats, device, CLOCKS[args.clock]))
+    share = kept_kernel_share(eager_step, device)
     return dict(first_step_s=compile_s, unique_graphs=counts.unique_graphs, graph_breaks=counts.graph_breaks,
+                kept_share=share, speedup_bound=1 / share if share else float("inf"),
                 eager_calls=counts.eager_calls, blocks=len(carpe.repeated_blocks(net)), median_s=t,
                 speedup=t["eager"] / t["compiled"], eager_loss=eager_loss, compiled_loss=compiled_loss,
                 loss_rel_diff=abs(compiled_loss - eager_loss) / abs(eager_loss))
@@ -576,12 +604,14 @@ def section_compile(args, device):
             print(f"  compile {path} {layers} layers: first step {r['first_step_s']:.1f} s, {r['speedup']:.2f}x")
     rows = [[r["path"], r["layers"], r["blocks"], r["unique_graphs"], r["graph_breaks"] + r["eager_calls"],
              f"{r['first_step_s']:.1f} s", fmt_ms(r["median_s"]["eager"]), fmt_ms(r["median_s"]["compiled"]),
-             f"{r['speedup']:.2f}x", f"{r['loss_rel_diff']:.1e}"] for r in results]
+             f"{r['speedup']:.2f}x", f"{r['kept_share']:.0%}", f"{r['speedup_bound']:.2f}x", f"{r['loss_rel_diff']:.1e}"]
+            for r in results]
     print_table(f"compile: kernels.compile_blocks, backend {args.compile_backend}, training step, median of "
                 f"{args.repeats}, {args.clock} time (targets: CARPE's deepest first step <= 2x its shallowest, "
                 f"CARPE eager/compiled >= 1.3x, 0 graph breaks, loss rel. diff <= 1e-5)",
                 ["model", "layers", "blocks", "graphs", "graph breaks + eager calls", "first compiled step (cold, wall)",
-                 "eager", "compiled", "eager/compiled", "loss rel. diff"], rows)
+                 "eager", "compiled", "eager/compiled", "eager in GEMM+attention kernels", "bound (1/share)",
+                 "loss rel. diff"], rows)
     carpe_runs = [r for r in results if r["path"] == "carpe"]
     growth = carpe_runs[-1]["first_step_s"] / carpe_runs[0]["first_step_s"]
     print(f"CARPE cold compile at {carpe_runs[-1]['layers']} layers over {carpe_runs[0]['layers']}: {growth:.2f}x")

@@ -118,3 +118,18 @@ def test_head_memory_workers_fused_holds_less():
     logits_bytes = 1024 * 16000 * 4
     assert naive["peak_bytes"] - naive["grad_bytes"] > 2 * logits_bytes  # two head matmuls' logits at least
     assert fused["peak_bytes"] - fused["grad_bytes"] < logits_bytes / 2  # one 128-row chunk, not N rows
+
+
+def test_kept_kernel_share_separates_library_kernels_from_the_rest():
+    """The compile section's Amdahl bound: a step of GEMMs alone is all kept kernels, a step of
+    elementwise ops none, and attention counts as kept; the share decides the printed bound."""
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    q = torch.randn(1, 2, 64, 32)
+    cpu = torch.device("cpu")
+    gemm = bench.kept_kernel_share(lambda: [a @ b for _ in range(4)], cpu)
+    elementwise = bench.kept_kernel_share(lambda: [(a * b).exp().sigmoid() for _ in range(4)], cpu)
+    attention = bench.kept_kernel_share(
+        lambda: [torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True) for _ in range(4)], cpu)
+    assert gemm > 0.8 and attention > 0.5
+    assert elementwise == 0.0
+    assert not bench.is_kept_kernel("aten::matmul") and not bench.is_kept_kernel("aten::linear")  # parents: own time only

@@ -101,13 +101,13 @@ def test_context_frozen_in_epoch_one_only(run_a, small_data):
     assert all(r["vision_weight"] == 0.5 for r in log[:5]) and log[5]["vision_weight"] != 0.5
 
 
-def torchrun(small_data, out, *extra):
+def torchrun(small_data, out, *extra, script="train.py", env=None, ok=True):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(REPO, "train.py"), *flags(small_data, out, "--max-steps", "6", *extra)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+           os.path.join(REPO, script), *flags(small_data, out, "--max-steps", "6", *extra)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return read_log(out)
+    assert (result.returncode == 0) == ok, result.stdout[-3000:] + result.stderr[-5000:]
+    return read_log(out) if ok else result
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +152,27 @@ def test_fsdp_resume_equals_the_uninterrupted_run(step, fsdp_run, small_data, tm
     assert [r["context_trainable"] for r in log] == [s > 4 for s in range(step + 1, 7)]
     a, b = weights_of(fsdp_run), weights_of(tmp_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fsdp_run_killed_by_sigkill_during_a_save_resumes_exactly(fsdp_run, small_data, tmp_path):
+    """A real `kill -9` under torchrun: rank 0 dies halfway through writing step 4's weights (the
+    epoch boundary), torchrun takes rank 1 down. The dead run leaves a torn step_0000004.tmp, a
+    log running to step 4 and its lock file; `--resume` (newest intact checkpoint: step 3) takes
+    the folder, and ends with the uninterrupted run's losses and weights, bit for bit."""
+    killed = torchrun(small_data, tmp_path, "--fsdp", "--save-every", "1", "--keep-checkpoints", "0",
+                      script="tests/killed_train.py", env=dict(CARPE_KILL_AT="step_0000004"), ok=False)
+    assert "SIGKILL" in killed.stdout + killed.stderr  # torchrun names the signal that ended rank 0
+    assert [os.path.basename(p) for p in common.list_checkpoints(str(tmp_path))] == \
+        ["step_0000001", "step_0000002", "step_0000003"]
+    assert os.path.isdir(tmp_path / "ckpt" / "step_0000004.tmp")  # the torn save, never renamed into place
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3, 4]
+    log = torchrun(small_data, tmp_path, "--fsdp", "--save-every", "1", "--keep-checkpoints", "0", "--resume")
+    full = read_log(fsdp_run)
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]  # step 4 once: the dead run's line was cut
+    assert [r["loss"] for r in log] == [r["loss"] for r in full]
+    a, b = weights_of(fsdp_run), weights_of(tmp_path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not any(n.endswith(".tmp") for n in os.listdir(tmp_path / "ckpt"))  # the torn folder was cleared
 
 
 def test_resume_refuses_another_config(run_a, small_data, tmp_path, capsys):
