@@ -190,6 +190,17 @@ def test_mme_prompt_as_llava_asks():
     assert B.mme_question("Is there a dog in this image? Please answer yes or no.") == \
         "Is there a dog in this image?\nAnswer the question using a single word or phrase."
     assert B.mme_question("Is this a cat?  Please answer yes or no.").endswith("cat?\n" + B.SHORT_ANSWER)
+    # golden: the "text" of LLaVA's own question file (playground/data/eval/MME/llava_mme.jsonl, 2,374 lines,
+    # every one "<question>\nAnswer the question using a single word or phrase.", none keeping "Please answer"),
+    # from MME release lines; the second release question has no "?" and LLaVA's text has none either
+    golden = {
+        "Is a python code shown in the picture? Please answer yes or no.":
+            "Is a python code shown in the picture?\nAnswer the question using a single word or phrase.",
+        "Is the cricket bat under the batter's body Please answer yes or no.":
+            "Is the cricket bat under the batter's body\nAnswer the question using a single word or phrase.",
+    }
+    for release, official in golden.items():
+        assert B.mme_question(release) == official
 
 
 # -----------------------------------------------------------------------------
