@@ -65,12 +65,16 @@ def test_step_carpe_with_fixed_weights_0_1_is_vanilla(toy_run):
     assert not any("language_model" in n or "vision_tower" in n for n in names)
 
 
-def test_step_breakdown_and_decode_shapes_of_work(toy_run):
+def test_step_breakdown_and_decode_measure_the_intended_work(toy_run):
     step = toy_run[1]["step"]["result"]
-    assert step["T"] == 9 + 16 + 5  # prompt text + (56/14)^2 image tokens + answer
+    P = (56 // 14) ** 2  # image tokens
+    assert step["T"] == 9 + P + 5  # prompt text + image tokens + answer
     assert set(step["parts_s"]) == {"context", "integrator", "head_carpe", "head_vanilla"}
+    assert all(t > 0 for t in step["parts_s"].values())
     decode = toy_run[1]["decode"]["result"]["results"]
     assert [r["prompt_length"] for r in decode] == [20, 30]
+    for r in decode:  # the timed context pass reads the prompt's text without its image tokens, + the context prompt
+        assert r["context_pass_tokens"] == r["prompt_length"] - P + 1
 
 
 def test_json_workers_pack_once_and_map(tmp_path):
