@@ -553,8 +553,9 @@ def pack_llava_json(config: DataConfig, folder, progress=True):
         raise BadSampleError(f"{config.llava_json}: {n_bad} bad entries (use --skip-bad-samples to drop and count "
                              f"them):\n  " + "\n  ".join(first_bad) + more)
     np.save(os.path.join(folder, "offsets.npy"), np.frombuffer(offsets, dtype=np.int64))
-    meta = dict(version=CACHE_VERSION, llava_json=os.path.abspath(config.llava_json), n_entries=n_entries,
-                n_records=len(offsets) - 1, skipped=skipped.items)
+    st = os.stat(config.llava_json)
+    meta = dict(version=CACHE_VERSION, llava_json=os.path.abspath(config.llava_json), size=st.st_size,
+                mtime_ns=st.st_mtime_ns, n_entries=n_entries, n_records=len(offsets) - 1, skipped=skipped.items)
     with open(os.path.join(folder, "meta.json"), "w") as f:
         json.dump(meta, f)
 
@@ -583,7 +584,30 @@ def ensure_llava_cache(config: DataConfig, progress=True) -> str:
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    remove_stale_packs(folder)
     return folder
+
+
+def remove_stale_packs(folder):
+    """Remove the packs of an earlier state of the same json (another size or mtime, or another
+    cache version) beside the new one: a json edited in place would otherwise leave a full copy
+    of its text behind per edit. Packs of the same state under other settings (image root, skip
+    setting) stay; a run still mapping a removed pack keeps reading it (POSIX unlink)."""
+    with open(os.path.join(folder, "meta.json")) as f:
+        now = json.load(f)
+    parent, prefix = os.path.dirname(folder), os.path.basename(folder).rsplit("-", 1)[0] + "-"
+    for name in os.listdir(parent):
+        other = os.path.join(parent, name)
+        if not name.startswith(prefix) or ".tmp-" in name or other == folder:
+            continue
+        try:
+            with open(os.path.join(other, "meta.json")) as f:
+                meta = json.load(f)
+        except (OSError, ValueError):
+            continue  # not a pack, or one being written
+        same_state = all(meta.get(k) == now[k] for k in ("version", "size", "mtime_ns"))
+        if meta.get("llava_json") == now["llava_json"] and not same_state:
+            shutil.rmtree(other, ignore_errors=True)
 
 
 def load_llava_records(config: DataConfig):

@@ -605,8 +605,13 @@ def test_cache_built_once_keyed_and_mapped(tmp_path, processor, monkeypatch):
     monkeypatch.undo()
     # the key: a changed file, another image root or another skip setting is another cache
     assert data.ensure_llava_cache(llava_config(tmp_path, path, skip_bad_samples=True)) != folder
-    os.utime(path, ns=(1, 1))
-    assert data.ensure_llava_cache(config) != folder
+    skip_folder = data.ensure_llava_cache(llava_config(tmp_path, path, skip_bad_samples=True))
+    other = write_json(tmp_path / "other.json", entries[:3])
+    other_folder = data.ensure_llava_cache(llava_config(tmp_path, other))
+    os.utime(path, ns=(1, 1))  # the json edited in place: its packs of the old state are removed, nothing else
+    edited = data.ensure_llava_cache(config)
+    assert edited != folder and not os.path.exists(folder) and not os.path.exists(skip_folder)
+    assert sorted(os.listdir(tmp_path / "cache")) == sorted(os.path.basename(f) for f in (edited, other_folder))
     # a folder that cannot be written is named with the flag to change
     blocked = tmp_path / "file-not-dir"
     blocked.write_text("")
