@@ -71,6 +71,7 @@ Other choices where the paper and LLaVA leave room:
    relative to the data and the padding cost is modest; left as a possible speed-up.
 """
 import codecs
+import fcntl
 import hashlib
 import json
 import os
@@ -188,8 +189,9 @@ class PackedRecords:
     (from_values) or memory-mapped from a cache folder (open); pickled by path when mapped, so
     DataLoader workers map the file instead of copying it."""
 
-    def __init__(self, buffer, offsets, folder=None):
+    def __init__(self, buffer, offsets, folder=None, in_use=None):
         self.buffer, self.offsets, self.folder = buffer, offsets, folder
+        self.in_use = in_use  # a shared lock on the pack while mapped (see remove_stale_packs)
 
     @classmethod
     def from_values(cls, values):
@@ -200,11 +202,13 @@ class PackedRecords:
 
     @classmethod
     def open(cls, folder):
+        in_use = open(os.path.join(folder, "meta.json"))
+        fcntl.flock(in_use, fcntl.LOCK_SH)  # released when this process closes it or exits
         offsets = np.load(os.path.join(folder, "offsets.npy"), mmap_mode="r")
         path = os.path.join(folder, "records.bin")
         # np.memmap refuses an empty file: a cache whose entries were all skipped holds no bytes
         buffer = np.memmap(path, dtype=np.uint8, mode="r") if os.path.getsize(path) else np.zeros(0, np.uint8)
-        return cls(buffer, offsets, folder)
+        return cls(buffer, offsets, folder, in_use)
 
     def __reduce__(self):
         if self.folder is not None:
@@ -592,7 +596,8 @@ def remove_stale_packs(folder):
     """Remove the packs of an earlier state of the same json (another size or mtime, or another
     cache version) beside the new one: a json edited in place would otherwise leave a full copy
     of its text behind per edit. Packs of the same state under other settings (image root, skip
-    setting) stay; a run still mapping a removed pack keeps reading it (POSIX unlink)."""
+    setting) stay, and so does a pack some process still maps (PackedRecords.open holds a shared
+    lock on its meta.json: a running job's DataLoader workers re-open it by path)."""
     with open(os.path.join(folder, "meta.json")) as f:
         now = json.load(f)
     parent, prefix = os.path.dirname(folder), os.path.basename(folder).rsplit("-", 1)[0] + "-"
@@ -603,11 +608,13 @@ def remove_stale_packs(folder):
         try:
             with open(os.path.join(other, "meta.json")) as f:
                 meta = json.load(f)
+                same_state = all(meta.get(k) == now[k] for k in ("version", "size", "mtime_ns"))
+                if meta.get("llava_json") != now["llava_json"] or same_state:
+                    continue
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: a job still maps it
+                shutil.rmtree(other, ignore_errors=True)
         except (OSError, ValueError):
-            continue  # not a pack, or one being written
-        same_state = all(meta.get(k) == now[k] for k in ("version", "size", "mtime_ns"))
-        if meta.get("llava_json") == now["llava_json"] and not same_state:
-            shutil.rmtree(other, ignore_errors=True)
+            continue  # not a pack, one being written, or one in use
 
 
 def load_llava_records(config: DataConfig):

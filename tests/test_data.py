@@ -603,6 +603,7 @@ def test_cache_built_once_keyed_and_mapped(tmp_path, processor, monkeypatch):
     assert ds.llava[3] == ["s3", "ok.png", ["<image>\nWhat is the colour of the shape?", "answer 3"]]
     assert len(pickle.dumps(ds.llava)) < 500 and pickle.loads(pickle.dumps(ds.llava))[7] == ds.llava[7]  # by path
     monkeypatch.undo()
+    del ds  # this "job" ends: its pack is no longer mapped
     # the key: a changed file, another image root or another skip setting is another cache
     assert data.ensure_llava_cache(llava_config(tmp_path, path, skip_bad_samples=True)) != folder
     skip_folder = data.ensure_llava_cache(llava_config(tmp_path, path, skip_bad_samples=True))
@@ -612,6 +613,16 @@ def test_cache_built_once_keyed_and_mapped(tmp_path, processor, monkeypatch):
     edited = data.ensure_llava_cache(config)
     assert edited != folder and not os.path.exists(folder) and not os.path.exists(skip_folder)
     assert sorted(os.listdir(tmp_path / "cache")) == sorted(os.path.basename(f) for f in (edited, other_folder))
+    # ... unless a job still maps one: a running job's workers re-open its pack by path
+    mapped = data.PackedRecords.open(edited)
+    os.utime(path, ns=(2, 2))
+    newest = data.ensure_llava_cache(config)
+    assert os.path.isdir(edited) and pickle.loads(pickle.dumps(mapped))[3] == mapped[3]
+    del mapped  # the job ends (its lock with it): the next build removes both older packs
+    os.utime(path, ns=(3, 3))
+    latest = data.ensure_llava_cache(config)
+    assert sorted(os.listdir(tmp_path / "cache")) == sorted(os.path.basename(f) for f in (latest, other_folder))
+    assert newest != latest
     # a folder that cannot be written is named with the flag to change
     blocked = tmp_path / "file-not-dir"
     blocked.write_text("")
