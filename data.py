@@ -9,66 +9,54 @@ data.py: the training data of CARPE (paper section 4.1).
    into right-padded Batches (pixel_values a tensor, or a dict of tensors for CARPE-MoE).
 
 Templates (`DataConfig.template`):
- - "vicuna_v1", the template of LLaVA-1.5 bases, as LLaVA's conv_vicuna_v1 renders it:
-       "<s>SYSTEM USER: <image>\\nq1 ASSISTANT: a1</s>USER: q2 ASSISTANT: a2</s>"
-   Ids and labels are those of LLaVA's llava/train/train.py `preprocess_v1`: the WHOLE string is
-   tokenised, split only at <image> (llava/mm_utils.py `tokenizer_image_token`: each piece on its
-   own, BOS once), so with a non-legacy SentencePiece tokenizer a later turn starts "</s>USER" with
-   USER as the tokenizer spells it right after a special token. Labels follow preprocess_v1's
-   arithmetic: split at </s> into rounds, each round split at " ASSISTANT: "; the instruction
-   (its tokens minus BOS minus the trailing space's token) is masked, the answer and its </s> are
-   supervised; rounds after the first are one token shorter in context when the tokenizer adds
-   no SentencePiece prefix after a special token (LLaVA: `not tokenizer.legacy`; tested here as a
-   behaviour, so byte-level BPE, which adds no prefix anywhere, gets no adjustment, exact for it).
-   Where the arithmetic misses the sequence's end (LLaVA's "tokenization mismatch": it trains on
-   nothing) the sample is an error.
- - "chat": the tokenizer's own chat template (apply_chat_template, e.g. ChatML). The whole
-   rendered string is tokenised the same way; supervised are the tokens from the end of the
-   generation prompt (the template rendered up to that assistant turn) through the first special
-   token after the answer (its end-of-turn token, e.g. <|im_end|>).
- - Either way `<image>` moves to the start of its turn followed by "\\n" (LLaVA's
-   preprocess_multimodal) and expands to the P image tokens the processor uses, and
-   `ConversationTokenizer.encode_prompt` gives the generation prompt exactly as training tokenises it.
+ - "vicuna_v1", LLaVA-1.5's conv_vicuna_v1: "<s>SYSTEM USER: <image>\nq1 ASSISTANT: a1</s>USER: q2 ASSISTANT: a2</s>".
+   Ids and labels are those of LLaVA's train.py `preprocess_v1`: the WHOLE string is tokenised, split
+   only at <image> (mm_utils.py `tokenizer_image_token`: each piece on its own, BOS once), so with a
+   non-legacy SentencePiece tokenizer a later turn starts "</s>USER" with USER spelt as after a special
+   token. Labels follow preprocess_v1's arithmetic: rounds split at </s>, each at " ASSISTANT: "; the
+   instruction (its tokens minus BOS minus the trailing space's token) is masked, the answer and its
+   </s> supervised; later rounds are one token shorter in context when the tokenizer adds no prefix
+   after a special token (LLaVA: `not tokenizer.legacy`; tested as a behaviour, so byte-level BPE gets
+   no adjustment, exact for it). Where the arithmetic misses the end (LLaVA's "tokenization
+   mismatch": it trains on nothing) the sample is an error.
+ - "chat": the tokenizer's chat template (apply_chat_template, e.g. ChatML), tokenised the same way;
+   supervised: from the end of the generation prompt through the first special token after the
+   answer (its end-of-turn token, e.g. <|im_end|>).
+ - Either way `<image>` moves to the start of its turn followed by "\n" (LLaVA's preprocess_multimodal)
+   and expands to the processor's P image tokens; `ConversationTokenizer.encode_prompt` gives the
+   generation prompt exactly as training tokenises it.
 
 Checks (one bad item costs one item; messages name the file and the entry):
- - Up front, streaming the json entry by entry: JSON and UTF-8 validity (bytes that are not UTF-8
-   and lone surrogate escapes name their entry), roles alternating human/gpt and ending on gpt,
-   no empty turn, exactly one <image> tag in a human turn for an entry with an image and none
-   without, the image file present and starting with an image signature (junk and empty files
-   fail here). A truncated image passes that check: decoding all ~565K images up front costs
-   about an epoch of IO, so pixels are decoded in the loader.
- - In the loader: an image that fails to decode, image tokens that cutting to model_max_length
-   would cut, and samples left with no supervised token. Longer samples are cut at the end and
-   counted.
+ - Up front, streaming the json: JSON and UTF-8 validity (non-UTF-8 bytes and lone surrogate escapes
+   name their entry), roles alternating human/gpt and ending on gpt, no empty turn, one <image> tag
+   in a human turn iff the entry has an image, the image file present and starting with an image
+   signature. Truncated images are found in the loader (decoding ~565K images up front costs an epoch
+   of IO), as are image tokens that cutting to model_max_length would cut and samples left with no
+   supervised token; longer samples are cut at the end and counted.
  - With skip_bad_samples, bad entries are dropped up front and counted with their ids
-   (`TrainDataset.skipped`); a sample that fails in the loader is replaced by the next good sample
-   of the epoch order, and its id and reason travel in `Batch.skipped`. Replacing (instead of
-   dropping) keeps every micro-batch full, so no rank ever gets an empty batch under DDP/FSDP.
-   Without skip_bad_samples the first bad sample stops the run with its id, file and cause.
+   (`TrainDataset.skipped`); a sample failing in the loader is replaced by the next good sample of the
+   epoch order (every micro-batch stays full, so no rank gets an empty batch under DDP/FSDP), its id
+   and reason in `Batch.skipped`. Without it the first bad sample stops the run with id, file, cause.
 
 The LLaVA json cache (`ensure_llava_cache`): a folder under `DataConfig.cache_dir` (default
 $XDG_CACHE_HOME/carpe or ~/.cache/carpe, never beside the json, whose folder may be read-only),
 keyed by the json's absolute path, size and mtime and the settings that change its content
 (image_root, skip_bad_samples): the checked records as compact JSON in one byte file plus int64
-offsets, built in a temporary folder and renamed into place (a reader never sees half a cache).
-Every rank and every resume memory-maps it. Building it streams the json (one entry alive at a
-time): the peak is one read chunk plus the offsets, not the parsed list.
+offsets, built in a temporary folder and renamed into place (a reader never sees half a cache);
+the packs of an earlier state of the json go once no job maps them. Every rank and every resume
+memory-maps it. Building streams the json: the peak is one read chunk plus the offsets.
 
 Other choices where the paper and LLaVA leave room:
  - Turns alternate human/gpt from human to gpt (LLaVA drops a leading gpt turn; here: an error).
- - The mix: each epoch holds every LLaVA entry once plus round(n_llava * a / b) ImageNet
-   images (a:b = 1:7), taken from a seeded permutation of ImageNet that continues across epochs
-   (epoch 2 sees other images than epoch 1); the union is shuffled with a seed from (seed, epoch).
-   Without LLaVA data (method imagenet-ft) an epoch is every ImageNet image once.
- - Sharding: global position p of an epoch belongs to step p // global_batch; within a step
-   each rank reads a contiguous block of global_batch / world positions. A resume starts at a
-   position, so any world size can continue a run.
- - The classification prompt of a sample (template, open/closed, candidates) is drawn from a
-   RNG keyed by (seed, epoch, position): deterministic in any worker or rank.
- - Closed world: `<template> Choose one from "<c1>, <c2>, ...".` with k candidates (true + k-1
-   random others, shuffled); eval builds its closed-world question with the same function.
- - No grouping by modality/length (LLaVA's group_by_modality_length): batches are small
-   relative to the data and the padding cost is modest; left as a possible speed-up.
+ - The mix: each epoch holds every LLaVA entry once plus round(n_llava * a / b) ImageNet images
+   (a:b = 1:7) from a seeded permutation that continues across epochs, shuffled with a seed from
+   (seed, epoch). Without LLaVA data (imagenet-ft) an epoch is every ImageNet image once.
+ - Sharding: global position p belongs to step p // global_batch; each rank reads a contiguous
+   block of global_batch / world positions of it. A resume starts at a position (any world size).
+ - A classification prompt (template, open/closed, candidates) comes from an RNG keyed by (seed,
+   epoch, position). Closed world: `<template> Choose one from "<c1>, <c2>, ...".` with k shuffled
+   candidates including the true one; eval builds its closed-world question with the same function.
+ - No grouping by modality/length (LLaVA's group_by_modality_length): a possible speed-up.
 """
 import codecs
 import fcntl
@@ -514,18 +502,18 @@ class JsonListReader:
 
 
 def llava_cache_dir(config: DataConfig):
-    """The cache folder of config's LLaVA json: keyed by its absolute path, size and mtime and the
-    settings that change what the check keeps."""
+    """The cache folder of config's LLaVA json, named llava-<stem>-<json>-<state>-<settings>: digests
+    of its absolute path, of its size, mtime and the cache version, and of the settings that change
+    what the check keeps (another state of the same json is a stale pack: remove_stale_packs)."""
     path = os.path.abspath(config.llava_json)
     if not os.path.isfile(path):
         raise BadSampleError(f"--data {config.llava_json}: file not found")
     st = os.stat(path)
-    key = dict(version=CACHE_VERSION, path=path, size=st.st_size, mtime_ns=st.st_mtime_ns,
-               image_root=os.path.abspath(config.image_root) if config.image_root else None,
-               skip_bad_samples=config.skip_bad_samples)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    image_root = os.path.abspath(config.image_root) if config.image_root else None
+    parts = [path, (CACHE_VERSION, st.st_size, st.st_mtime_ns), (image_root, config.skip_bad_samples)]
+    digests = [hashlib.sha256(json.dumps(p).encode()).hexdigest()[:8] for p in parts]
     stem = os.path.splitext(os.path.basename(path))[0]
-    return os.path.join(config.cache_dir or default_cache_dir(), f"llava-{stem}-{digest}")
+    return os.path.join(config.cache_dir or default_cache_dir(), "-".join(["llava", stem] + digests))
 
 
 def pack_llava_json(config: DataConfig, folder, progress=True):
@@ -557,9 +545,8 @@ def pack_llava_json(config: DataConfig, folder, progress=True):
         raise BadSampleError(f"{config.llava_json}: {n_bad} bad entries (use --skip-bad-samples to drop and count "
                              f"them):\n  " + "\n  ".join(first_bad) + more)
     np.save(os.path.join(folder, "offsets.npy"), np.frombuffer(offsets, dtype=np.int64))
-    st = os.stat(config.llava_json)
-    meta = dict(version=CACHE_VERSION, llava_json=os.path.abspath(config.llava_json), size=st.st_size,
-                mtime_ns=st.st_mtime_ns, n_entries=n_entries, n_records=len(offsets) - 1, skipped=skipped.items)
+    meta = dict(version=CACHE_VERSION, llava_json=os.path.abspath(config.llava_json), n_entries=n_entries,
+                n_records=len(offsets) - 1, skipped=skipped.items)
     with open(os.path.join(folder, "meta.json"), "w") as f:
         json.dump(meta, f)
 
@@ -593,28 +580,20 @@ def ensure_llava_cache(config: DataConfig, progress=True) -> str:
 
 
 def remove_stale_packs(folder):
-    """Remove the packs of an earlier state of the same json (another size or mtime, or another
-    cache version) beside the new one: a json edited in place would otherwise leave a full copy
-    of its text behind per edit. Packs of the same state under other settings (image root, skip
-    setting) stay, and so does a pack some process still maps (PackedRecords.open holds a shared
-    lock on its meta.json: a running job's DataLoader workers re-open it by path)."""
-    with open(os.path.join(folder, "meta.json")) as f:
-        now = json.load(f)
-    parent, prefix = os.path.dirname(folder), os.path.basename(folder).rsplit("-", 1)[0] + "-"
-    for name in os.listdir(parent):
-        other = os.path.join(parent, name)
-        if not name.startswith(prefix) or ".tmp-" in name or other == folder:
-            continue
-        try:
-            with open(os.path.join(other, "meta.json")) as f:
-                meta = json.load(f)
-                same_state = all(meta.get(k) == now[k] for k in ("version", "size", "mtime_ns"))
-                if meta.get("llava_json") != now["llava_json"] or same_state:
-                    continue
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: a job still maps it
-                shutil.rmtree(other, ignore_errors=True)
-        except (OSError, ValueError):
-            continue  # not a pack, one being written, or one in use
+    """Remove the packs of another state of folder's json (another size, mtime or cache version):
+    a json edited in place would otherwise leave a full copy of its text behind per edit. Packs
+    of this state under other settings stay, and so does a pack a job still maps (PackedRecords.open
+    holds a shared lock on its meta.json; a job's DataLoader workers re-open it by path)."""
+    parent, name = os.path.split(folder)
+    same_json, state, _ = name.rsplit("-", 2)
+    for other in os.listdir(parent):
+        if other.startswith(same_json + "-") and ".tmp-" not in other and other.rsplit("-", 2)[1] != state:
+            try:
+                with open(os.path.join(parent, other, "meta.json")) as f:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: a job still maps it
+                    shutil.rmtree(os.path.join(parent, other), ignore_errors=True)
+            except OSError:
+                continue  # not a pack, or one in use
 
 
 def load_llava_records(config: DataConfig):
@@ -813,12 +792,8 @@ class TrainDataset(torch.utils.data.Dataset):
     decodes lazily (in the DataLoader workers). skipped: the LLaVA entries the up-front check dropped."""
 
     def __init__(self, config: DataConfig, processor, llava_records=None, imagenet=None, skipped=None):
-        self.config = config
-        self.llava = llava_records
-        self.imagenet = imagenet
-        self.skipped = skipped or SkipReport()
-        n_llava = len(llava_records) if llava_records is not None else 0
-        n_imagenet = len(imagenet) if imagenet is not None else 0
+        self.config, self.llava, self.imagenet, self.skipped = config, llava_records, imagenet, skipped or SkipReport()
+        n_llava, n_imagenet = (len(x) if x is not None else 0 for x in (llava_records, imagenet))
         self.plan = MixPlan(n_llava, n_imagenet, config.mix, config.seed)
         tokenizer = processor.tokenizer
         self.conversation = ConversationTokenizer(tokenizer, n_image_tokens(processor),
