@@ -2,6 +2,8 @@
 common.py: what train.py, eval.py, bench.py and tiny.py share: distributed set-up, atomic writes,
 the learning-rate schedule, run folders (loading a trained run) and WiSE-FT weight interpolation.
 """
+import datetime
+import errno
 import fcntl
 import glob
 import hashlib
@@ -13,6 +15,8 @@ import random
 import re
 import resource
 import shutil
+import sys
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,8 +33,11 @@ from carpe import CarpeConfig, load_base, make_image_transform
 
 
 
-def setup_distributed():
-    """-> rank, world, local_rank, device. Works with plain python (world 1) and torchrun."""
+def setup_distributed(timeout_s=None):
+    """-> rank, world, local_rank, device. Works with plain python (world 1) and torchrun.
+    timeout_s: how long any collective may wait (None = the backend's default: NCCL's watchdog
+    kills a rank after 10 minutes, which a first launch's rank-0-only work, such as checking a
+    cold json of 624K images, can exceed)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -40,7 +47,12 @@ def setup_distributed():
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+        if missing:
+            raise SystemExit(f"WORLD_SIZE={world} but {', '.join(missing)} unset: launch with torchrun "
+                             f"(torchrun --nproc_per_node N {os.path.basename(sys.argv[0])} ...)")
+        timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     return rank, world, local_rank, device
 
 
@@ -113,15 +125,84 @@ def cosine_schedule(total_steps, warmup_steps):
     return lr_lambda
 
 
+class DiskFullError(OSError):
+    """A write that failed because its file system is full; the message names the path, what was
+    needed and what is free, and says that the partial file was removed."""
+
+
+def nbytes(obj):
+    """The bytes of the tensors in a nested container: what writing it needs, roughly."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(nbytes(v) for v in obj)
+    return 64
+
+
+def free_bytes(path):
+    """Free bytes on the file system holding `path` (or its nearest existing parent)."""
+    while path and not os.path.exists(path):
+        path = os.path.dirname(path)
+    return shutil.disk_usage(path or ".").free
+
+
+def is_disk_full(error, path, needed):
+    """A failed write ran out of space: ENOSPC, or the writer's own words for it (torch.save says
+    only "iostream error", safetensors "StorageFull"), or less space left than the write needed."""
+    if getattr(error, "errno", None) == errno.ENOSPC or any(w in str(error) for w in ("No space left", "StorageFull")):
+        return True
+    return free_bytes(path) < needed
+
+
+def remove_quietly(path):
+    """Remove a file or folder if it is there."""
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
+def disk_full_error(path, needed, partial):
+    """The DiskFullError for a write of `needed` bytes into `path`, once `partial` is removed."""
+    remove_quietly(partial)
+    return DiskFullError(errno.ENOSPC, f"no space left on the device holding {path}: writing it needs about "
+                                       f"{needed / 2**20:.1f} MiB and {free_bytes(path) / 2**20:.1f} MiB are free "
+                                       f"(the partial {os.path.basename(partial)} was removed). Free some space and run "
+                                       f"again")
+
+
+def write_atomic(path, write, needed):
+    """write(tmp_path), then rename over `path`. A failure removes the temp file; a full disk
+    raises DiskFullError naming the path and the space needed."""
+    tmp = path + ".tmp"
+    try:
+        write(tmp)
+    except Exception as e:
+        if is_disk_full(e, path, needed):
+            raise disk_full_error(path, needed, tmp) from None
+        remove_quietly(tmp)
+        raise
+    os.replace(tmp, path)
+
+
 def write_json_atomic(path, obj):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
+    text = json.dumps(obj, indent=2)
+    write_text_atomic(path, text)
+
+
+def write_text_atomic(path, text):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())  # a full disk shows at the flush, not at the rename
+    write_atomic(path, write, len(text.encode()))
 
 
 def save_safetensors_atomic(state, path):
-    save_file(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    write_atomic(path, lambda tmp: save_file(state, tmp), nbytes(state))
 
 
 # -----------------------------------------------------------------------------
@@ -190,9 +271,41 @@ def load_weights(path, device="cpu"):
 
 
 # -----------------------------------------------------------------------------
-# run folders: config.json + model.safetensors (+ manifest.json), what eval.py --ckpt reads
+# run folders: run_config.json + model.safetensors (+ manifest.json), what eval.py --ckpt reads
 
 RUN_WEIGHTS = ("model.safetensors",)  # the weights file(s) of a run folder
+RUN_CONFIG = "run_config.json"  # the run's own config; never named config.json, which tools read as a transformers model
+LEGACY_RUN_CONFIG = "config.json"  # what run folders written before the rename hold
+
+
+def run_config_path(folder):
+    """The run config file of a run folder (new name first, then the old one), or None."""
+    for name in (RUN_CONFIG, LEGACY_RUN_CONFIG):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def read_run_config(folder):
+    """A run folder's config (dict): method, base, template, carpe, moe, train. Raises
+    FileNotFoundError naming the folder when it holds none, DamagedFileError when unreadable."""
+    path = run_config_path(folder)
+    if path is None:
+        raise FileNotFoundError(f"{folder} is not a train.py run directory: it has no {RUN_CONFIG}")
+    config = read_json(path)
+    if not isinstance(config, dict) or "method" not in config:
+        raise FileNotFoundError(f"{folder} is not a train.py run directory: {path} is not a run config")
+    return config
+
+
+def is_run_dir(path):
+    """A train.py run folder (new or old layout), as opposed to a Hugging Face model folder."""
+    try:
+        read_run_config(path)
+    except (FileNotFoundError, DamagedFileError):
+        return False
+    return os.path.isfile(os.path.join(path, RUN_WEIGHTS[0]))
 
 
 def run_digest(run_dir):
@@ -204,20 +317,19 @@ def run_digest(run_dir):
     return hashlib.sha256("".join(f"{n}:{d}\n" for n, d in zip(RUN_WEIGHTS, digests)).encode()).hexdigest()
 
 
-def load_run(out_dir, device="cpu", dtype=None):
-    """Rebuild a train.py run directory (config.json + model.safetensors) for evaluation:
+def load_run(out_dir, device="cpu", dtype=None, base=None):
+    """Rebuild a train.py run directory (run_config.json + model.safetensors) for evaluation:
     -> (model, processor, image_transform). Verifies the digests the folder records and refuses
-    non-finite weights, naming the file and tensor."""
-    config_file = os.path.join(out_dir, "config.json")
+    non-finite weights, naming the file and tensor. base: the base folder or Hub id to build on
+    instead of the config's own "base" entry (pretrained.py resolves preset names such as
+    "preset:tiny" and passes the folder here)."""
     weights_file = os.path.join(out_dir, "model.safetensors")
-    for f in (config_file, weights_file):
-        if not os.path.isfile(f):
-            raise FileNotFoundError(f"{out_dir} is not a train.py run directory: {f} is missing")
+    run = read_run_config(out_dir)
+    if not os.path.isfile(weights_file):
+        raise FileNotFoundError(f"{out_dir} is not a finished train.py run directory: {weights_file} is missing")
     verify_manifest(out_dir)
     state = load_weights(weights_file, device)  # before the base: a damaged run fails in a second
-    with open(config_file) as f:
-        run = json.load(f)
-    llava, processor = load_base(run["base"], device, dtype)
+    llava, processor = load_base(base or run["base"], device, dtype)
     vision_moe = None
     if run.get("moe"):
         vision_moe = moe.build_vision_moe(llava, moe.MoEConfig.from_dict(run["moe"]), device=device, dtype=dtype,
@@ -234,15 +346,18 @@ def load_run(out_dir, device="cpu", dtype=None):
 def save_run(out, weights, run_config):
     """The final weights in the run-folder format load_run reads, with their digests (rank 0)."""
     save_safetensors_atomic(weights, os.path.join(out, "model.safetensors"))
-    write_json_atomic(os.path.join(out, "config.json"), run_config)
-    write_manifest(out, ["model.safetensors", "config.json"])
+    write_json_atomic(os.path.join(out, RUN_CONFIG), run_config)
+    legacy = os.path.join(out, LEGACY_RUN_CONFIG)
+    if os.path.isfile(legacy) and "method" in read_json(legacy):  # an old-layout run finished again in place
+        os.remove(legacy)
+    write_manifest(out, ["model.safetensors", RUN_CONFIG])
 
 
 # -----------------------------------------------------------------------------
 # the run folder is the unit of safety: one run at a time, a used folder is not silently reused
 
-RUN_OUTPUTS = ("ckpt", "superseded", "log.jsonl", "config.json", "model.safetensors", MANIFEST, "summary.json",
-               "skipped_entries.json")
+RUN_OUTPUTS = ("ckpt", "superseded", "log.jsonl", RUN_CONFIG, LEGACY_RUN_CONFIG, "model.safetensors", MANIFEST,
+               "summary.json", "skipped_entries.json")
 
 
 def lock_run_folder(out):
@@ -340,22 +455,60 @@ def retire(path):
     shutil.rmtree(doomed)
 
 
+def any_rank(*flags):
+    """For each flag: True on every rank if it is true on any (one all-reduce), so no rank waits
+    in a barrier for one that failed."""
+    total = all_reduce_sum(torch.tensor([float(bool(f)) for f in flags], dtype=torch.float64))
+    return [bool(v) for v in total.tolist()]
+
+
+def wait_for_files(paths, timeout_s=600):
+    """Wait until every path exists. Other ranks' files are looked up by name, never by listing
+    the folder: a network file system may serve a stale listing for a while."""
+    deadline = time.monotonic() + timeout_s
+    for path in paths:
+        while not os.path.isfile(path):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{path} did not appear within {timeout_s} s (written by another rank)")
+            time.sleep(0.05)
+
+
 def save_checkpoint(path, weights, optimizer_state, trainer_state, config, rank, device):
     """Write a checkpoint (collective: every rank adds its RNG file). The caller checked `weights`
-    finite. The manifest is written last, then the folder is renamed into place."""
+    finite. The manifest is written last, then the folder is renamed into place. A full disk on
+    any rank raises DiskFullError on every rank, with the temp folder removed and the earlier
+    checkpoints untouched."""
     tmp = path + ".tmp"
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rng_files = [f"rng_rank{r}.pt" for r in range(world)]
+    needed = nbytes(weights) + nbytes(optimizer_state)
+    error = None
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed during a save
-        os.makedirs(tmp)
-        save_file(weights, os.path.join(tmp, "model.safetensors"))
-        torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
-        write_json_atomic(os.path.join(tmp, "trainer_state.json"), trainer_state)
-        write_json_atomic(os.path.join(tmp, "config.json"), config)
-    barrier()
-    torch.save(rng_state(device), os.path.join(tmp, f"rng_rank{rank}.pt"))
-    barrier()
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed during a save
+            os.makedirs(tmp)
+            save_file(weights, os.path.join(tmp, "model.safetensors"))
+            torch.save(optimizer_state, os.path.join(tmp, "optimizer.pt"))
+            write_json_atomic(os.path.join(tmp, "trainer_state.json"), trainer_state)
+            write_json_atomic(os.path.join(tmp, "config.json"), config)
+        except Exception as e:
+            error = e
+    if not any_rank(error)[0]:
+        try:
+            torch.save(rng_state(device), os.path.join(tmp, rng_files[rank]))
+        except Exception as e:
+            error = e
+    full = error is not None and is_disk_full(error, tmp, needed)
+    failed, any_full = any_rank(error, full)
+    if failed:  # every rank stops here, past its writes; rank 0 removes the temp folder
+        if rank == 0:
+            remove_quietly(tmp)
+        if any_full:
+            raise disk_full_error(path, needed, tmp)
+        raise error or RuntimeError(f"saving {path} failed on another rank (its message says why)")
     if rank == 0:
-        write_manifest(tmp, sorted(n for n in os.listdir(tmp) if n != MANIFEST))
+        wait_for_files([os.path.join(tmp, n) for n in rng_files])
+        write_manifest(tmp, ["model.safetensors", "optimizer.pt", "trainer_state.json", "config.json"] + rng_files)
         if os.path.isdir(path):  # the same step of an abandoned earlier attempt
             retire(path)
         os.rename(tmp, path)
@@ -514,8 +667,7 @@ def base_side_of_run(run_dir, base, out_dir):
     """A copy of run dir `run_dir` whose weights are `base`'s own values of the tensors the run
     trains: the zero-shot end of WiSE-FT for a run trained from `base` (for an imagenet-ft run,
     the base's projector; for methods that add modules, their fresh seeded init)."""
-    with open(os.path.join(run_dir, "config.json")) as f:
-        run = json.load(f)
+    run = read_run_config(run_dir)
     if run.get("moe"):
         raise ValueError(f"--wise-ft: {run_dir} is a CARPE-MoE run; pair it with another run dir, not with a base")
     llava, _ = load_base(base, dtype="auto")  # on CPU, as saved (fp16 for llava-hf): the 7B base never needs a GPU here
@@ -523,7 +675,7 @@ def base_side_of_run(run_dir, base, out_dir):
     torch.manual_seed(run["train"].get("seed", 0))  # the run's own init of the modules it adds
     model = build_model(run["method"], llava, cfg)
     os.makedirs(out_dir, exist_ok=True)
-    shutil.copy(os.path.join(run_dir, "config.json"), os.path.join(out_dir, "config.json"))
+    write_json_atomic(os.path.join(out_dir, RUN_CONFIG), run)
     state = {k: v.detach().float().contiguous() for k, v in model.trainable_state_dict().items()}
     save_file(state, os.path.join(out_dir, "model.safetensors"))
     return out_dir
@@ -564,11 +716,3 @@ def interpolate_weights(a, b, alpha, out_dir):
     with open(os.path.join(out_dir, "wise_ft.json"), "w") as f:
         json.dump(dict(a=a, b=b, alpha=alpha), f, indent=1)
     return out_dir
-
-
-def is_run_dir(path):
-    cfg = os.path.join(path, "config.json")
-    if not os.path.exists(cfg):
-        return False
-    with open(cfg) as f:
-        return "method" in json.load(f)
