@@ -454,6 +454,26 @@ class LlavaWrapper(TrainableSet, nn.Module):
     def integrator_blocks(self):
         return []
 
+    # --- loading, sharing and asking: pretrained.py does the work. Each import is deferred
+    # because the loader needs the MoE experts, the conversation templates and the presets, which
+    # sit above carpe.py (imports point down only).
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=None):
+        import pretrained
+        return pretrained.load(path, device=device, dtype=dtype, expect=cls)
+
+    def save_pretrained(self, folder, **kwargs):
+        import pretrained
+        return pretrained.save_pretrained(self, folder, **kwargs)
+
+    def push_to_hub(self, repo_id, **kwargs):
+        import pretrained
+        return pretrained.push_to_hub(self, repo_id, **kwargs)
+
+    def ask(self, image, question, max_new_tokens=64, return_dict=False, **kwargs):
+        import pretrained
+        return pretrained.ask(self, image, question, max_new_tokens=max_new_tokens, return_dict=return_dict, **kwargs)
+
     def start_generation(self, input_ids, attention_mask, pixel_values, max_new_tokens):
         """Everything computed once per prompt: the context weights, the MoE route, the
         cross-attention K/V over the image, empty KV caches."""
