@@ -49,8 +49,12 @@ memory-maps it. Building streams the json: the peak is one read chunk plus the o
 Other choices where the paper and LLaVA leave room:
  - Turns alternate human/gpt from human to gpt (LLaVA drops a leading gpt turn; here: an error).
  - The mix: each epoch holds every LLaVA entry once plus round(n_llava * a / b) ImageNet images
-   (a:b = 1:7) from a seeded permutation that continues across epochs, shuffled with a seed from
-   (seed, epoch). Without LLaVA data (imagenet-ft) an epoch is every ImageNet image once.
+   (a:b = 1:7) from a seeded permutation that continues across epochs (fewer images than that:
+   some repeat within an epoch), shuffled with a seed from (seed, epoch). Without LLaVA data
+   (imagenet-ft) an epoch is every ImageNet image once. A mix that cannot be honoured is an error
+   naming both counts and the ratio, never a silently different run (check_mix): a json that is
+   empty or whose every entry --skip-bad-samples dropped (with the skip summary), a ratio that
+   rounds the ImageNet side to 0 samples, or an a:0 ratio with LLaVA data given.
  - Sharding: global position p belongs to step p // global_batch; each rank reads a contiguous
    block of global_batch / world positions of it. A resume starts at a position (any world size).
  - A classification prompt (template, open/closed, candidates) comes from an RNG keyed by (seed,
@@ -716,6 +720,30 @@ class MixPlan:
         return int(source), int(index)
 
 
+def check_mix(config: DataConfig, llava_records, imagenet, skipped: SkipReport):
+    """Refuse a mix that cannot be honoured: a side whose data was given but which would train on
+    nothing in an epoch. Names the file, both counts and the ratio. A side left out entirely (no
+    --data, no --imagenet) is the user's choice and is recorded as such in the run config."""
+    a, b = config.mix
+    ratio = f"--mix {a:g}:{b:g}"
+    if llava_records is not None and len(llava_records) == 0:
+        where = f"--data {config.llava_json}" if config.llava_json else "the LLaVA records"
+        if len(skipped):
+            raise BadSampleError(f"{where}: all {len(skipped)} entries were dropped by --skip-bad-samples, so the LLaVA "
+                                 f"side of {ratio} would train on nothing (an ImageNet-only run). The first:\n  "
+                                 f"{skipped.summary()}")
+        raise BadSampleError(f"{where} holds no entries, so the LLaVA side of {ratio} would train on nothing "
+                             f"(an ImageNet-only run); leave out --data to train on ImageNet alone")
+    n_llava, n_imagenet = (len(x) if x is not None else 0 for x in (llava_records, imagenet))
+    if n_llava and b == 0:
+        raise BadSampleError(f"{ratio} leaves no LLaVA sample per epoch, but --data {config.llava_json} holds "
+                             f"{n_llava} entries (every entry is trained once an epoch); leave out --data instead")
+    if n_llava and imagenet is not None and round(n_llava * a / b) == 0:
+        raise BadSampleError(f"{ratio} with {n_llava} LLaVA entries gives round({n_llava} * {a:g} / {b:g}) = 0 "
+                             f"ImageNet samples per epoch, though --imagenet {config.imagenet} holds {n_imagenet} "
+                             f"images: give more LLaVA entries or a larger ImageNet side of --mix")
+
+
 class RankSampler(torch.utils.data.Sampler):
     """Yields (epoch, position) keys for one rank: the steps of an epoch from start_position on;
     in each step this rank reads a contiguous block of global_batch // world positions. The tail
@@ -793,6 +821,7 @@ class TrainDataset(torch.utils.data.Dataset):
 
     def __init__(self, config: DataConfig, processor, llava_records=None, imagenet=None, skipped=None):
         self.config, self.llava, self.imagenet, self.skipped = config, llava_records, imagenet, skipped or SkipReport()
+        check_mix(config, llava_records, imagenet, self.skipped)
         n_llava, n_imagenet = (len(x) if x is not None else 0 for x in (llava_records, imagenet))
         self.plan = MixPlan(n_llava, n_imagenet, config.mix, config.seed)
         tokenizer = processor.tokenizer

@@ -636,3 +636,43 @@ def test_skip_report_summary():
         report.add(f"s{i}", f"reason {i}")
     assert len(report) == 7 and report.ids[:2] == ["s0", "s1"]
     assert report.summary(2) == "s0: reason 0\n  s1: reason 1\n  ... and 5 more"
+
+
+def tiny_imagenet(root, n_per_class=2):
+    """An ImageFolder with two classes and its class-name file."""
+    for c in ("circle", "square"):
+        os.makedirs(root / "train" / c)
+        for i in range(n_per_class):
+            Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(root / "train" / c / f"{i}.png")
+    (root / "classnames.txt").write_text("circle\nsquare\n")
+    return str(root)
+
+
+def test_mix_that_cannot_be_honoured_is_an_error_naming_file_counts_and_ratio(tmp_path, processor):
+    """An empty json, or one whose every entry --skip-bad-samples drops, used to train an ImageNet-only
+    run under a 1:1 mix without a word; a ratio that rounds the ImageNet side to 0 a LLaVA-only run."""
+    imagenet = tiny_imagenet(tmp_path / "imagenet")
+    empty = write_json(tmp_path / "empty.json", [])
+    config = llava_config(tmp_path, empty, imagenet=imagenet, mix=(1, 1))
+    with pytest.raises(data.BadSampleError, match=f"--data {empty} holds no entries.*--mix 1:1"):
+        data.TrainDataset.from_config(config, processor)
+    bad = [conversation(f"gone-{i}", "missing.png") for i in range(7)]
+    all_bad = write_json(tmp_path / "all_bad.json", bad)
+    with pytest.raises(data.BadSampleError) as e:
+        data.TrainDataset.from_config(llava_config(tmp_path, all_bad, imagenet=imagenet, mix=(1, 1),
+                                                   skip_bad_samples=True), processor)
+    msg = str(e.value)
+    assert f"--data {all_bad}: all 7 entries were dropped by --skip-bad-samples" in msg and "--mix 1:1" in msg
+    assert "gone-0: entry 0: image file" in msg and "missing.png does not exist" in msg and "and 2 more" in msg
+    three = write_json(tmp_path / "three.json", [conversation(f"t{i}") for i in range(3)])
+    with pytest.raises(data.BadSampleError, match=r"--mix 1:7 with 3 LLaVA entries gives round\(3 \* 1 / 7\) = 0 "
+                                                  r"ImageNet samples per epoch, though --imagenet .* holds 4 images"):
+        data.TrainDataset.from_config(llava_config(tmp_path, three, imagenet=imagenet), processor)
+    with pytest.raises(data.BadSampleError, match="--mix 1:0 leaves no LLaVA sample per epoch.*3 entries"):
+        data.TrainDataset.from_config(llava_config(tmp_path, three, imagenet=imagenet, mix=(1, 0)), processor)
+    # what can be honoured still trains: 3 LLaVA entries at 1:1 take 3 ImageNet samples, and a json
+    # without --imagenet (a side left out on purpose) is all LLaVA
+    ds, _ = data.TrainDataset.from_config(llava_config(tmp_path, three, imagenet=imagenet, mix=(1, 1)), processor)
+    assert (ds.plan.n_llava, ds.plan.imagenet_per_epoch) == (3, 3)
+    ds, _ = data.TrainDataset.from_config(llava_config(tmp_path, three), processor)
+    assert (ds.plan.n_llava, ds.plan.imagenet_per_epoch) == (3, 0)
