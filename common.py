@@ -205,6 +205,58 @@ def save_safetensors_atomic(state, path):
     write_atomic(path, lambda tmp: save_file(state, tmp), nbytes(state))
 
 
+class LogMirror:
+    """Mirrors each log.jsonl record to TensorBoard (<out>/tensorboard/) and/or Weights & Biases
+    (train.py --tensorboard / --wandb PROJECT). Both are optional imports (requirements-logging.txt);
+    log.jsonl stays the record. W&B offline mode works (WANDB_MODE=offline: `wandb sync` uploads
+    later); a resumed run continues the same W&B run (its id is kept in <out>/wandb_id)."""
+
+    def __init__(self, out, config, tensorboard=False, wandb_project=None):
+        self.writer = self.wandb_run = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # optional: only this flag needs it
+            except ImportError:
+                raise SystemExit("--tensorboard needs the tensorboard package: "
+                                 "pip install -r requirements-logging.txt") from None
+            self.writer = SummaryWriter(os.path.join(out, "tensorboard"))
+        if wandb_project:
+            try:
+                import wandb  # optional: only this flag needs it
+            except ImportError:
+                raise SystemExit("--wandb needs the wandb package: pip install -r requirements-logging.txt") from None
+            id_file = os.path.join(out, "wandb_id")
+            run_id = open(id_file).read().strip() if os.path.isfile(id_file) else os.urandom(4).hex()
+            write_text_atomic(id_file, run_id)
+            self.wandb_run = wandb.init(project=wandb_project, id=run_id, resume="allow", dir=out, config=config,
+                                        name=os.path.basename(os.path.abspath(out)))
+
+    @staticmethod
+    def scalars(record):
+        """The numbers of a record, nested dicts flattened (route/clip, ...); lists and text left out."""
+        flat = {}
+        for key, value in record.items():
+            if isinstance(value, dict):
+                flat.update({f"{key}/{k}": v for k, v in value.items() if isinstance(v, (int, float))})
+            elif isinstance(value, (int, float)) and key != "step":  # bools too: 0 / 1
+                flat[key] = float(value)
+        return flat
+
+    def log(self, record):
+        values = self.scalars(record)
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, record["step"])
+        if self.wandb_run is not None:
+            self.wandb_run.log(values, step=record["step"])
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
 # -----------------------------------------------------------------------------
 # integrity: file digests and finite weights
 
