@@ -59,7 +59,14 @@ MEMORY_ENV = dict(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536"
 
 def sync(device):
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
+
+
+def now(device, clock=time.perf_counter):
+    """The clock once `device` has finished the work queued so far: CUDA kernels run
+    asynchronously, so a bare clock read on GPU times the launches, not the work."""
+    sync(device)
+    return clock()
 
 
 def time_interleaved(fns, repeats, device, clock, warmup=1):
@@ -67,12 +74,10 @@ def time_interleaved(fns, repeats, device, clock, warmup=1):
     times = {name: [] for name in fns}
     for round_ in range(warmup + repeats):
         for name, fn in fns.items():  # in turn: a slow spell of the machine hits every path alike
-            sync(device)
-            t0 = clock()
+            t0 = now(device, clock)
             fn()
-            sync(device)
             if round_ >= warmup:
-                times[name].append(clock() - t0)
+                times[name].append(now(device, clock) - t0)
     return times
 
 
@@ -471,16 +476,14 @@ def generate_timed(kind, llava, model, prompt, new, clock):
     stamps = []
 
     def stamp_hf(input_ids, scores, **kwargs):  # a stopping criterion: HF calls it once per new token
-        stamps.append(clock())
+        stamps.append(now(input_ids.device, clock))
         return torch.zeros(input_ids.size(0), dtype=torch.bool, device=input_ids.device)  # never stop
 
     def stamp_carpe(*a, **k):  # CARPE.generation_step: the prefill, then one call per new token
         logits = type(model).generation_step(model, *a, **k)
-        sync(logits.device)
-        stamps.append(clock())
+        stamps.append(now(logits.device, clock))
         return logits
-    sync(ids.device)
-    t0 = clock()
+    t0 = now(ids.device, clock)
     if kind == "hf":
         out = llava.generate(input_ids=ids, attention_mask=mask, pixel_values=pix, max_new_tokens=new,
                              min_new_tokens=new, do_sample=False, num_beams=1,
@@ -573,11 +576,9 @@ def compile_worker(spec):
     kernels.reset_compile_counts()
     kernels.compile_blocks(carpe.repeated_blocks(net), backend=args.compile_backend)
     step = make_step(net, batch, dtype, vanilla, loss_fn)
-    sync(device)
-    t0 = time.perf_counter()  # wall time: inductor compiles in worker processes too
+    t0 = now(device)  # wall time: inductor compiles in worker processes too
     compiled_loss = step().item()
-    sync(device)
-    compile_s = time.perf_counter() - t0
+    compile_s = now(device) - t0
     counts = kernels.compile_counts()
 
     def eager_step():

@@ -140,3 +140,30 @@ def test_kept_kernel_share_separates_library_kernels_from_the_rest():
     assert gemm > 0.8 and attention > 0.8
     assert elementwise == 0.0
     assert not bench.is_kept_kernel("aten::matmul") and not bench.is_kept_kernel("aten::linear")  # parents: own time only
+
+
+def test_every_decode_clock_read_waits_for_the_device(monkeypatch):
+    """On GPU a clock read before the queued kernels finish times their launch, not their work
+    (HF's prefill looked free): every stamp of both generate paths must follow a synchronize of
+    the device the tensors live on."""
+    events = []
+    monkeypatch.setattr(bench, "sync", lambda device: events.append(("sync", device.type)))
+    clock = lambda: events.append(("clock", None)) or float(len(events))  # noqa: E731
+    args = bench.parse_args(TOY)
+    llava, model, _ = bench.bench_models(args, torch.device("cpu"))
+    prompt = bench.make_batch(llava, 1, 12, 0, torch.device("cpu"))
+    with torch.no_grad():
+        for kind in ["hf", "carpe"]:
+            events.clear()
+            bench.generate_timed(kind, llava, model, prompt, 3, clock)
+            reads = [i for i, e in enumerate(events) if e[0] == "clock"]
+            assert len(reads) == 1 + 3  # the start, then one stamp per new token
+            assert all(i > 0 and events[i - 1] == ("sync", "cpu") for i in reads), (kind, events)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CUDA call on a build without CUDA")
+def test_device_clock_synchronizes_a_cuda_device():
+    # a CPU-only build refuses any CUDA call: reaching it proves the clock asks CUDA to finish first
+    with pytest.raises(AssertionError, match="CUDA"):
+        bench.now(torch.device("cuda"), lambda: 0.0)
+    assert bench.now(torch.device("cpu"), lambda: 7.0) == 7.0
