@@ -29,7 +29,7 @@ Choices where the paper is silent:
  - The run folder is locked for the run; a used one needs --resume or --overwrite. Checkpoints
    (common.py) carry file digests; --resume falls back past a damaged one, applies the flags in
    APPLIED_ON_RESUME and refuses, in one line, a change of those in FIXED_ON_RESUME.
- - The final weights go to <out>/config.json + <out>/model.safetensors (common.load_run reads them).
+ - The final weights go to <out>/run_config.json + <out>/model.safetensors (common.load_run reads them).
 """
 import argparse
 import json
@@ -79,7 +79,7 @@ DEFAULT_MODEL_MAX_LENGTH = 2048  # LLaVA-1.5's
 
 # What a resume does with each flag. FIXED: they change the data order, the schedule or the
 # optimizer's layout, so a resume refuses a change. APPLIED: a resume uses the new value (and
-# config.json records it). The model flags are checked through the model's config (carpe / moe).
+# the run config records it). The model flags are checked through the model's config (carpe / moe).
 FIXED_ON_RESUME = ("preset", "batch_size", "seed", "mix", "epochs", "max_steps", "closed_k", "model_max_length",
                    "warmup_ratio", "skip_bad_samples", "template", "fsdp")
 APPLIED_ON_RESUME = ("data", "image_root", "imagenet", "imagenet_classes", "micro_batch_size", "lr_adapter", "lr",
@@ -113,7 +113,7 @@ def parse_args(argv=None):
                         f"max_position_embeddings when smaller; a value above it is refused")
     p.add_argument("--skip-bad-samples", action="store_true",
                    help="drop and count bad LLaVA entries (missing image, malformed conversation) instead of failing")
-    p.add_argument("--out", required=True, help="run folder: log.jsonl, ckpt/, final config.json + model.safetensors")
+    p.add_argument("--out", required=True, help="run folder: log.jsonl, ckpt/, final run_config.json + model.safetensors")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in a used --out: delete the earlier run's log, checkpoints and weights "
                         "(without it a used --out needs --resume)")
@@ -419,7 +419,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     dataset: data.TrainDataset
     collator: data.Collator
-    config: dict  # the run config in effect (config.json, every checkpoint)
+    config: dict  # the run config in effect (run_config.json, every checkpoint's config.json)
     state: TrainerState
     accum: int  # micro-batches per rank per optimizer step
     steps_per_epoch: int
@@ -542,7 +542,9 @@ def load_optimizer_state(run, ckpt):
     # the freeze of the epoch it enters (and AdamW creates their state at their first step, as in
     # an uninterrupted run).
     set_context_trainable(run, run.state.context_trainable)
-    base_lrs = [g["lr"] for g in run.optimizer.param_groups]  # from --lr / --lr-adapter
+    # the rates of --lr / --lr-adapter: LambdaLR keeps them as base_lrs, while each group's "lr" is
+    # already scaled by the first warmup factor (reading that would resume at lr / warmup steps)
+    base_lrs = list(run.scheduler.base_lrs)
     if run.args.fsdp:
         set_optimizer_state_dict(run.model, run.optimizer, optim_state_dict=ckpt.optimizer["optimizer"],
                                  options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))

@@ -43,9 +43,11 @@ def small_data(tmp_path_factory):
 def flags(small_data, out, *extra):
     # the earlier tiny learning rates: the cross-attention key bias has no true gradient (softmax
     # ignores a shift shared by all keys), so AdamW turns its rounding noise into full-size
-    # steps; 6e-3 makes that noise exceed the DDP/FSDP-vs-one-process tolerance below
+    # steps; 6e-3 makes that noise exceed the DDP/FSDP-vs-one-process tolerance below.
+    # A warmup of 3 of the 6 steps (the field's warmups are long): a resume inside or after it
+    # must restart the schedule from the flags' rates, not from the warmup-scaled ones
     return ["--preset", "tiny", "--data", small_data, "--mix", "1:7", "--lr", "2e-3", "--lr-adapter", "2e-4",
-            "--batch-size", "8", "--micro-batch-size", "4",
+            "--batch-size", "8", "--micro-batch-size", "4", "--warmup-ratio", "0.5",
             "--num-workers", "0", "--out", str(out), *extra]
 
 
@@ -66,13 +68,20 @@ def context_names(state):
     return [n for n in state if carpe.is_context_name(n)]
 
 
+def lrs(log):
+    return [{k: v for k, v in r.items() if k.startswith("lr_")} for r in log]
+
+
 def test_resume_is_exact(run_a, small_data, tmp_path):
-    # resume from step 2 in a fresh process state: steps 3-6, across the epoch boundary
+    # resume from step 2, inside the 3-step warmup, in a fresh process state: steps 3-6, across the
+    # epoch boundary, at the learning rates of the uninterrupted run (not at lr x the first warmup factor)
+    full = read_log(run_a)
+    assert [r["lr_rest"] for r in full[:3]] == pytest.approx([2e-3 / 3, 2e-3 * 2 / 3, 2e-3], rel=1e-12)
     train.main(flags(small_data, tmp_path, "--max-steps", "6", "--resume", os.path.join(run_a, "ckpt", "step_0000002")))
-    full, resumed = read_log(run_a), read_log(tmp_path)
+    resumed = read_log(tmp_path)
     assert [r["step"] for r in resumed] == [3, 4, 5, 6]
+    assert lrs(resumed) == lrs(full[2:])
     assert [r["loss"] for r in resumed] == [r["loss"] for r in full[2:]]
-    assert [r["lr_rest"] for r in resumed] == [r["lr_rest"] for r in full[2:]]
     a, b = load_file(os.path.join(run_a, "model.safetensors")), load_file(os.path.join(tmp_path, "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # the loss moved and the run folder loads for evaluation
@@ -370,7 +379,7 @@ def test_retention_keeps_the_resumed_checkpoint_and_sets_newer_ones_aside(run_a,
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in read_log(out / "superseded")] == [3, 4, 5, 6]
     assert log[2]["lr_rest"] == pytest.approx(full[2]["lr_rest"] / 2, rel=1e-12)
-    config = json.load(open(out / "config.json"))
+    config = common.read_run_config(str(out))
     assert config["train"]["lr"] == 1e-3 and config["resumed"][0]["changed"] == {
         "--lr": [2e-3, 1e-3], "--save-every": [2, 1], "--keep-checkpoints": [0, 1]}
     assert config["resumed"][0]["step"] == 2
@@ -417,7 +426,7 @@ def test_model_max_length_fits_the_base(small_data, tmp_path, capsys):
         train.main(flags(small_data, tmp_path, "--max-steps", "1", "--model-max-length", "2048"))
     train.main(flags(small_data, tmp_path, "--max-steps", "1", "--overwrite"))
     assert "--model-max-length 1024: the base has 1024 positions" in capsys.readouterr().out
-    assert json.load(open(tmp_path / "config.json"))["train"]["model_max_length"] == 1024
+    assert common.read_run_config(str(tmp_path))["train"]["model_max_length"] == 1024
 
 
 def test_bad_samples_are_dropped_or_replaced_and_named(small_data, tmp_path):
@@ -470,7 +479,7 @@ def test_compile_hands_the_repeated_blocks_to_compile_blocks(small_data, tmp_pat
     monkeypatch.setattr(kernels, "compile_blocks", lambda blocks, backend="inductor": compiled.append(blocks))
     model = train.main(flags(small_data, tmp_path, "--max-steps", "1", "--compile"))
     assert len(compiled) == 1 and [id(b) for b in compiled[0]] == [id(b) for b in carpe.repeated_blocks(model)]
-    assert json.load(open(tmp_path / "config.json"))["train"]["compile"] is True
+    assert common.read_run_config(str(tmp_path))["train"]["compile"] is True
 
 
 def test_loss_spike_guard_skips_the_step(small_data, tmp_path, monkeypatch):
