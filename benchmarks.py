@@ -7,7 +7,7 @@ at the end is what eval.py, the summary tables and the tests read.
   score(records, match="official") -> dict with "headline"
 A record is one prediction line, {id, answer, error, context_weights, route, **item.meta}; a failed
 item (Item.error set: a malformed row, or an image that did not decode) has answer "" and is scored
-as the official script scores an empty answer. Readers never decode images; open_image() does.
+as the official script scores an empty answer. Readers never decode images; data.load_image does.
 
 Each prompt is built word for word as LLaVA-1.5's question files and scripts build it (Cambrian's for
 CV-Bench and MMVP), and each scorer computes what the official script computes on any answer, however
@@ -25,11 +25,9 @@ Layout under --data-root (LLaVA's playground/data/eval layout where LLaVA has on
   cvbench  cvbench/test_2d.jsonl + test_3d.jsonl (or test.jsonl) + img/, or the parquet release
   mmvp     MMVP/Questions.csv + "MMVP/MMVP Images/<index>.jpg"
 """
-import base64
 import binascii
 import csv
 import glob
-import io
 import json
 import os
 import random
@@ -39,8 +37,6 @@ import sys
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable
-
-from PIL import Image
 
 from data import IMAGE_EXTENSIONS, closed_world_question, read_class_names
 
@@ -54,7 +50,7 @@ MATCH_RULES = ("official", "substring", "exact")  # substring: classification's 
 class Item:
     id: str  # unique within the benchmark; also seeds anything random in the prompt
     question: str  # the user turn without the image tag
-    image: str | dict | None  # a file path, {"b64": str} or {"bytes": bytes}; decoded by open_image()
+    image: str | dict | None  # a file path, {"b64": str} or {"bytes": bytes}; decoded by data.load_image
     meta: dict = field(default_factory=dict)  # what the scorer needs; copied into the prediction line
     error: str | None = None  # set: the row is malformed; eval records a failed prediction without generating
 
@@ -91,20 +87,6 @@ def read_json_or_jsonl(path):
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
     return rows
-
-
-def open_image(ref):
-    """Decode an Item.image to RGB; any failure is a ValueError that names what failed."""
-    if not isinstance(ref, dict) and not (isinstance(ref, str) and os.path.isfile(ref)):
-        raise ValueError(f"image {ref} is missing")
-    what = ref if isinstance(ref, str) else f"the base64 image ({len(ref['b64'])} chars)" if "b64" in ref \
-        else f"the image bytes ({len(ref['bytes'])})"
-    try:
-        source = ref if isinstance(ref, str) else io.BytesIO(base64.b64decode(ref["b64"]) if "b64" in ref else ref["bytes"])
-        with Image.open(source) as im:
-            return im.convert("RGB")
-    except Exception as e:
-        raise ValueError(f"cannot decode {what}: {type(e).__name__}: {e}") from None
 
 
 def add_instruction(text, instruction):

@@ -46,6 +46,16 @@ offsets, built in a temporary folder and renamed into place (a reader never sees
 the packs of an earlier state of the json go once no job maps them. Every rank and every resume
 memory-maps it. Building streams the json: the peak is one read chunk plus the offsets.
 
+Images (load_image, the one decoder of training, eval, `ask` and the presets): as LLaVA's
+`Image.open(path).convert("RGB")` wherever that keeps the picture: EXIF orientation is ignored,
+as LLaVA ignores it (the stored pixels, not the displayed ones); the first frame of an animation;
+transparency dropped (the colour stored under a transparent pixel shows); palette, 1-bit, CMYK,
+YCbCr, LAB and HSV converted by Pillow. Where convert("RGB") would clip (all white) the
+one-channel wide modes are scaled: 16-bit (I;16*) by its full range 0..65535; float (F) in [0, 1]
+times 255; 32-bit integer (I) in 0..65535 as 16-bit; F or I values already in 0..255 kept; any
+other range stretched from its minimum to its maximum. NaN or inf, or a mode Pillow cannot
+convert, costs that one item (an error naming it, or skipped with skip_bad_samples).
+
 Other choices where the paper and LLaVA leave room:
  - Turns alternate human/gpt from human to gpt (LLaVA drops a leading gpt turn; here: an error).
  - The mix: each epoch holds every LLaVA entry once plus round(n_llava * a / b) ImageNet images
@@ -62,9 +72,11 @@ Other choices where the paper and LLaVA leave room:
    candidates including the true one; eval builds its closed-world question with the same function.
  - No grouping by modality/length (LLaVA's group_by_modality_length): a possible speed-up.
 """
+import base64
 import codecs
 import fcntl
 import hashlib
+import io
 import json
 import os
 import random
@@ -797,12 +809,58 @@ class Sample:
     skipped: list = field(default_factory=list)
 
 
-def load_image(path, sample_id):
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # more than 8 bits per pixel, one channel
+
+
+def wide_to_uint8(pixels, mode):
+    """(H, W) pixels of a 16-bit, 32-bit integer or float image -> (H, W) uint8 (rules in the module
+    docstring). convert("RGB") would clip them at 255: a 16-bit picture turns all white."""
+    a = pixels.astype(np.float64)
+    if not np.isfinite(a).all():
+        raise ValueError(f"its mode {mode} pixels hold NaN or inf")
+    lo, hi = (a.min(), a.max()) if a.size else (0.0, 0.0)
+    if mode.startswith("I;16"):
+        a = a / 257  # the full unsigned 16-bit range onto 0..255
+    elif mode == "F" and lo >= 0 and hi <= 1:
+        a = a * 255  # a float picture in [0, 1]
+    elif lo >= 0 and hi <= 255:
+        pass  # 8-bit values kept in a wider mode (L.convert("I") or "F")
+    elif mode == "I" and lo >= 0 and hi <= 65535:
+        a = a / 257  # 16-bit values in a 32-bit mode (how older Pillows open a 16-bit PNG)
+    else:
+        a = (a - lo) * (255 / ((hi - lo) or 1))  # any other range: stretched from its minimum to its maximum
+    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+
+
+def to_rgb(im):
+    """An opened PIL image in any mode -> RGB, decoding every pixel (a truncated file fails here)."""
+    if im.mode in WIDE_MODES:
+        return Image.fromarray(wide_to_uint8(np.asarray(im), im.mode), "L").convert("RGB")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")  # Pillow's route for a palette with transparency; the alpha goes next
+    return im.convert("RGB")  # alpha dropped, as LLaVA's convert("RGB"); CMYK, YCbCr, LAB, HSV by Pillow
+
+
+def load_image(source, sample_id=None):
+    """The one image decoder of training, eval, `ask` and the presets: source (a path, raw bytes,
+    {"b64": str}, {"bytes": bytes} or a PIL image) -> an RGB PIL image, every pixel decoded. Any
+    failure is a BadSampleError naming the sample (when given) and the file or source."""
+    if isinstance(source, dict):
+        what = f"the base64 image ({len(source['b64'])} chars)" if "b64" in source else \
+            f"the image bytes ({len(source['bytes'])})"
+    else:
+        what = f"the image bytes ({len(source)})" if isinstance(source, bytes) else \
+            f"<PIL image {source.mode} {source.size}>" if isinstance(source, Image.Image) else source
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")  # decodes every pixel: a truncated or corrupt file fails here
-    except Exception as e:  # PIL raises many types; name the sample and file whatever it is
-        raise BadSampleError(f"sample {sample_id}: cannot read image {path}: {type(e).__name__}: {e}") from e
+        if isinstance(source, Image.Image):
+            return to_rgb(source)
+        if isinstance(source, dict):
+            source = base64.b64decode(source["b64"]) if "b64" in source else source["bytes"]
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+            return to_rgb(im)
+    except Exception as e:  # PIL raises many types; name the sample and the file whatever it is
+        where = f"sample {sample_id}: " if sample_id is not None else ""
+        raise BadSampleError(f"{where}cannot read image {what}: {type(e).__name__}: {e}") from e
 
 
 def n_image_tokens(processor):

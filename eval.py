@@ -72,11 +72,11 @@ import carpe
 import kernels
 import small
 import tiny
-from benchmarks import (BENCH_GROUPS, BENCHMARKS, MATCH_RULES, comparison_table, markdown_tables, open_image, read_eval_dir,
+from benchmarks import (BENCH_GROUPS, BENCHMARKS, MATCH_RULES, comparison_table, markdown_tables, read_eval_dir,
                         table2_average, table3_average, table_name)
 from common import (barrier, base_side_of_run, interpolate_weights, is_run_dir, load_run, print0, run_digest,
                     setup_distributed, write_json_atomic)
-from data import TEMPLATES, ConversationTokenizer, n_image_tokens
+from data import TEMPLATES, BadSampleError, ConversationTokenizer, load_image, n_image_tokens
 
 PRESETS = {  # defaults a preset fills in when the flag is not given
     "tiny": dict(base="tiny", data_root="runs/tiny-eval-data", batch_size=4, max_new_tokens=8, workers=0, dtype="float32"),
@@ -249,9 +249,9 @@ class BatchCollator:
                 failed.append(failed_record(item, item.error))
                 continue
             try:
-                images.append(open_image(item.image))
-            except Exception as e:  # truncated file, broken base64, not an image: this item only
-                failed.append(failed_record(item, f"cannot read image {describe_image(item.image)}: {type(e).__name__}: {e}"))
+                images.append(load_image(item.image))  # the decoder training uses (16-bit, float modes scaled)
+            except BadSampleError as e:  # truncated file, broken base64, not an image: this item only
+                failed.append(failed_record(item, str(e)))
                 continue
             good.append(item)
         if not good:

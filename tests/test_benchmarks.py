@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 import benchmarks as B
+import data
 import tiny
 
 
@@ -339,7 +340,7 @@ def test_mmbench_reader_bad_rows_cost_one_item(tmp_path):
     assert items[3].question == "A hint.\nWhich one?\nA. p\nB. q\n" + B.LETTER_ANSWER
     assert all("answer 'E'" in it.error for it in items[3:5])
     assert all("not valid base64" in it.error and "index 9" in it.error for it in items[5:])
-    assert B.open_image(items[0].image).size == (8, 8)  # decoded only when asked
+    assert data.load_image(items[0].image).size == (8, 8)  # decoded only when asked
 
 
 def test_mmbench_reader_copies_point_at_their_image(tmp_path):
@@ -351,16 +352,18 @@ def test_mmbench_reader_copies_point_at_their_image(tmp_path):
     assert items[1].image == {"b64": good}
 
 
-def test_open_image_names_what_failed(tmp_path):
-    with pytest.raises(ValueError, match="cannot decode the base64 image"):
-        B.open_image({"b64": base64.b64encode(b"not an image").decode()})
-    with pytest.raises(ValueError, match="missing"):
-        B.open_image(str(tmp_path / "nope.png"))
+def test_load_image_names_what_failed(tmp_path):
+    """Benchmark items decode through data.load_image, the decoder training uses (one function)."""
+    assert not hasattr(B, "open_image")
+    with pytest.raises(data.BadSampleError, match="cannot read image the base64 image"):
+        data.load_image({"b64": base64.b64encode(b"not an image").decode()})
+    with pytest.raises(data.BadSampleError, match="nope.png.*No such file"):
+        data.load_image(str(tmp_path / "nope.png"))
     truncated = tmp_path / "half.png"
     truncated.write_bytes(png_bytes()[:30])
-    with pytest.raises(ValueError, match="half.png"):
-        B.open_image(str(truncated))
-    assert B.open_image({"bytes": png_bytes((0, 255, 0))}).getpixel((0, 0)) == (0, 255, 0)
+    with pytest.raises(data.BadSampleError, match="half.png"):
+        data.load_image(str(truncated))
+    assert data.load_image({"bytes": png_bytes((0, 255, 0))}).getpixel((0, 0)) == (0, 255, 0)
 
 
 def test_sqa_textvqa_pope_prompts(tmp_path):

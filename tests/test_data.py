@@ -676,3 +676,62 @@ def test_mix_that_cannot_be_honoured_is_an_error_naming_file_counts_and_ratio(tm
     assert (ds.plan.n_llava, ds.plan.imagenet_per_epoch) == (3, 3)
     ds, _ = data.TrainDataset.from_config(llava_config(tmp_path, three), processor)
     assert (ds.plan.n_llava, ds.plan.imagenet_per_epoch) == (3, 0)
+
+
+def test_every_image_mode_decodes_to_its_picture(tmp_path):
+    """convert("RGB") turned a 16-bit PNG all white and clipped 32-bit and float pictures; each mode
+    Pillow writes now decodes to its picture (a gradient stays that gradient), through files."""
+    g = np.tile(np.linspace(0, 1, 64), (4, 1))  # (4, 64) left-to-right ramp
+    g8 = np.rint(g * 255).astype(np.uint8)
+    gray = np.stack([g8] * 3, -1)  # the ramp as an RGB picture
+
+    def decoded(im, ext, **save):
+        path = tmp_path / f"{im.mode.replace(';', '_')}-{len(os.listdir(tmp_path))}.{ext}"
+        im.save(path, **save)
+        return np.asarray(data.load_image(str(path)), dtype=np.int64)
+
+    palette = Image.fromarray(g8, "P")
+    palette.putpalette([c for i in range(256) for c in (i, 255 - i, 40)])
+    wanted = np.stack([g8, 255 - g8, np.full_like(g8, 40)], -1)
+    exact = [  # (image, file type, the RGB picture it must decode to)
+        (Image.fromarray(g8, "L"), "png", gray),
+        (Image.fromarray(g8 > 127), "png", np.stack([(g8 > 127) * 255] * 3, -1)),  # mode 1
+        (palette, "png", wanted),
+        (Image.fromarray(np.stack([g8, 255 - g8], -1), "LA"), "png", gray),
+        (Image.fromarray(np.dstack([wanted, g8]), "RGBA"), "png", wanted),  # alpha dropped, as LLaVA
+        (Image.fromarray(np.stack([np.zeros_like(g8), g8, g8 * 0, g8 * 0], -1), "CMYK"), "tif",
+         np.stack([np.full_like(g8, 255), 255 - g8, np.full_like(g8, 255)], -1)),
+        (Image.fromarray(np.rint(g * 65535).astype(np.uint16)), "png", gray),  # I;16: was all white
+        (Image.fromarray(np.rint(g * 65535).astype(np.uint16)), "tif", gray),
+        (Image.frombytes("I;16B", (64, 4), np.rint(g * 65535).astype(">u2").tobytes()), "tif", gray),
+        (Image.fromarray(np.rint(g * 65535).astype(np.int32)), "tif", gray),  # I holding 16-bit values
+        (Image.fromarray(g8.astype(np.int32) - 1000), "tif", gray),  # I, another range: stretched
+        (Image.fromarray(g.astype(np.float32)), "tif", gray),  # F in [0, 1]
+        (Image.fromarray(g8.astype(np.float32)), "tif", gray),  # F holding 8-bit values
+        (Image.fromarray((g * 4 - 1).astype(np.float32)), "tif", gray),  # F, another range: stretched
+        (Image.fromarray(wanted, "RGB").convert("RGBX"), "tif", wanted),
+    ]
+    for im, ext, want in exact:
+        assert im.mode != "RGB"
+        got = decoded(im, ext)
+        assert np.abs(got - want).max() <= 1, (im.mode, ext, np.abs(got - want).max())
+    transparent = palette.copy()
+    transparent.info["transparency"] = 0
+    assert (decoded(transparent, "png") == wanted).all()  # P with transparency: its palette's colours
+    for im, tolerance in [(Image.fromarray(gray, "RGB").convert("YCbCr"), 2),
+                          (Image.fromarray(gray, "RGB").convert("LAB"), 12)]:  # colour conversions, by Pillow
+        got = decoded(im, "tif")
+        assert np.abs(got - gray).max() <= tolerance and (np.diff(got[..., 0], axis=1) >= 0).all(), im.mode
+    assert np.abs(data.load_image(Image.fromarray(gray, "RGB").convert("HSV")) - gray).max() <= 1  # no HSV writer
+    # a picture that cannot be decoded costs that item, named
+    with pytest.raises(data.BadSampleError, match=r"sample s7: cannot read image .*nan\.tif.*NaN or inf"):
+        path = tmp_path / "nan.tif"
+        Image.fromarray(np.where(g > 0.5, np.nan, g).astype(np.float32)).save(path)
+        data.load_image(str(path), "s7")
+    with pytest.raises(data.BadSampleError, match="cannot read image <PIL image La"):
+        data.load_image(Image.new("La", (4, 4)))
+    # EXIF orientation is ignored, as LLaVA's loader ignores it: the stored pixels come back
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees to display"
+    Image.fromarray(wanted, "RGB").save(tmp_path / "rotated.jpg", exif=exif, quality=100)
+    assert data.load_image(str(tmp_path / "rotated.jpg")).size == (64, 4)

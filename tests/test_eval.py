@@ -505,6 +505,23 @@ def test_eval_prompt_ids_match_training_tokenisation(tmp_path):
         assert row[mask.bool()].tolist() == ids[:first_answer]
 
 
+
+def test_eval_decodes_a_16_bit_image_as_training_does(tmp_path):
+    """A 16-bit PNG (mode I;16) went through convert("RGB") to an all-white picture in eval; eval now
+    decodes through data.load_image, training's decoder: the pixels are those of its 8-bit twin."""
+    import numpy as np
+    from PIL import Image
+    _, processor = tiny.tiny_llava()
+    transform = carpe.make_image_transform(processor)
+    collate = E.BatchCollator(processor.tokenizer, transform, data.n_image_tokens(processor), "vicuna_v1")
+    ramp = np.tile(np.linspace(0, 1, 48), (32, 1))
+    Image.fromarray(np.rint(ramp * 65535).astype(np.uint16)).save(tmp_path / "wide.png")
+    Image.fromarray(np.rint(ramp * 255).astype(np.uint8)).convert("RGB").save(tmp_path / "twin.png")
+    batch = collate([[B.Item("0", "What shape is it?", str(tmp_path / "wide.png"))]])
+    assert batch.failed == []
+    assert torch.allclose(batch.pixel_values, transform([Image.open(tmp_path / "twin.png").convert("RGB")]))
+    assert batch.pixel_values.std() > 0.3  # a ramp, not one white picture
+
 # -----------------------------------------------------------------------------
 # the tiny world's check: after the tiny training run, CARPE classifies the synthetic shapes far
 # above chance, and far better than the base, which never saw a classification prompt. It runs
