@@ -31,6 +31,10 @@ Gemma, Phi, ...) and vision tower (CLIP, SigLIP), with an int or list-valued
 vision_feature_layer and the "default" or "full" feature strategy. Other LLaVA variants
 (LLaVA-NeXT, LLaVA-OneVision, ...) tile images differently and are refused by class name.
 
+Counting at 7B without 7B of memory: every model here builds on the meta device,
+    model = CARPE(meta_llava())            # inside `with torch.device("meta"):`; meta_llava() = llava-1.5-7b's shapes
+    count_parameters(model)                # ParameterCount: trainable, frozen, parts, adamw_gib
+
 Choices the paper leaves open:
  - The context encoder Linear(d, 2) starts at zero, so (alpha, beta) = (0.5, 0.5) while it is
    frozen in epoch 1.
@@ -43,7 +47,8 @@ from dataclasses import dataclass, asdict
 import torch
 import torch.nn as nn
 from PIL import Image
-from transformers import AutoConfig, AutoProcessor, DynamicCache, LlavaConfig, LlavaForConditionalGeneration
+from transformers import (AutoConfig, AutoProcessor, CLIPVisionConfig, DynamicCache, LlamaConfig, LlavaConfig,
+                          LlavaForConditionalGeneration)
 
 from kernels import attention, fused_mixed_cross_entropy, IGNORE_INDEX
 
@@ -218,6 +223,16 @@ class VisionIntegrator(nn.Module):
         super().__init__()
         self.raw_adapter = MLP(d_vision, d, d)  # new 2-layer adapter for raw vision features
         self.block = IntegratorBlock(d, config.integrator_heads, config.mlp_ratio, config.integrator_self_attn)
+
+
+def context_prompt_init(embed, d):
+    """A random (1, d) vector with the token embeddings' scale (an embedding scale such as
+    Gemma's sqrt(d) included). On the meta device (shapes only, e.g. count_parameters at 7B)
+    there is no scale to read: an empty meta tensor."""
+    if embed.weight.is_meta:
+        return torch.empty(1, d, device="meta")
+    scale = float(getattr(embed, "embed_scale", 1.0))
+    return torch.randn(1, d) * embed.weight.detach().float().std().item() * scale
 
 
 def mix(weights, h_vision, h_llm):
@@ -441,6 +456,59 @@ class TrainableSet:
                 params[name].copy_(tensor)
 
 
+# bytes per trainable parameter under AdamW with fp32 master weights: weight + grad + exp_avg + exp_avg_sq
+ADAMW_BYTES_PER_PARAM = 4 + 4 + 4 + 4
+
+
+@dataclass
+class ParameterCount:
+    """What count_parameters(model) finds; each shared tensor is counted once."""
+    trainable: int  # the method's trainable set (is_trainable_name: context prompt and encoder included)
+    frozen: int  # everything else (the LM, the vision tower(s))
+    parts: dict  # part name (trainable_part) -> trainable parameters in it, in module order
+
+    @property
+    def total(self):
+        return self.trainable + self.frozen
+
+    @property
+    def adamw_gib(self):
+        """The trainable set's training state: fp32 weights, fp32 grads and AdamW's two fp32 moments."""
+        return self.trainable * ADAMW_BYTES_PER_PARAM / 2 ** 30
+
+    @property
+    def frozen_bf16_gib(self):
+        return self.frozen * 2 / 2 ** 30
+
+
+def trainable_part(name):
+    """The part of the model a trainable parameter belongs to, by name (for counts and tables)."""
+    if is_context_name(name):
+        return "context"
+    for prefix, part in (("llava.model.multi_modal_projector.", "projector"), ("llava.lm_head.", "head"),
+                         ("vision_integrator.", "integrator"), ("blocks.", "blocks")):
+        if name.startswith(prefix):
+            return part
+    if name.startswith("vision_moe."):  # moe.llm_adapters, moe.raw_adapters, moe.router
+        return "moe." + name.split(".")[1]
+    return name.split(".")[0]
+
+
+def count_parameters(model):
+    """Trainable / frozen parameter counts of CARPE, CARPE-MoE or a baseline, by part. Works on
+    the meta device (meta_llava + the model built under `with torch.device("meta")`): the 7B
+    figures without 7B of memory."""
+    parts, trainable, frozen = {}, 0, 0
+    for name, p in model.named_parameters():  # a shared tensor once (its first name)
+        if model.is_trainable_name(name):
+            part = trainable_part(name)
+            parts[part] = parts.get(part, 0) + p.numel()
+            trainable += p.numel()
+        else:
+            frozen += p.numel()
+    return ParameterCount(trainable=trainable, frozen=frozen, parts=parts)
+
+
 class LlavaWrapper(TrainableSet, nn.Module):
     """A model around a LLaVA (self.llava) with cached greedy decoding. A subclass defines
     prepare(input_ids, attention_mask, pixel_values) -> Prepared, query_layers (the LM layers
@@ -554,9 +622,7 @@ class CARPE(LlavaWrapper):
         untie_head(llava)
         self.query_layers = [config.query_layer]  # the integrator's queries: H_pen
         self.vision_integrator = VisionIntegrator(vision_feature_width(llava.config), d, config)
-        embed = self.language_model.get_input_embeddings()
-        embed_std = embed.weight.detach().float().std().item() * float(getattr(embed, "embed_scale", 1.0))
-        self.context_prompt = nn.Parameter(torch.randn(1, d) * embed_std)  # (1, d)
+        self.context_prompt = nn.Parameter(context_prompt_init(self.language_model.get_input_embeddings(), d))  # (1, d)
         self.context_encoder = nn.Linear(d, 2)
         nn.init.zeros_(self.context_encoder.weight)
         nn.init.zeros_(self.context_encoder.bias)
@@ -753,6 +819,28 @@ def make_image_transform(processor):
         squares = [expand_to_square(image.convert("RGB"), background) for image in images]
         return image_processor(squares, return_tensors="pt")["pixel_values"]
     return transform
+
+
+def llava15_7b_config():
+    """The LlavaConfig of llava-hf/llava-1.5-7b-hf, written out (no download): Vicuna-7B v1.5
+    (Llama) + CLIP ViT-L/14-336, a 2-layer GELU projector, features of the second-to-last
+    tower layer with CLS dropped. For shapes: build it on the meta device and count."""
+    text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, hidden_act="silu", max_position_embeddings=4096,
+                       rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                              projection_dim=768)
+    return LlavaConfig(text_config=text, vision_config=vision, image_token_id=32000, projector_hidden_act="gelu",
+                       vision_feature_layer=-2, vision_feature_select_strategy="default", tie_word_embeddings=False,
+                       pad_token_id=32001)
+
+
+def meta_llava(config=None):
+    """A LlavaForConditionalGeneration with every tensor on the meta device (shapes, no memory):
+    the 7B base by default."""
+    with torch.device("meta"):
+        return LlavaForConditionalGeneration(config or llava15_7b_config())
 
 
 def load_base(base, device="cpu", dtype=None):

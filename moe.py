@@ -103,7 +103,7 @@ from transformers import (AutoImageProcessor, CLIPVisionConfig, CLIPVisionModel,
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.clip.modeling_clip import CLIPMLP
 
-from carpe import MLP, expand_to_square, hidden_state_at
+from carpe import MLP, expand_to_square, hidden_state_at, meta_llava
 
 # normalisation constants of the three families, for experts whose preprocessing is written by hand
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -807,34 +807,54 @@ def build_vision_moe(llava, moe_config: MoEConfig, device="cpu", dtype=None, ima
 
 
 def check_input_size(expert: ExpertConfig, encoder, side):
-    """Refuse, naming the expert, an input size its encoder cannot take: a side that is not a
-    multiple of the patch, or (towers without position interpolation: CLIP, SigLIP) not their own."""
+    """Refuse, naming the expert, an input size its encoder cannot take. Towers without position
+    interpolation (CLIP, SigLIP) take their own size only, whether or not the patch divides it
+    (SigLIP so400m/14-384: a 27x27 grid, the last 6 pixels unused); DINOv2 interpolates, so any
+    multiple of its patch."""
     patch, own = encoder.config.patch_size, encoder.config.image_size
-    if side % patch or (expert.family != "dinov2" and side != own):
+    if (expert.family == "dinov2" and side % patch) or (expert.family != "dinov2" and side != own):
         raise ValueError(f"expert {expert.name!r}: its preprocessing makes {side}px images; its encoder takes "
                          f"{own}px{'' if expert.family != 'dinov2' else f' (or a multiple of {patch})'}")
 
 
 # -----------------------------------------------------------------------------
-# memory plan at paper scale (parameter counts from configs on the meta device; no download)
+# the paper's experts at their real shapes, for a meta-device build (counts and memory; no download)
+
+# the towers' published configs, written out
+SIGLIP_SO400M_384 = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                         image_size=384, patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
+DINOV2_LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, mlp_ratio=4, image_size=518,
+                    patch_size=14, hidden_act="gelu", layer_norm_eps=1e-6, layerscale_value=1.0, use_swiglu_ffn=False)
+
+
+def paper_scale_experts():
+    """The paper's four experts as configs at their real shapes (random init, built from config):
+    the clip expert is the base's own tower; SigLIP so400m/14-384; DINOv2-L/14 at 336 px; CuMo's
+    CLIP-MoE (ViT-L/14-336, 4 MLP experts per layer, top-2). For meta_vision_moe."""
+    clip = dict(image_size=336, image_mean=CLIP_MEAN, image_std=CLIP_STD)
+    return [ExpertConfig("clip", "base_clip", **clip),
+            ExpertConfig("siglip", "siglip", has_cls=False, tiny=SIGLIP_SO400M_384, image_size=384,
+                         image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD),
+            ExpertConfig("dinov2", "dinov2", tiny=DINOV2_LARGE, image_size=336, image_mean=IMAGENET_MEAN,
+                         image_std=IMAGENET_STD),
+            ExpertConfig("cumo", "clip_moe", tiny=cumo_vision_config().to_diff_dict(), moe_experts=4, moe_top_k=2,
+                         **clip)]
+
+
+def meta_vision_moe(llava):
+    """The paper's VisionMoE at real shapes on the meta device, for a meta `llava` (carpe.meta_llava)."""
+    with torch.device("meta"):
+        return build_vision_moe(llava, MoEConfig(paper_scale_experts()), device="meta")
+
 
 def paper_scale_param_counts():
     """Parameter counts (millions) of the four towers and the new trainable modules at 7B."""
-    d = 4096
-    with torch.device("meta"):
-        clip = CLIPVisionModel(cumo_vision_config())
-        siglip = SiglipVisionModel(SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
-                                                      num_attention_heads=16, image_size=384, patch_size=14))
-        dinov2 = Dinov2Model(Dinov2Config(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                                          image_size=518, patch_size=14))
-        cumo = build_clip_moe(cumo_vision_config())
+    vision_moe = meta_vision_moe(meta_llava())
     count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
-    mlp = lambda din: (din * d + d + d * d + d) / 1e6
-    towers = dict(clip=count(clip), siglip=count(siglip), dinov2=count(dinov2), cumo=count(cumo))
-    widths = dict(clip=1024, siglip=1152, dinov2=1024, cumo=1024)
-    llm_adapters = {k: mlp(w) for k, w in widths.items()}  # clip's = the base projector
-    raw_adapters = {k: mlp(w) for k, w in widths.items()}
-    return dict(towers=towers, llm_adapters=llm_adapters, raw_adapters=raw_adapters, router=(d * 4 + 4) / 1e6)
+    return dict(towers={name: count(enc) for name, enc in vision_moe.encoders.items()},
+                llm_adapters={name: count(a) for name, a in vision_moe.llm_adapters.items()},  # clip's = the projector
+                raw_adapters={name: count(a) for name, a in vision_moe.raw_adapters.items()},
+                router=count(vision_moe.router))
 
 
 def expert_table(experts):

@@ -12,8 +12,8 @@ from transformers.models.siglip.image_processing_pil_siglip import SiglipImagePr
 
 import moe
 from baselines import LEVI, LlavaBaseline, build_model
-from carpe import (CARPE, CarpeConfig, encoder_layers, load_base, make_image_transform, positions_from_mask, repeated_blocks,
-                   run_language_model)
+from carpe import (CARPE, CarpeConfig, count_parameters, encoder_layers, load_base, make_image_transform, meta_llava,
+                   positions_from_mask, repeated_blocks, run_language_model)
 from data import SYSTEM_PROMPT
 from kernels import IGNORE_INDEX
 from tiny import save_tiny_base, tiny_llava, tiny_moe_config, tiny_tokenizer
@@ -447,3 +447,49 @@ def test_repeated_blocks_lists_every_repeated_module_once(tiny):
     blocks = repeated_blocks(moe_model)
     assert blocks == lm + tower + [moe_model.vision_integrator.block] + experts
     assert len({id(b) for b in blocks}) == len(blocks)
+
+
+def test_paper_scale_parameter_counts_on_the_meta_device():
+    """Every method builds on the meta device at llava-1.5-7b's shapes, and count_parameters gives
+    the figures worked out by hand from the published shapes (d = 4096, V = 32064, CLIP width 1024):
+      projector  Linear(1024, d) + Linear(d, d) with biases     1024d + d + d^2 + d        =    20,979,712
+      head       Linear(d, V), no bias                          V d                        =   131,334,144
+      integrator raw adapter MLP(1024, d, d)                                               =    20,979,712
+                 block: 3 RMSNorms 3d; cross- and self-attention 2 x (4d^2 + 3d) (no key bias);
+                 MLP d->4d->d 8d^2 + 5d                          16d^2 + 14d               =   268,492,800
+      context    prompt d + Linear(d, 2)                         3d + 2                    =        12,290
+      CARPE trainable                                                                       =   441,798,658
+      LEVI trainable: head + 5 integrator blocks                                            = 1,473,798,144
+      frozen: embeddings V d = 131,334,144; 32 decoder layers x (4d^2 + 3 x 11008 d + 2d) =
+              6,476,267,520; final norm d; CLIP ViT-L/14-336 303,507,456 (577 positions,
+              24 layers x 12,596,224 + embeddings and pre/post norms)                       = 6,911,113,216
+      CARPE-MoE adds: LLM adapters siglip MLP(1152, d, d) 21,504,000 + dinov2 and cumo
+              2 x 20,979,712; raw adapters clip, dinov2, cumo 3 x 20,979,712 + siglip 21,504,000;
+              router 4d + 4 = 16,388                                                        =   147,922,948
+              (so 589,721,606; CARPE's own raw adapter stays in the trainable set, unused)
+              frozen towers: SigLIP so400m 428,225,600, DINOv2-L 304,368,640, CuMo CLIP-MoE
+              303,507,456 + 24 x (gate 4096 + 3 more CLIP MLPs 3 x 8,393,728) = 907,954,176
+    AdamW state = 16 bytes per trainable parameter (fp32 weight, grad, exp_avg, exp_avg_sq)."""
+    integrator = 20_979_712 + 268_492_800
+    frozen = 131_334_144 + 6_476_267_520 + 4096 + 303_507_456
+    expected = {
+        "carpe": (dict(context=12_290, projector=20_979_712, head=131_334_144, integrator=integrator), frozen),
+        "carpe-moe": (dict(context=12_290, projector=20_979_712, head=131_334_144, integrator=integrator,
+                           **{"moe.llm_adapters": 63_463_424, "moe.raw_adapters": 84_443_136, "moe.router": 16_388}),
+                      frozen + 428_225_600 + 304_368_640 + 907_954_176),
+        "levi": (dict(head=131_334_144, blocks=5 * 268_492_800), frozen + 20_979_712),
+        "imagenet-ft": (dict(projector=20_979_712), frozen + 131_334_144),
+    }
+    for method, (parts, frozen_count) in expected.items():
+        llava = meta_llava()
+        with torch.device("meta"):
+            vision_moe = moe.meta_vision_moe(llava) if method == "carpe-moe" else None
+            model = build_model("carpe" if method == "carpe-moe" else method, llava, CarpeConfig(), vision_moe=vision_moe)
+        assert all(p.is_meta for p in model.parameters()), method
+        count = count_parameters(model)
+        assert count.parts == parts, method
+        assert count.trainable == sum(parts.values()) and count.frozen == frozen_count, method
+        assert count.adamw_gib == count.trainable * 16 / 2 ** 30
+    assert sum(expected["carpe"][0].values()) == 441_798_658
+    assert sum(expected["carpe-moe"][0].values()) == 589_721_606
+    assert round(441_798_658 * 16 / 2 ** 30, 2) == 6.58  # GiB of AdamW training state for CARPE

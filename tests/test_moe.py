@@ -7,6 +7,7 @@ import re
 import socket
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -757,3 +758,17 @@ def test_train_with_local_folder_experts_then_eval_reloads_exactly_them(tmp_path
     metrics = json.load(open(os.path.join(run, "eval", "imagenet", "metrics.json")))
     assert metrics["n"] == 6 and set(metrics["routing"]) <= {"clip", "siglip", "dino", "cumo"}
     assert sum(metrics["routing"].values()) == 6
+
+
+def test_input_size_check_follows_each_towers_position_embeddings():
+    """SigLIP so400m/14-384 takes its own 384 px although 14 does not divide it (a 27x27 grid);
+    CLIP and SigLIP refuse any other size; DINOv2 takes any multiple of its patch."""
+    tower = lambda size: SimpleNamespace(config=SimpleNamespace(patch_size=14, image_size=size))
+    siglip = moe.ExpertConfig("siglip", "siglip", "s", has_cls=False)
+    dinov2 = moe.ExpertConfig("dinov2", "dinov2", "d")
+    moe.check_input_size(siglip, tower(384), 384)
+    moe.check_input_size(dinov2, tower(518), 336)
+    with pytest.raises(ValueError, match="'siglip'.*378px images.*takes 384px"):
+        moe.check_input_size(siglip, tower(384), 378)
+    with pytest.raises(ValueError, match="'dinov2'.*340px.*multiple of 14"):
+        moe.check_input_size(dinov2, tower(518), 340)
