@@ -37,6 +37,7 @@ import tempfile
 import time
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from torch.autograd import DeviceType
@@ -46,6 +47,7 @@ from transformers import StoppingCriteriaList
 import carpe
 import data
 import kernels
+import moe
 import tiny
 
 CLOCKS = dict(wall=time.perf_counter, cpu=time.process_time)
@@ -161,37 +163,150 @@ def zero_grads(tensors):
 
 
 # -----------------------------------------------------------------------------
-# section paper: CARPE's additions over LLaVA-1.5-7B, counted
+# section paper: the paper's two runs at LLaVA-1.5-7B's shapes, counted on the meta-device models
 
-def paper_cost(d=4096, layers=32, ffn=11008, vocab=32064, d_vision=1024, P=576, prompt_text=60, answer=40):
-    """FLOPs per sample of one training step, vanilla LLaVA-1.5-7B and what CARPE adds. A (m, k) x (k, n)
-    matmul is 2mkn FLOPs; a trainable layer costs 3x its forward (forward, input grad, weight grad), a
-    frozen one the gradient flows through 2x; causal attention 2 T^2 d per layer and forward."""
+PAPER_LLAVA_SAMPLES = 665_298  # entries of llava_v1_5_mix665k.json; ImageNet adds 1/7 of that per epoch (--mix 1:7)
+PAPER_EPOCHS = dict(carpe=2, moe=3)
+PEAK_BF16 = dict(A100=312e12, H100=989e12)  # dense bf16 FLOP/s of one GPU
+ADAMW_BYTES = 16  # per trainable parameter: fp32 weight, gradient and AdamW's two moments
+
+
+def paper_models():
+    """CARPE and CARPE-MoE (the paper's four experts at their real shapes) around LLaVA-1.5-7B on
+    the meta device: every shape, no memory -> {"carpe": CARPE, "moe": CARPE with a VisionMoE}."""
+    with torch.device("meta"):
+        models = dict(carpe=carpe.CARPE(carpe.meta_llava(), carpe.CarpeConfig()))
+        llava = carpe.meta_llava()
+        models["moe"] = carpe.CARPE(llava, carpe.CarpeConfig(), vision_moe=moe.meta_vision_moe(llava))
+    return models
+
+
+def token_weights(module):
+    """The weights one token is multiplied by in a forward of `module`: its Linear weights; of a
+    sparse MoE MLP only the gate and top-k experts'."""
+    if isinstance(module, moe.CLIPSparseMoE):
+        return module.gate.weight.numel() + module.top_k * token_weights(module.experts[0])
+    if isinstance(module, nn.Linear):
+        return module.weight.numel()
+    return sum(token_weights(m) for m in module.children())
+
+
+def attention_flops(layers, t, width, causal):
+    """Scores and weighted sum of one forward: 4 t^2 w per layer, half of it when causal."""
+    return layers * (2 if causal else 4) * t * t * width
+
+
+def paper_cost(models, prompt_text=60, answer=40, llava_samples=PAPER_LLAVA_SAMPLES, mix=(1, 7)):
+    """FLOPs per sample of one training step of vanilla LLaVA-1.5-7B (projector and head trained)
+    and what CARPE adds, per epoch kind; gradient checkpointing's recompute; per run totals.
+    A (m, k) x (k, n) matmul is 2mkn FLOPs. A trainable layer costs 3x its forward (forward,
+    input and weight gradients), a frozen one that a gradient passes 2x (its attention 3x: the
+    backward of the scores and of the weighted sum is two products each). The frozen vision
+    towers run forward only. Under checkpointing (the 7B preset) every frozen LM layer of a pass
+    that runs backward is run forward again: the main pass always, the context pass in epoch 2+
+    (in epoch 1 it runs without grad, so nothing is kept or recomputed). The integrator, the
+    adapters and the fused head (its gradients are made in the forward) are not checkpointed."""
+    m = models["carpe"]
+    tc = m.llava.config.text_config
+    d, V, layers = tc.hidden_size, tc.vocab_size, carpe.decoder_layers(m.language_model)
+    P = image_tokens(m.llava)
     T, S, N = prompt_text + P + answer, prompt_text + 1, answer  # sample, context pass (+ ctx token), supervised
-    lm = lambda t: 2 * layers * (4 * d * d + 3 * d * ffn) * t + 2 * layers * t * t * d  # noqa: E731 (frozen LM fwd)
-    adapter_params = d_vision * d + d * d  # raw adapter, shaped as LLaVA's projector
-    integrator_params = 16 * d * d  # cross q,k,v,o 4d^2 + self q,k,v,o 4d^2 + MLP d->4d->d 8d^2 (no biases)
-    # q, o, self-attention and MLP on the T queries, k and v on the P image tokens, the cross and causal scores
-    integrator_forward = 2 * T * 14 * d * d + 2 * P * 2 * d * d + 4 * T * P * d + 2 * T * T * d
-    vanilla = {"LM (frozen, grads flow to the projector)": 2 * lm(T),
-               "head over all T tokens (HF)": 3 * 2 * T * d * vocab,
-               "projector (trainable) on P tokens": 3 * 2 * P * adapter_params}
-    added = {"context pass (frozen LM on prompt + 1 tokens, fwd + bwd)": 2 * lm(S),
-             "raw adapter on P tokens (trainable)": 3 * 2 * P * adapter_params,
-             "integrator block on T tokens (trainable)": 3 * integrator_forward,
-             "head: fused on N supervised minus HF's over T": 3 * 2 * (N - T) * d * vocab}
-    return dict(tokens_per_sample=T, vanilla_flops_per_sample=vanilla, carpe_added_flops_per_sample=added,
-                flops_ratio=1 + sum(added.values()) / sum(vanilla.values()),
-                integrator_params=integrator_params, adapter_params=adapter_params)
+    lm = lambda t: 2 * token_weights(layers) * t + attention_flops(len(layers), t, d, True)  # noqa: E731 (fwd)
+    lm_backward = lambda t: 2 * token_weights(layers) * t + 2 * attention_flops(len(layers), t, d, True)  # noqa: E731
+
+    def vision(model):  # per image: frozen tower forward, then the LLM and raw adapters (trainable), mean over experts
+        if model.vision_moe is None:
+            towers = [(model.llava.model.vision_tower, model.llava.model.multi_modal_projector,
+                       model.vision_integrator.raw_adapter, P + 1)]
+        else:
+            vm = model.vision_moe
+            towers = [(vm.encoders[e.name], vm.llm_adapters[e.name], vm.raw_adapters[e.name],
+                       vm.expert_grids[e.name] ** 2 + int(e.has_cls)) for e in vm.config.experts]
+        costs = [2 * token_weights(carpe.encoder_layers(enc)) * t
+                 + attention_flops(len(carpe.encoder_layers(enc)), t, enc.config.hidden_size, False)
+                 + 3 * 2 * P * (token_weights(llm_adapter) + token_weights(raw_adapter))
+                 for enc, llm_adapter, raw_adapter, t in towers]
+        return sum(costs) / len(costs)  # the router's balance loss aims at a uniform route
+
+    block = m.vision_integrator.block
+    memory_side = token_weights(block.cross_attn.k) + token_weights(block.cross_attn.v)  # on the P image tokens
+    integrator = 3 * (2 * (token_weights(block) - memory_side) * T + 2 * memory_side * P  # x3: trainable
+                      + attention_flops(1, T, d, False) * P / T + attention_flops(1, T, d, True))
+    vanilla = {"vision tower (fwd) + projector (trainable)": vision(m),
+               "LM fwd + bwd to the projector (frozen)": lm(T) + lm_backward(T),
+               "head over all T tokens (HF)": 3 * 2 * T * d * V}
+    added = {"context pass fwd (epoch 1: no grad)": lm(S), "context pass bwd (epoch 2+)": lm_backward(S),
+             "raw adapter on P tokens (trainable)": 3 * 2 * P * token_weights(m.vision_integrator.raw_adapter),
+             "integrator block on T queries, P memory tokens (trainable)": integrator,
+             "head: fused on N supervised minus HF's over T": 3 * 2 * (N - T) * d * V}
+    recompute = {"main pass LM fwd, every epoch": lm(T), "context pass LM fwd, epoch 2+": lm(S)}
+    vanilla_sum, added_sum = sum(vanilla.values()), sum(added.values())
+    epoch1 = vanilla_sum + added_sum - added["context pass bwd (epoch 2+)"]
+    per_sample = {}  # (method, epoch kind) -> (model FLOPs, executed FLOPs with the recompute)
+    for name, model in models.items():
+        extra = vision(model) - vision(m)  # CARPE-MoE: its experts instead of the base tower
+        for kind, model_flops in [("epoch 1", epoch1), ("epoch 2+", vanilla_sum + added_sum)]:
+            rec = sum(recompute.values()) if kind == "epoch 2+" else recompute["main pass LM fwd, every epoch"]
+            per_sample[name, kind] = (model_flops + extra, model_flops + extra + rec)
+    samples = llava_samples + int(round(llava_samples * mix[0] / mix[1]))  # per epoch, as data.MixPlan
+    runs = {}
+    for name, epochs in PAPER_EPOCHS.items():
+        flops = [sum(per_sample[name, "epoch 1" if e == 0 else "epoch 2+"][i] * samples for e in range(epochs))
+                 for i in (0, 1)]
+        runs[name] = dict(epochs=epochs, samples=samples * epochs, model_flops=flops[0], executed_flops=flops[1])
+    counts = {name: carpe.count_parameters(model) for name, model in models.items()}
+    return dict(tokens_per_sample=T, context_tokens=S, supervised=N, vanilla_flops_per_sample=vanilla,
+                carpe_added_flops_per_sample=added, recompute_flops_per_sample=recompute,
+                flops_ratio=(vanilla_sum + added_sum) / vanilla_sum,
+                recompute_ratio=per_sample["carpe", "epoch 2+"][1] / per_sample["carpe", "epoch 2+"][0],
+                per_sample={f"{k[0]} {k[1]}": v for k, v in per_sample.items()}, samples_per_epoch=samples, runs=runs,
+                trainable={n: c.trainable for n, c in counts.items()}, frozen={n: c.frozen for n, c in counts.items()},
+                parts={n: c.parts for n, c in counts.items()},
+                adamw_gib={n: c.trainable * ADAMW_BYTES / 2**30 for n, c in counts.items()})
+
+
+def gpu_hours(flops, mfu, gpu="A100"):
+    return flops / (mfu * PEAK_BF16[gpu]) / 3600
+
+
+def paper_sentence(r, mfu):
+    """The README's paper figures, worded as tests/test_bench.py reads them back from README.md."""
+    p, M = r["parts"]["carpe"], lambda n: f"{n / 1e6:.1f}M"  # noqa: E731
+    rec, runs = r["recompute_flops_per_sample"], r["runs"]
+    run = lambda k: (f"{runs[k]['executed_flops']:.1e}".replace("e+", "e") + " FLOPs, "  # noqa: E731
+                     f"{gpu_hours(runs[k]['executed_flops'], mfu):.0f} A100-hours")
+    return (f"CARPE trains {M(r['trainable']['carpe'])} parameters (projector {M(p['projector'])}, head {M(p['head'])}, "
+            f"integrator {M(p['integrator'])}, context {p['context'] / 1e6:.2f}M), {r['adamw_gib']['carpe']:.2f} GiB "
+            f"with AdamW; CARPE-MoE {M(r['trainable']['moe'])} ({r['adamw_gib']['moe']:.2f} GiB). Per sample of "
+            f"{r['tokens_per_sample']} tokens CARPE costs {r['flops_ratio']:.2f}x LLaVA-1.5-7B's step FLOPs, and "
+            f"gradient checkpointing adds {sum(rec.values()) / 1e12:.2f} TFLOP in epoch 2 "
+            f"({r['recompute_ratio']:.2f}x). One CARPE run ({runs['carpe']['epochs']} epochs of "
+            f"{r['samples_per_epoch']:,} samples) executes {run('carpe')}; CARPE-MoE ({runs['moe']['epochs']} epochs) "
+            f"{run('moe')} (at {mfu:.0%} of the bf16 peak).")
 
 
 def section_paper(args, device):
-    r = paper_cost(prompt_text=args.prompt_text, answer=args.answer)
-    rows = [[k, f"{v / 1e12:.3f} TFLOP"] for k, v in r["vanilla_flops_per_sample"].items()]
-    rows += [["+ " + k, f"{v / 1e12:+.3f} TFLOP"] for k, v in r["carpe_added_flops_per_sample"].items()]
-    rows += [["CARPE / vanilla FLOPs", f"{r['flops_ratio']:.3f}x"], ["new trainable parameters (integrator + "
-             "raw adapter)", f"{(r['integrator_params'] + r['adapter_params']) / 1e6:.0f} M"]]
-    print_table(f"paper: LLaVA-1.5-7B, per sample of {r['tokens_per_sample']} tokens", ["term", "FLOPs"], rows)
+    r = paper_cost(paper_models(), prompt_text=args.prompt_text, answer=args.answer)
+    tf = lambda v, sign="": f"{v / 1e12:{sign}.3f} TFLOP"  # noqa: E731
+    rows = [[k, tf(v)] for k, v in r["vanilla_flops_per_sample"].items()]
+    rows += [["+ " + k, tf(v, "+")] for k, v in r["carpe_added_flops_per_sample"].items()]
+    rows += [["+ recompute: " + k, tf(v, "+")] for k, v in r["recompute_flops_per_sample"].items()]
+    rows += [[f"{k}: model / executed", f"{tf(a)} / {tf(b)}"] for k, (a, b) in r["per_sample"].items()]
+    rows += [["CARPE / vanilla FLOPs (epoch 2, no recompute)", f"{r['flops_ratio']:.3f}x"],
+             ["executed / model FLOPs (CARPE epoch 2)", f"{r['recompute_ratio']:.3f}x"]]
+    print_table(f"paper: LLaVA-1.5-7B, per sample of {r['tokens_per_sample']} tokens ({args.prompt_text} prompt text, "
+                f"{r['tokens_per_sample'] - args.prompt_text - args.answer} image, {args.answer} answer)",
+                ["term", "FLOPs"], rows)
+    rows = [[name, f"{r['trainable'][name] / 1e6:.1f}M", ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in r["parts"][name].items()),
+             f"{r['adamw_gib'][name]:.2f} GiB", f"{r['frozen'][name] * 2 / 2**30:.2f} GiB", f"{run['samples']:,}",
+             f"{run['model_flops']:.2e}", f"{run['executed_flops']:.2e}",
+             f"{gpu_hours(run['executed_flops'], args.mfu):.0f} / {gpu_hours(run['executed_flops'], args.mfu, 'H100'):.0f}"]
+            for name, run in r["runs"].items()]
+    print_table(f"paper: the runs, {r['samples_per_epoch']:,} samples per epoch, GPU-hours at {args.mfu:.0%} of the "
+                f"bf16 peak on the executed FLOPs", ["run", "trainable", "parts", "AdamW state", "frozen (bf16)",
+                                                     "samples", "model FLOPs", "executed FLOPs", "A100 / H100 hours"], rows)
+    r["readme"] = paper_sentence(r, args.mfu)
+    print("README: " + r["readme"])
     return r
 
 
@@ -723,6 +838,7 @@ def get_parser():
     p.add_argument("--step-batch", type=int, default=2, help="samples per training step")
     p.add_argument("--prompt-text", type=int, default=60, help="prompt text tokens per sample (with <s>)")
     p.add_argument("--answer", type=int, default=40, help="supervised answer tokens per sample")
+    p.add_argument("--mfu", type=float, default=0.4, help="paper: share of the bf16 peak the GPU-hours assume")
     p.add_argument("--decode-lengths", type=int_list, default="600,1200", help="decode: comma-separated prompt lengths")
     p.add_argument("--new-tokens", type=int, default=32, help="decode: tokens to generate")
     p.add_argument("--compile-layers", type=int_list, default="4,32", help="compile: LM depths to compile")

@@ -3,6 +3,7 @@ relies on (fused head == paper's form, CARPE with fixed weights (0, 1) == vanill
 No timing is asserted: the machine is shared and noisy."""
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -102,15 +103,42 @@ def test_compile_section_matches_eager(tmp_path):
         assert r["unique_graphs"] == (2 if r["path"] == "vanilla" else 3)
 
 
-def test_paper_cost_counts():
-    r = bench.paper_cost()
-    d = 4096
-    assert r["integrator_params"] == 16 * d * d  # cross 4d^2 + self 4d^2 + MLP 8d^2 (biases left out)
-    assert r["adapter_params"] == 1024 * d + d * d
-    assert r["tokens_per_sample"] == 60 + 576 + 40
-    # CARPE's head on 40 supervised tokens is cheaper than HF's over all 676
-    assert r["carpe_added_flops_per_sample"]["head: fused on N supervised minus HF's over T"] < 0
-    assert 1.0 < r["flops_ratio"] < 1.25
+@pytest.fixture(scope="module")
+def paper_models():
+    return bench.paper_models()
+
+
+def test_paper_cost_counts(paper_models):
+    """The meta-device count against the shapes of LLaVA-1.5-7B written out by hand."""
+    r = bench.paper_cost(paper_models)
+    d, dv, ffn, V, layers = 4096, 1024, 11008, 32064, 32
+    mlp = dv * d + d + d * d + d  # projector and raw adapter: Linear(1024, d) GELU Linear(d, d), with biases
+    block = 16 * d * d + 14 * d  # cross and self q,k,v,o (no key bias) 8d^2, MLP d->4d->d 8d^2, 3 RMSNorms
+    assert r["parts"]["carpe"] == dict(context=3 * d + 2, projector=mlp, head=V * d, integrator=mlp + block)
+    assert r["trainable"]["carpe"] == 441_798_658 and round(r["adamw_gib"]["carpe"], 2) == 6.58
+    assert round(r["trainable"]["moe"] / 1e6, 1) == 589.7
+    # recompute under checkpointing: the frozen LM's forward of the main pass, and of the context pass in epoch 2
+    lm = lambda t: 2 * layers * (4 * d * d + 3 * d * ffn) * t + 2 * layers * t * t * d  # noqa: E731
+    T, S = 60 + 576 + 40, 60 + 1
+    assert r["recompute_flops_per_sample"] == {"main pass LM fwd, every epoch": lm(T), "context pass LM fwd, epoch 2+": lm(S)}
+    assert r["carpe_added_flops_per_sample"]["head: fused on N supervised minus HF's over T"] == 6 * (40 - T) * d * V
+    assert 1.10 < r["flops_ratio"] < 1.13 and 1.4 < r["recompute_ratio"] < 1.5
+    # 2 epochs of 665,298 + 95,043 samples; epoch 1 without the context pass's backward and recompute
+    carpe = r["runs"]["carpe"]
+    assert carpe["samples"] == 2 * 760_341
+    e1, e2 = r["per_sample"]["carpe epoch 1"], r["per_sample"]["carpe epoch 2+"]
+    assert carpe["executed_flops"] == 760_341 * (e1[1] + e2[1]) and e2[1] - e1[1] > e2[0] - e1[0] > 0
+    assert r["runs"]["moe"]["epochs"] == 3 and r["runs"]["moe"]["executed_flops"] > 1.4 * carpe["executed_flops"]
+
+
+def test_readme_paper_figures_are_the_meta_device_count(paper_models):
+    """README.md states the parameter, memory and FLOP figures in the words bench.py prints them."""
+    r = bench.paper_cost(paper_models)
+    expected = bench.paper_sentence(r, 0.4)
+    readme = " ".join(open(os.path.join(os.path.dirname(bench.__file__), "README.md")).read().split())
+    found = re.search(r"CARPE trains .*?of the bf16 peak\)\.", readme)
+    assert found, f"README.md lacks the paper figures; expected: {expected}"
+    assert found.group(0) == expected
 
 
 def test_head_memory_workers_fused_holds_less():
