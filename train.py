@@ -26,6 +26,12 @@ Choices where the paper is silent:
  - Finite or nothing: a step whose loss or gradient norm is not finite (or spikes, with
    --max-loss-ratio) is skipped and counted; --max-skipped-steps in a row stop the run, naming the
    last checkpoint whose weights trained on finitely. Weights are checked finite before a save.
+ - Preemption: SIGTERM or SIGINT (SLURM's time limit or preemption, Kubernetes, Ctrl-C) lets the step in
+   progress finish; every rank learns of it in that step's all-reduce, so all stop after the same
+   step, write its checkpoint together, release the lock and exit with PREEMPTED_EXIT_CODE (75).
+   Under torchrun the worker's 75 shows in torchrun's report and torchrun itself exits 1; a SIGTERM
+   sent to torchrun is forwarded to the ranks, which get --shutdown-timeout seconds (default 30)
+   before torchrun's SIGKILL: set it above a step plus a checkpoint save.
  - The run folder is locked for the run; a used one needs --resume or --overwrite. Checkpoints
    (common.py) carry file digests; --resume falls back past a damaged one, applies the flags in
    APPLIED_ON_RESUME and refuses, in one line, a change of those in FIXED_ON_RESUME.
@@ -36,6 +42,8 @@ import json
 import math
 import os
 import random
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
@@ -88,6 +96,13 @@ APPLIED_ON_RESUME = ("data", "image_root", "imagenet", "imagenet_classes", "micr
 MODEL_FLAGS = ("base", "method", "moe", "experts", "balance_weight", "fixed_weights", "no_integrator_self_attn", "query_layer",
                "integrator_heads")
 RUN_FLAGS = ("out", "resume", "overwrite")  # where the run goes, not what it computes
+
+# A run stopped by SIGTERM or SIGINT (a scheduler's preemption or time limit, Ctrl-C) ends after the
+# step in progress, with a checkpoint, and exits with EX_TEMPFAIL of sysexits.h ("temporary failure,
+# retry"): a job script tells "checkpoint written, run again with --resume" from a crash (1) and from
+# a process the signal itself killed (128 + 15 = 143: nothing saved since the last checkpoint).
+PREEMPTED_EXIT_CODE = 75
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def parse_args(argv=None):
@@ -365,6 +380,7 @@ class StepStats:
     truncated: float = 0.0  # samples cut at --model-max-length
     balance_loss: float = 0.0  # CARPE-MoE's load-balancing loss
     replaced: float = 0.0  # bad samples the loader replaced (--skip-bad-samples)
+    stop: float = 0.0  # ranks that had received SIGTERM / SIGINT when the step's numbers were summed
     replaced_ids: list = field(default_factory=list)  # their (id, reason)
     route_hist: list | None = None  # CARPE-MoE: images routed to each expert
 
@@ -402,6 +418,30 @@ def reduce_stats(stats):
     return total
 
 
+class StopRequest:
+    """SIGTERM / SIGINT handlers that only note the signal. The loop finishes the step in progress;
+    the note travels in that step's all-reduce (reduce_stats), so a signal seen by one rank stops
+    every rank after the same step, and they write the checkpoint together. Repeats are ignored:
+    torchrun forwards to its ranks the signal they already got from SLURM or the terminal (kill -9
+    stops at once). DataLoader workers forked later inherit the handler, so they keep serving."""
+
+    def __init__(self):
+        self.signal = None  # the name of the first signal received
+        self.previous = {}
+
+    def note(self, signum, frame):
+        self.signal = self.signal or signal.Signals(signum).name
+
+    def install(self):
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals there only
+            self.previous = {sig: signal.signal(sig, self.note) for sig in STOP_SIGNALS}
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+
 # -----------------------------------------------------------------------------
 # one run
 
@@ -425,6 +465,7 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     resumed_from: str | None = None
+    stop: StopRequest = field(default_factory=StopRequest)  # SIGTERM / SIGINT noted since the loop began
 
 
 def claim_run_folder(args, rank):
@@ -746,6 +787,7 @@ def train(run):
         while state.step < min(run.total_steps, (epoch + 1) * run.steps_per_epoch):
             t0 = time.time()
             stats = accumulate(run, batches, autocast)
+            stats.stop = float(run.stop.signal is not None)
             average_context_grads(run)
             # sums over ranks: every rank sees the same loss and norm, so all take the same decision
             stats = reduce_stats(stats)
@@ -773,10 +815,24 @@ def train(run):
             bar.set_postfix(loss=f"{loss:.3f}", alpha=f"{record['vision_weight']:.3f}")
             if state.consecutive_skips >= args.max_skipped_steps:
                 stop_run(run, f"{state.consecutive_skips} step(s) in a row skipped (the last: {skipped})")
-            if (args.save_every and state.step % args.save_every == 0) or state.step == run.total_steps:
+            saved = (args.save_every and state.step % args.save_every == 0) or state.step == run.total_steps
+            if saved:
                 weights = save(run)
+            if stats.stop and state.step < run.total_steps:
+                stop_for_signal(run, int(stats.stop), saved)
     bar.close()
     return weights
+
+
+def stop_for_signal(run, n_ranks, saved):
+    """Every rank saw the same count of signalled ranks in the step's all-reduce: all write this
+    step's checkpoint together and leave (main releases the lock) with PREEMPTED_EXIT_CODE."""
+    if not saved:
+        save(run)
+    path = common.checkpoint_path(run.args.out, run.state.step)
+    print0(f"stopping after step {run.state.step} of {run.total_steps}: {n_ranks} of {run.world} rank(s) received "
+           f"SIGTERM or SIGINT; checkpoint {path} written; continue with --resume (exit code {PREEMPTED_EXIT_CODE})")
+    raise SystemExit(PREEMPTED_EXIT_CODE)
 
 
 def finish(run, weights):
@@ -803,8 +859,10 @@ def main(argv=None):
     args = resolve_args(parse_args(argv))
     rank, world, local_rank, device = setup_distributed()
     lock = claim_run_folder(args, rank)
+    run = None
     try:
         run = setup(args, rank, world, local_rank, device)
+        run.stop.install()  # from the first step on, SIGTERM / SIGINT end the run after a step, with a checkpoint
         finish(run, train(run))
         return run.model
     finally:
@@ -812,6 +870,8 @@ def main(argv=None):
             lock.close()
         if dist.is_initialized():
             dist.destroy_process_group()
+        if run is not None:  # last: torchrun may signal this rank again while it leaves
+            run.stop.restore()
 
 
 if __name__ == "__main__":

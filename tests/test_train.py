@@ -536,3 +536,66 @@ def test_fsdp_ranks_with_different_modalities_in_one_step(small_data, tmp_path):
     assert len(log) == 6 and all(math.isfinite(r["loss"]) for r in log)
     summary = json.load(open(os.path.join(tmp_path, "summary.json")))
     assert summary["rank_checksums"][0] == summary["rank_checksums"][1]
+
+
+# -----------------------------------------------------------------------------
+# preemption: SIGTERM / SIGINT (what SLURM, Kubernetes and Ctrl-C send) stop after a step, with a checkpoint
+
+def wait_for_log(out, lines, proc, timeout=300):
+    """Poll log.jsonl until it holds `lines` steps (the run is mid-way), failing if the run ended first."""
+    import time
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.isfile(os.path.join(out, "log.jsonl")) and len(read_log(out)) >= lines:
+            return
+        assert proc.poll() is None, f"the run ended before step {lines}: " + proc.communicate()[0][-3000:]
+        time.sleep(0.02)
+    raise AssertionError(f"no step {lines} after {timeout} s")
+
+
+def test_sigterm_stops_after_a_step_with_a_checkpoint_and_resume_is_exact(run_a, small_data, tmp_path):
+    """A real `train.py` process sent SIGTERM (no checkpoints asked for): it finishes the step in
+    progress, writes that step's checkpoint, releases the folder's lock and exits 75; `--resume`
+    then ends with the uninterrupted run's learning rates, losses and weights, bit for bit."""
+    import signal
+    out = str(tmp_path)
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *flags(small_data, out, "--max-steps", "6")],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_log(out, 1, proc)
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=300)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == train.PREEMPTED_EXIT_CODE, output[-3000:]
+    stopped = len(read_log(out))
+    assert 1 <= stopped < 6 and f"stopping after step {stopped} of 6: 1 of 1 rank(s) received SIGTERM" in output
+    assert [common.checkpoint_step(p) for p in common.list_checkpoints(out)] == [stopped]
+    common.lock_run_folder(out).close()  # the lock was released
+    train.main(flags(small_data, out, "--max-steps", "6", "--resume"))
+    full, log = read_log(run_a), read_log(out)
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert lrs(log) == lrs(full) and [r["loss"] for r in log] == [r["loss"] for r in full]
+    a, b = weights_of(run_a), weights_of(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(fsdp_run, small_data, tmp_path):
+    """FSDP2 on 2 ranks: only rank 1 gets SIGINT, during step 5 (epoch 2). Both ranks stop after
+    step 5 and write its checkpoint together, equal to the uninterrupted run's step 5 (whose resume
+    is exact: test_fsdp_resume_equals_the_uninterrupted_run); each rank exits 75 (torchrun reports
+    it, and exits 1 as for any failed worker); `--resume` ends equal to the uninterrupted run."""
+    result = torchrun(small_data, tmp_path, "--fsdp", script="tests/killed_train.py", ok=False,
+                      env=dict(CARPE_SIGNAL="SIGINT", CARPE_SIGNAL_AT_STEP="4", CARPE_SIGNAL_RANK="1"))
+    output = result.stdout + result.stderr
+    assert result.returncode == 1 and "exitcode  : 75" in output, output[-3000:]
+    assert "stopping after step 5 of 6: 1 of 2 rank(s) received SIGTERM or SIGINT" in output
+    assert [r["step"] for r in read_log(tmp_path)] == [1, 2, 3, 4, 5]
+    assert [common.checkpoint_step(p) for p in common.list_checkpoints(str(tmp_path))] == [5]
+    a, b = weights_of(os.path.join(fsdp_run, "ckpt", "step_0000005")), weights_of(tmp_path / "ckpt" / "step_0000005")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log = torchrun(small_data, tmp_path, "--fsdp", "--resume")
+    full = read_log(fsdp_run)
+    assert lrs(log) == lrs(full) and [r["loss"] for r in log] == [r["loss"] for r in full]
+    a, b = weights_of(fsdp_run), weights_of(tmp_path)
+    assert all(torch.equal(a[k], b[k]) for k in a)
