@@ -70,7 +70,7 @@ class LlavaBaseline(LlavaWrapper):
     def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None):
         prep = self.prepare(input_ids, attention_mask, pixel_values)
         mask = prep.attention_mask  # (B, T)
-        h_llm, captured = run_language_model(self.language_model, prep.inputs_embeds, mask,
+        h_llm, captured = run_language_model(self.language_model, self.main_pass_inputs(prep.inputs_embeds), mask,
                                              positions_from_mask(mask), self.query_layers)  # (B, T, d), [(B, T, d)]
         key_valid = None if bool(mask.all()) else mask.bool()
         memory_kvs = [block.memory_kv(prep.memory) for block in self.integrator_blocks()]

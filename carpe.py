@@ -46,6 +46,7 @@ from dataclasses import dataclass, asdict
 
 import torch
 import torch.nn as nn
+from torch.distributed.fsdp import FSDPModule
 from PIL import Image
 from transformers import (AutoConfig, AutoProcessor, CLIPVisionConfig, DynamicCache, LlamaConfig, LlavaConfig,
                           LlavaForConditionalGeneration)
@@ -392,6 +393,11 @@ def run_language_model(language_model, inputs_embeds, attention_mask, position_i
     return out.last_hidden_state, [captured[slot] for slot in range(len(layer_indices))]
 
 
+def lm_is_sharded(language_model):
+    """Whether FSDP2's fully_shard wraps the LM's decoder layers (one all-gather per layer per pass)."""
+    return any(isinstance(layer, FSDPModule) for layer in decoder_layers(language_model))
+
+
 def untie_head(llava):
     """A head tied to the input embeddings gets its own copy: training it must not move them."""
     if llava.lm_head.weight is llava.model.language_model.get_input_embeddings().weight:
@@ -521,6 +527,34 @@ class LlavaWrapper(TrainableSet, nn.Module):
 
     def integrator_blocks(self):
         return []
+
+    def lm_input_trains(self):
+        """Whether a trainable tensor sits upstream of the main pass's input: the adapters that
+        make the image embeddings (the projector; CARPE-MoE's adapters and router)."""
+        modules = [self.llava.model.multi_modal_projector] + [m for m in [getattr(self, "vision_moe", None)] if m]
+        return any(p.requires_grad for m in modules for p in m.parameters())
+
+    def main_pass_inputs(self, inputs_embeds):
+        """inputs_embeds (B, T, d) for the main LM pass; under FSDP2, made to require grad when a
+        micro-batch has no image but the image path trains.
+
+        Why: a rank whose micro-batch has images backpropagates through every decoder layer (the
+        projector's gradient crosses the LM), and FSDP2 all-gathers each sharded layer again for
+        that backward. A rank whose micro-batch is text-only has nothing trainable upstream of the
+        LM, so autograd skips the LM's backward and its all-gathers: the ranks' collectives no
+        longer match and the step hangs. Making the inputs a grad-requiring leaf gives that rank
+        the same backward (its gradient is discarded).
+        Why here and not by leaving the frozen LM unsharded (FSDP's ignored_params): that costs
+        the LM's 6.48B bf16 parameters whole on every GPU, +10.5 GiB per GPU at 8 GPUs against
+        the 1.5 GiB shard, to save ~48 GiB of all-gather traffic per step per GPU that FSDP2
+        overlaps with compute anyway; and this fix holds however the LM is wrapped. Its cost:
+        one frozen-LM backward on a text-only micro-batch, which the image ranks run in the same
+        step anyway, and only under FSDP. (LEVI trains nothing upstream of the LM: no rank ever
+        backpropagates through it, nothing to match.)"""
+        if (torch.is_grad_enabled() and not inputs_embeds.requires_grad and lm_is_sharded(self.language_model)
+                and self.lm_input_trains()):
+            inputs_embeds = inputs_embeds.detach().requires_grad_()
+        return inputs_embeds
 
     # --- loading, sharing and asking: pretrained.py does the work. Each import is deferred
     # because the loader needs the MoE experts, the conversation templates and the presets, which
@@ -754,7 +788,7 @@ class CARPE(LlavaWrapper):
         prep = self.prepare(input_ids, attention_mask, pixel_values, labels, context_mask)
         mask = prep.attention_mask  # (B, T)
         # 2. main pass: H_llm (B, T, d) after the final norm; H_query (B, T, d) from query_layer
-        h_llm, (h_query,) = run_language_model(self.language_model, prep.inputs_embeds, mask,
+        h_llm, (h_query,) = run_language_model(self.language_model, self.main_pass_inputs(prep.inputs_embeds), mask,
                                                positions_from_mask(mask), self.query_layers)
         # 3. integrator: H_vision (B, T, d); left padding is masked out of its self-attention
         key_valid = None if bool(mask.all()) else mask.bool()
