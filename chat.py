@@ -63,7 +63,7 @@ def chat(model, image, max_new_tokens, interactive):
         history.append((question, out.answer))
 
 
-def parse_args(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description="Chat with a trained CARPE / CARPE-MoE / baseline run about an image "
                                 "(multi-turn, in the run's conversation template; `clear`, `exit` / `quit` or Ctrl-D).")
     p.add_argument("--ckpt", required=True, help="a train.py run folder, a saved (save_pretrained) folder, or a Hub id")
@@ -82,6 +82,11 @@ def parse_args(argv=None):
                    "preset:small) instead of the one its config names")
     p.add_argument("--cache-dir", default=None, help="where the tiny / small preset worlds are cached (default: "
                    "the run's own, else the repo's .cache/)")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         p.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
@@ -92,10 +97,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    print(f"loading {args.ckpt} ...", file=sys.stderr, flush=True)
     try:
+        image = pretrained.as_image(args.image, "--image")  # decoded once, before the model: a bad file fails at once
+        print(f"loading {args.ckpt} ...", file=sys.stderr, flush=True)
         model = pretrained.load(args.ckpt, device=args.device, dtype=args.dtype, base=args.base, cache_dir=args.cache_dir)
-        image = pretrained.as_image(args.image, f"--image {args.image}")  # decoded once, a bad file fails here
     except (FileNotFoundError, ValueError, TypeError) as e:
         sys.exit(f"chat.py: {e}")
     if args.question is not None:

@@ -229,14 +229,15 @@ def prompt_ids(conversation, question, has_image, history=()):
 
 
 def as_image(image, where):
-    """A PIL image or a path -> an RGB PIL image (paths through data.load_image, training's decoder)."""
+    """A PIL image, a path or raw bytes -> an RGB PIL image through data.load_image, the decoder
+    of training and eval.py (16-bit and float modes scaled, alpha dropped, as they are there)."""
     if image is None:
         return None
-    if isinstance(image, Image.Image):
-        return image if image.mode == "RGB" else image.convert("RGB")
-    if isinstance(image, (str, os.PathLike)):
-        return load_image(os.fspath(image), where)
-    raise TypeError(f"{where}: expected a PIL image, a path or None, got {type(image).__name__}")
+    if isinstance(image, os.PathLike):
+        image = os.fspath(image)
+    if not isinstance(image, (Image.Image, str, bytes, dict)):
+        raise TypeError(f"{where}: expected a PIL image, a path, bytes or None, got {type(image).__name__}")
+    return load_image(image, where)
 
 
 def to_device(pixel_values, device, dtype):
