@@ -6,7 +6,8 @@ train.py: train CARPE (or a baseline) on the LLaVA-Instruct + ImageNet mix (pape
     torchrun --nproc_per_node 8 train.py --data llava_v1_5_mix665k.json --image-root data \\
         --imagenet imagenet --out runs/carpe --fsdp                         # the paper's run
 
-The recipe: global batch 64 (micro batch x grad accumulation x world size), AdamW with weight
+The recipe: global batch 64 (micro batch x grad accumulation x world size; the micro batch shrinks to
+64 / world when larger, so the global batch is 64 at any world size dividing it), AdamW with weight
 decay 0, cosine schedule with 3% linear warmup, lr 2e-5 for the adapter (projector) and 2e-4 for
 the rest, the context prompt and encoder frozen for epoch 1, 2 epochs (3 with --moe).
 
@@ -18,9 +19,9 @@ Choices where the paper is silent:
  - Distributed: DDP (find_unused_parameters, since a micro-batch without images leaves the
    projector and integrator without gradient) or FSDP2 (fully_shard per LM decoder layer, then
    the rest as one unit; the vision tower is not a unit of its own, since HF's hidden-state
-   recording breaks under an FSDP-wrapped CLIP tower). The context prompt and encoder are kept
-   out of both: they are tiny, their requires_grad flips after epoch 1, and their gradients are
-   averaged by hand.
+   recording breaks under an FSDP-wrapped CLIP tower); on several nodes HSDP (sharded within a
+   node, replicated across nodes). The context prompt and encoder are kept out of both: they are
+   tiny, their requires_grad flips after epoch 1, and their gradients are averaged by hand.
  - GPU: the frozen base in bf16, trainable tensors in fp32, bf16 autocast; under FSDP a
    MixedPrecisionPolicy(bf16 params, fp32 reduce). CPU: fp32 throughout.
  - Finite or nothing: a step whose loss or gradient norm is not finite (or spikes, with
@@ -134,8 +135,8 @@ def parse_args(argv=None):
                         "(without it a used --out needs --resume)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default 2, 3 with --moe; tiny preset 3)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (also the schedule length)")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch (default: preset's; paper 64)")
-    p.add_argument("--micro-batch-size", type=int, default=None, help="per-device batch; grad accumulation fills the global batch")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch (default: preset's; paper 64), the same at any world size that divides it")
+    p.add_argument("--micro-batch-size", type=int, default=None, help="per-device batch (at most batch / world); grad accumulation fills the global batch")
     p.add_argument("--lr-adapter", type=float, default=None, help="lr of the projector / MoE adapters (paper 2e-5)")
     p.add_argument("--lr", type=float, default=None, help="lr of the other trainable tensors (paper 2e-4)")
     p.add_argument("--warmup-ratio", type=float, default=0.03, help="linear warmup as a fraction of the steps")
@@ -243,6 +244,23 @@ def use_tiny_world(args):
     args.imagenet_classes = args.imagenet_classes or os.path.join(world_dirs.synthetic, "classnames.txt")
 
 
+def batch_layout(batch_size, micro_batch_size, world):
+    """The global batch is --batch-size at every world size that divides it: each rank takes
+    batch / world samples per step, in micro-batches of --micro-batch-size, or of batch / world
+    when that is fewer (64 over 16 ranks: micro-batches of 4, not 8), and accumulates the rest.
+    -> (micro-batch size, micro-batches per rank per step)."""
+    per_rank, rest = divmod(batch_size, world)
+    if rest or per_rank == 0:
+        raise SystemExit(f"--batch-size {batch_size} cannot be split evenly over {world} ranks: "
+                         f"give a global batch that is a multiple of the world size {world}")
+    micro = min(micro_batch_size, per_rank)
+    accum, rest = divmod(per_rank, micro)
+    if rest:
+        raise SystemExit(f"--batch-size {batch_size} over {world} ranks gives {per_rank} samples per rank, not a "
+                         f"multiple of --micro-batch-size {micro_batch_size}")
+    return micro, accum
+
+
 def fit_model_max_length(args, llava):
     """Samples cannot be longer than the base has positions (the tiny base has 1024)."""
     positions = getattr(llava.config.text_config, "max_position_embeddings", None) or DEFAULT_MODEL_MAX_LENGTH
@@ -318,13 +336,25 @@ def make_optimizer(args, model, total_steps):
     return optimizer, scheduler
 
 
+def fsdp_mesh(device, world):
+    """One node: a flat mesh, every layer sharded over all ranks. Several nodes (torchrun's
+    LOCAL_WORLD_SIZE below WORLD_SIZE): HSDP, sharded within a node and replicated across nodes,
+    so each layer's all-gather stays on the node's fast links and only the gradients cross nodes
+    (one all-reduce per step)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if local >= world or world % local:
+        return init_device_mesh(device.type, (world,))
+    print0(f"FSDP2 mesh: HSDP, replicated over {world // local} nodes x sharded over {local} ranks each")
+    return init_device_mesh(device.type, (world // local, local), mesh_dim_names=("replicate", "shard"))
+
+
 def wrap_model(args, model, device, world):
     """FSDP2 / compile / DDP. -> (the module to call forward on, the context tensors). `model`
     stays the raw module: its parameters are what the optimizer and the checkpoints see."""
     context_params = [p for name, p in model.named_parameters() if carpe.is_context_name(name)]
     forward_model = model
     if args.fsdp:
-        mesh = init_device_mesh(device.type, (world,))
+        mesh = fsdp_mesh(device, world)
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
             else MixedPrecisionPolicy()
         for layer in model.llava.model.language_model.layers:  # one unit per decoder layer: gathered one at a time
@@ -623,10 +653,11 @@ def setup(args, rank, world, local_rank, device):
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    accum, rest = divmod(args.batch_size, args.micro_batch_size * world)
-    if rest or accum == 0:
-        raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of --micro-batch-size "
-                         f"{args.micro_batch_size} x world size {world}")
+    micro, accum = batch_layout(args.batch_size, args.micro_batch_size, world)
+    if micro != args.micro_batch_size:
+        print0(f"--micro-batch-size {micro}: {args.batch_size} samples per step over {world} ranks leave {micro} "
+               f"per rank (--micro-batch-size {args.micro_batch_size} asked)")
+        args.micro_batch_size = micro  # the run config records the micro-batch used
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     llava, processor = carpe.load_base(args.base, device=device, dtype=dtype)
     fit_model_max_length(args, llava)

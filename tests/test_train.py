@@ -599,3 +599,22 @@ def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(fsdp_run, sma
     assert lrs(log) == lrs(full) and [r["loss"] for r in log] == [r["loss"] for r in full]
     a, b = weights_of(fsdp_run), weights_of(tmp_path)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -----------------------------------------------------------------------------
+# several nodes: the global batch and the mesh
+
+@pytest.mark.parametrize("world, layout", [(1, (8, 8)), (2, (8, 4)), (8, (8, 1)), (16, (4, 1)), (64, (1, 1))])
+def test_the_global_batch_stays_at_any_world_size_that_divides_it(world, layout):
+    """The paper's --batch-size 64 --micro-batch-size 8 at 1 to 64 ranks: the micro-batch follows
+    when 8 x world exceeds 64 (16 ranks: 4 each), the global batch never changes."""
+    micro, accum = train.batch_layout(64, 8, world)
+    assert (micro, accum) == layout and micro * accum * world == 64
+
+
+def test_a_world_that_does_not_divide_the_batch_is_refused_naming_both():
+    with pytest.raises(SystemExit, match=r"--batch-size 64 cannot be split evenly over 48 ranks"):
+        train.batch_layout(64, 8, 48)
+    with pytest.raises(SystemExit, match=r"--batch-size 64 over 2 ranks gives 32 samples per rank, not a multiple "
+                                         r"of --micro-batch-size 12"):
+        train.batch_layout(64, 12, 2)
