@@ -852,9 +852,16 @@ def read_eval_dir(path):
 
 
 def table_name(path):
-    path = os.path.normpath(path)
-    base = os.path.basename(path)
-    return os.path.basename(os.path.dirname(path)) if base == "eval" else base
+    """A row's name: the run's (<run>/eval -> run; a checkpoint <run>/ckpt/step_N or its eval folder
+    <run>/eval-step_N -> run@step_N), else the folder's."""
+    parent, base = os.path.split(os.path.normpath(path))
+    if base == "eval":
+        return os.path.basename(parent)
+    if re.fullmatch(r"eval-step_\d+", base):
+        return f"{os.path.basename(parent)}@{base[len('eval-'):]}"
+    if re.fullmatch(r"step_\d+", base) and os.path.basename(parent) == "ckpt":
+        return f"{os.path.basename(os.path.dirname(parent))}@{base}"
+    return base
 
 
 def comparison_table(dirs):

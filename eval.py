@@ -13,13 +13,17 @@ paper's Tables 2-4.
 What a benchmark is (its data layout, prompt, reader, official scorer, answer length, display
 name) lives in benchmarks.py; this file only runs the model over the items.
 
-Outputs under <out>/<bench>/ (default <out> = <ckpt>/eval, or runs/eval-<method>):
+Outputs under <out>/<bench>/ (default <out> = <ckpt>/eval; <run>/eval-step_N for a checkpoint
+<run>/ckpt/step_N, which --ckpt also takes; else runs/eval-<method>):
   predictions.jsonl  one line per item: {id, answer, error, context_weights, route, prompt, **meta},
                      appended and flushed after every batch. `prompt` is a short digest of the
                      question; the question itself is rebuilt from the item id and run.json (world,
                      closed_k, template), so lines stay short even for closed-world ImageNet.
                      Under torchrun each rank appends to predictions.rank<r>.jsonl and rank 0
-                     appends those lines to predictions.jsonl at the end.
+                     appends those lines to predictions.jsonl at the end, waiting for each file
+                     by its name (a network file system may serve a stale folder listing).
+  .lock              held by the eval.py working on this benchmark (rank 0, from before its
+                     model loads to its end), naming its pid.
   metrics.json       the scorer's output (headline + sub-scores), n, n_failed and the failed ids,
                      mean (vision, language) context weights (Table 4), the MoE routing histogram
                      keyed by expert name.
@@ -38,9 +42,18 @@ What a fault costs:
     unless --retry-failed;
   - a benchmark folder with no items, non-finite weights, a prompt longer than the model's
     positions: an error naming the folder / tensor / both lengths, before any score is written;
-  - run.json, metrics.json, summary.* and the tiny benchmark folders are written atomically.
+  - run.json, metrics.json, summary.* and the tiny benchmark folders are written atomically;
+  - a second eval.py on a benchmark folder in use: refused at once, before its model loads, naming
+    the pid that holds <out>/<bench>/.lock (as train.py's run-folder lock). Waiting instead would
+    leave its other ranks in a collective for as long as the first runs; once the first is done
+    a rerun generates nothing new;
+  - --out naming a file, --ckpt naming a run still training (no final weights: its newest
+    checkpoint is named, and --ckpt takes it), a rank's predictions file that never shows:
+    a one-line error naming the path.
 
 Choices:
+  - The tiny preset's synthetic benchmarks live in <--cache-dir>/tiny-eval-data (the repository's
+    .cache by default, as train.py's), so the working directory does not matter.
   - Items are batched in dataset order after the finished ones are removed; whole batches are
     dealt to ranks round-robin, so a sharded run sees the same batches as a single process.
   - --limit N keeps the first N items in file order (for MMBench, whole circular groups are not
@@ -55,10 +68,12 @@ Choices:
     WiSE-FT row made from our own ImageNet fine-tune.
 """
 import argparse
+import fcntl
 import hashlib
 import json
 import os
 import sys
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -74,17 +89,21 @@ import small
 import tiny
 from benchmarks import (BENCH_GROUPS, BENCHMARKS, MATCH_RULES, comparison_table, markdown_tables, read_eval_dir,
                         table2_average, table3_average, table_name)
-from common import (barrier, base_side_of_run, interpolate_weights, is_run_dir, load_run, print0, run_digest,
-                    setup_distributed, write_json_atomic)
+from common import (CHECKPOINT_NAME, barrier, base_side_of_run, interpolate_weights, is_run_dir, list_checkpoints,
+                    load_run, print0, read_run_config, run_digest, setup_distributed, write_json_atomic)
 from data import TEMPLATES, BadSampleError, ConversationTokenizer, load_image, n_image_tokens
 
 PRESETS = {  # defaults a preset fills in when the flag is not given
-    "tiny": dict(base="tiny", data_root="runs/tiny-eval-data", batch_size=4, max_new_tokens=8, workers=0, dtype="float32"),
+    # tiny: the synthetic benchmarks are drawn once into <--cache-dir>/tiny-eval-data, whatever the working directory
+    "tiny": dict(base="tiny", data_root=None, batch_size=4, max_new_tokens=8, workers=0, dtype="float32"),
     "llava-7b": dict(base="llava-hf/llava-1.5-7b-hf", data_root="playground/data/eval", batch_size=16,
                      max_new_tokens=None, workers=4, dtype="auto"),
     # small: small.py's SmolLM2 + Fashion-MNIST world (base and data root resolved from its cache)
     "small": {k: v for k, v in small.EVAL_PRESET.items() if k != "template"},
 }
+
+
+RANK_FILE_TIMEOUT_S = 300  # rank 0 waits this long for a rank's predictions file to show by name
 
 
 class EvalError(Exception):
@@ -181,8 +200,7 @@ def load_model(args, device):
         ckpt, base = args.ckpt, args.base
     if ckpt:
         model, processor, image_transform = load_run(ckpt, device=device, dtype=dtype)
-        with open(os.path.join(ckpt, "config.json")) as f:
-            run = json.load(f)
+        run = read_run_config(ckpt)
         method, template = run["method"], run.get("template", "vicuna_v1")
     else:
         method, template = args.method or "llava", args.template
@@ -316,7 +334,8 @@ def append_records(path, records):
         os.fsync(f.fileno())
 
 
-def rank_files(bench_dir):
+def leftover_rank_files(bench_dir):
+    """The rank files a sharded run killed before its gather left behind (any world size)."""
     return sorted(os.path.join(bench_dir, n) for n in os.listdir(bench_dir) if n.startswith("predictions.rank"))
 
 
@@ -327,16 +346,16 @@ class Predictions:
     n_lines: int
 
 
-def absorb_rank_files(bench_dir, known: Predictions, order):
-    """Append the ranks' own files to predictions.jsonl (only lines not already there, in item
+def absorb_rank_files(bench_dir, known: Predictions, order, paths):
+    """Append the ranks' files (paths) to predictions.jsonl (only lines not already there, in item
     order), then remove them. Safe to repeat after a crash between the append and the removal."""
     new = []
-    for path in rank_files(bench_dir):
+    for path in paths:
         new += [r for r in read_predictions(path) if known.records.get(r["id"]) != r]
     new.sort(key=lambda r: order.get(r["id"], len(order)))
     if new:
         append_records(os.path.join(bench_dir, "predictions.jsonl"), new)
-    for path in rank_files(bench_dir):
+    for path in paths:
         os.remove(path)
     known.records.update((r["id"], r) for r in new)
     known.n_lines += len(new)
@@ -464,7 +483,7 @@ def resume_state(bench_dir, items):
     order = {it.id: n for n, it in enumerate(items)}
     lines = read_predictions(os.path.join(bench_dir, "predictions.jsonl"))
     known = Predictions(records={r["id"]: r for r in lines}, n_lines=len(lines))
-    absorb_rank_files(bench_dir, known, order)
+    absorb_rank_files(bench_dir, known, order, leftover_rank_files(bench_dir))
     prompts = {it.id: short_digest(it.question) for it in items}
     for r in known.records.values():
         if r["id"] in prompts and r.get("prompt") != prompts[r["id"]]:
@@ -473,27 +492,108 @@ def resume_state(bench_dir, items):
     return known
 
 
+def lock_bench_dir(bench_dir):
+    """An exclusive lock on <bench>/.lock for the life of the returned file (close it to release;
+    the kernel releases it if the process dies), else an EvalError naming the holder's pid."""
+    os.makedirs(bench_dir, exist_ok=True)
+    f = open(os.path.join(bench_dir, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise EvalError(f"{bench_dir} is being evaluated by another eval.py (pid {holder} holds {bench_dir}/.lock); "
+                        f"rerun once it is done (its finished items are kept, nothing is generated twice), "
+                        f"or use another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def lock_benchmarks(out, benches, rank, world):
+    """Rank 0 locks every benchmark folder of this run before the model loads and holds them to
+    the end. -> the lock files. A second eval.py on any of them is refused at once, on every rank,
+    naming the pid: else it would generate every item again (the first's lines appear only as it
+    goes). Disjoint benchmarks in one --out still run side by side."""
+    locks, refusal = [], None
+    if rank == 0:
+        try:
+            for bench in benches:
+                locks.append(lock_bench_dir(os.path.join(out, bench.name)))
+        except EvalError as e:
+            refusal = str(e)
+    shared = [refusal]
+    if world > 1:
+        dist.broadcast_object_list(shared, src=0)
+    if shared[0]:
+        for f in locks:
+            f.close()
+        raise EvalError(shared[0])
+    return locks
+
+
+def rank_file(bench_dir, rank):
+    return os.path.join(bench_dir, f"predictions.rank{rank}.jsonl")
+
+
+def wait_for_files(paths, timeout_s):
+    """Rank 0, after the barrier that follows every rank's write: wait until each expected file is
+    seen by its name. A network file system may serve a cached directory listing for a while, so
+    the files are never found by listing the folder."""
+    deadline = time.monotonic() + timeout_s
+    for path in paths:
+        while not os.path.exists(path):
+            if time.monotonic() > deadline:
+                raise EvalError(f"{path} is missing {timeout_s:g} s after every rank finished writing its "
+                                f"predictions (a rank that died, or a file system that does not show it)")
+            time.sleep(0.2)
+
+
+def gather_rank_files(bench_dir, known: Predictions, order, world, timeout_s=None):
+    """Rank 0: append every rank's predictions.rank<r>.jsonl, each waited for by its expected name."""
+    paths = [rank_file(bench_dir, r) for r in range(world)]
+    wait_for_files(paths, RANK_FILE_TIMEOUT_S if timeout_s is None else timeout_s)
+    absorb_rank_files(bench_dir, known, order, paths)
+
+
 def run_bench(bench, items, loaded: LoadedModel, args, device):
     """Generate what is missing (sharded), gather, score. -> metrics dict (rank 0) or None."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     bench_dir = os.path.join(args.out, bench.name)
     max_new = args.max_new_tokens or bench.max_new_tokens
     is_cls = bench.group == "cls"
-    known, done = None, None
+    known, done, refusal = None, None, None
     if rank == 0:
-        os.makedirs(bench_dir, exist_ok=True)
-        check_signature(bench_dir, RunSignature(asdict(loaded.source), bench.name, args.world if is_cls else None,
-                                                args.closed_k if is_cls else None, max_new))
-        known = resume_state(bench_dir, items)
-        done = {i for i, r in known.records.items() if not (args.retry_failed and r.get("error"))}
-    shared = [done]
+        try:
+            check_signature(bench_dir, RunSignature(asdict(loaded.source), bench.name, args.world if is_cls else None,
+                                                    args.closed_k if is_cls else None, max_new))
+            known = resume_state(bench_dir, items)
+            done = {i for i, r in known.records.items() if not (args.retry_failed and r.get("error"))}
+        except EvalError as e:
+            refusal = str(e)
+    shared = [done, refusal]
     if world > 1:
         dist.broadcast_object_list(shared, src=0)  # only rank 0 reads the file; the others get the finished ids
-    todo = [it for it in items if it.id not in shared[0]]
+    if shared[1]:
+        raise EvalError(shared[1])  # on every rank, so none waits in a collective for the others
+    return generate_gather_score(bench, items, loaded, args, device, shared[0], known, rank, world)
+
+
+def generate_gather_score(bench, items, loaded: LoadedModel, args, device, done, known, rank, world):
+    bench_dir = os.path.join(args.out, bench.name)
+    max_new = args.max_new_tokens or bench.max_new_tokens
+    todo = [it for it in items if it.id not in done]
     print0(f"{bench.name}: {len(items)} items, {len(items) - len(todo)} already done, {len(todo)} to generate")
     batches = [todo[i:i + args.batch_size] for i in range(0, len(todo), args.batch_size)]
-    out_file = os.path.join(bench_dir, "predictions.jsonl" if world == 1 else f"predictions.rank{rank}.jsonl")
-    new = generate_records(loaded, batches[rank::world], args, device, bench, out_file) if batches[rank::world] else []
+    out_file = os.path.join(bench_dir, "predictions.jsonl") if world == 1 else rank_file(bench_dir, rank)
+    if batches[rank::world]:
+        new = generate_records(loaded, batches[rank::world], args, device, bench, out_file)
+    else:
+        new = []
+        open(out_file, "a").close()  # every rank's file exists: rank 0 waits for each by name
     barrier()  # every rank has flushed its file
     if rank != 0:
         barrier()
@@ -503,7 +603,7 @@ def run_bench(bench, items, loaded: LoadedModel, args, device):
         known.records.update((r["id"], r) for r in new)
         known.n_lines += len(new)
     else:
-        absorb_rank_files(bench_dir, known, order)
+        gather_rank_files(bench_dir, known, order, world)
     if known.n_lines > len(known.records):
         compact(bench_dir, known, order)
     missing = [it.id for it in items if it.id not in known.records]
@@ -530,14 +630,18 @@ def score(bench, records, loaded: LoadedModel, args, max_new):
 
 
 def write_summary(out_dir, name):
-    scores, weights = read_eval_dir(out_dir)
-    text = markdown_tables([(name, scores, weights)])
-    with open(os.path.join(out_dir, "summary.md.tmp"), "w") as f:
-        f.write(text)
-    os.replace(os.path.join(out_dir, "summary.md.tmp"), os.path.join(out_dir, "summary.md"))
-    write_json_atomic(os.path.join(out_dir, "summary.json"),
-                      dict(name=name, scores=scores, context_weights=weights, table2_average=table2_average(scores),
-                           table3_average=table3_average(scores)))
+    """summary.md + summary.json of every benchmark in out_dir, under <out>/.lock (eval.py processes
+    on other benchmarks of one --out write them in turn, each from all the metrics there)."""
+    with open(os.path.join(out_dir, ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        scores, weights = read_eval_dir(out_dir)
+        text = markdown_tables([(name, scores, weights)])
+        with open(os.path.join(out_dir, "summary.md.tmp"), "w") as f:
+            f.write(text)
+        os.replace(os.path.join(out_dir, "summary.md.tmp"), os.path.join(out_dir, "summary.md"))
+        write_json_atomic(os.path.join(out_dir, "summary.json"),
+                          dict(name=name, scores=scores, context_weights=weights, table2_average=table2_average(scores),
+                               table3_average=table3_average(scores)))
     return text
 
 
@@ -557,7 +661,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate CARPE / CARPE-MoE / baselines on the paper's benchmarks.")
     p.add_argument("--bench", default=None, help="a benchmark (" + ", ".join(BENCHMARKS) + ") or a group (" +
                    ", ".join(BENCH_GROUPS) + "); comma-separated lists work too")
-    p.add_argument("--ckpt", default=None, help="a train.py run dir (config.json + model.safetensors): CARPE, MoE or a baseline")
+    p.add_argument("--ckpt", default=None, help="a train.py run folder (its final weights): CARPE, MoE or a baseline; "
+                   "or one of its checkpoints, <run>/ckpt/step_N (then --out defaults to <run>/eval-step_N)")
     p.add_argument("--method", default=None, choices=["llava", "carpe", "imagenet-ft", "levi"],
                    help="without --ckpt: the model built around --base (llava = vanilla LLaVA, no CARPE modules; default llava)")
     p.add_argument("--base", default=None, help="base LLaVA: an HF id, an HF dir, or 'tiny' (the random tiny LLaVA); "
@@ -565,8 +670,10 @@ def parse_args(argv=None):
     p.add_argument("--template", default=None, choices=TEMPLATES, help="conversation template of the prompts for a "
                    "model built around --base (default vicuna_v1); a --ckpt run uses the template it was trained with")
     p.add_argument("--preset", default="llava-7b", choices=list(PRESETS), help="defaults for base, data root, batch size, dtype (tiny: the offline tiny world; small: small.py's SmolLM2 + Fashion-MNIST world, bench fashion-mnist; llava-7b: the paper's)")
-    p.add_argument("--data-root", default=None, help="root of the benchmark folders (default: the preset's)")
-    p.add_argument("--out", default=None, help="output folder (default <ckpt>/eval, else runs/eval-<method>)")
+    p.add_argument("--data-root", default=None, help="root of the benchmark folders (default: the preset's; tiny: "
+                   "<--cache-dir>/tiny-eval-data, drawn on first use)")
+    p.add_argument("--out", default=None, help="output folder (default <ckpt>/eval, <run>/eval-step_N for a checkpoint, "
+                   "else runs/eval-<method>)")
     p.add_argument("--world", default="open", choices=["open", "closed"],
                    help="classification prompt: open, or closed with the candidate classes listed")
     p.add_argument("--closed-k", type=positive("--closed-k"), default=None,
@@ -596,7 +703,8 @@ def parse_args(argv=None):
                    help="only print one Markdown table (Tables 2-4) with a row per eval dir (or run dir with eval/)")
     p.add_argument("--table-out", default=None, help="also write the --table Markdown to this file")
     p.add_argument("--cache-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".cache"),
-                   help="where --preset tiny finds train.py's tiny base and keeps the untrained tiny LLaVA ('tiny')")
+                   help="where --preset tiny finds train.py's tiny base, keeps the untrained tiny LLaVA ('tiny') and "
+                   "draws its benchmarks (default: the repository's .cache, whatever the working directory)")
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
     for key in ("base", "data_root", "batch_size", "workers", "dtype", "max_new_tokens"):
@@ -607,6 +715,8 @@ def parse_args(argv=None):
         args.base = tiny.tiny_default_base(args.cache_dir)
     elif args.base == "tiny":
         args.base = tiny.ensure_random_base(args.cache_dir)
+    if args.preset == "tiny" and args.data_root is None:
+        args.data_root = os.path.join(args.cache_dir, "tiny-eval-data")
     if args.preset == "small" and (args.base is None or args.data_root is None):
         world = small.ensure_small_world(args.cache_dir)
         args.base, args.data_root = args.base or world.base, args.data_root or world.eval_root
@@ -627,8 +737,43 @@ def parse_args(argv=None):
             p.error("--closed-k applies to --world closed only")
         args.template = args.template or "vicuna_v1"
         if args.out is None:
-            args.out = os.path.join(args.ckpt, "eval") if args.ckpt else f"runs/eval-{'wise-ft' if args.wise_ft else args.method or 'llava'}"
+            args.out = default_out(args)
     return args
+
+
+def default_out(args):
+    """<ckpt>/eval for a run folder; <run>/eval-step_N for a checkpoint <run>/ckpt/step_N (outside ckpt/,
+    whose retention would delete it); else runs/eval-<method>."""
+    if not args.ckpt:
+        return f"runs/eval-{'wise-ft' if args.wise_ft else args.method or 'llava'}"
+    ckpt = os.path.normpath(args.ckpt)
+    parent, name = os.path.split(ckpt)
+    if CHECKPOINT_NAME.fullmatch(name) and os.path.basename(parent) == "ckpt":
+        return os.path.join(os.path.dirname(parent), f"eval-{name}")
+    return os.path.join(ckpt, "eval")
+
+
+def check_folders(args):
+    """One-line refusals, before anything is created: an --out that is a file, a --ckpt that is not
+    (yet) a run folder."""
+    existing = os.path.abspath(args.out)
+    while not os.path.exists(existing):  # the nearest part of the path that exists must be a folder
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = "" if existing == os.path.abspath(args.out) else f" ({existing} is)"
+        raise EvalError(f"--out {args.out} is a file, not a folder{where}: give a folder for <out>/<bench>/...")
+    if not args.ckpt:
+        return
+    if not os.path.isdir(args.ckpt):
+        raise EvalError(f"--ckpt {args.ckpt}: no such folder")
+    if is_run_dir(args.ckpt):
+        return  # a finished run, or one of its checkpoints <run>/ckpt/step_N
+    checkpoints = list_checkpoints(args.ckpt)
+    if checkpoints:
+        raise EvalError(f"--ckpt {args.ckpt} has no final weights yet (still training, or stopped before its end); "
+                        f"its newest checkpoint is {checkpoints[-1]}: evaluate that with --ckpt {checkpoints[-1]}")
+    raise EvalError(f"--ckpt {args.ckpt} is not a train.py run folder: no final weights (model.safetensors and its "
+                    f"run config) and no checkpoint under {os.path.join(args.ckpt, 'ckpt')}")
 
 
 def bench_list(spec):
@@ -660,9 +805,11 @@ def main(argv=None):
     if args.match != "official" and scored_officially:  # a VL score is its official script's or nothing
         raise EvalError(f"--match {args.match} is a classification variant; {', '.join(scored_officially)} are "
                         f"scored only by their official rules (drop --match or evaluate them separately)")
+    check_folders(args)
     rank, world, local_rank, device = setup_distributed()
     if args.preset == "tiny" and device.type == "cpu":
         torch.set_num_threads(1)  # a tiny model gains nothing from threads, and loses much on a busy machine
+    locks = []
     try:
         if rank == 0:
             os.makedirs(args.out, exist_ok=True)
@@ -671,12 +818,15 @@ def main(argv=None):
                 tiny.build_tiny_benchmarks(args.data_root)  # atomic: complete, or absent and drawn again
         barrier()
         items = {bench.name: load_items(bench, args) for bench in benches}  # missing data fails before the model loads
+        locks = lock_benchmarks(args.out, benches, rank, world)  # a second eval.py is refused before its model loads
         loaded = load_model(args, device)
         for bench in benches:
             run_bench(bench, items.pop(bench.name), loaded, args, device)
         if rank == 0:
             print0(write_summary(args.out, table_name(args.ckpt) if args.ckpt else table_name(args.out)))
     finally:
+        for f in locks:
+            f.close()
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 

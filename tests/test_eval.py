@@ -6,12 +6,16 @@ non-finite weights, a kill while drawing the tiny benchmarks, a closed-world pro
 the model's positions), WiSE-FT, CARPE-MoE routing by expert name, --compile, the comparison
 table, and the tiny training run beating chance."""
 import collections
+import fcntl
 import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -47,6 +51,11 @@ def full_eval(tiny_data, tmp_path_factory):
 def read_jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def listing(folder):
+    """A folder's files without the lock file eval.py keeps there."""
+    return sorted(n for n in os.listdir(folder) if n != ".lock")
 
 
 def tiny_flags(data_root, out, *extra):
@@ -138,11 +147,11 @@ def test_torchrun_sharded_equals_single_process(full_eval, tiny_data, tmp_path):
     out = str(tmp_path / "sharded")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(ROOT, "eval.py"), "--bench", "mme,mmbench,imagenet", *tiny_flags(tiny_data, out)]
+           os.path.join(ROOT, "eval.py"), "--bench", "mme,mmbench,imagenet,mmvp", *tiny_flags(tiny_data, out)]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    for bench in ("mme", "mmbench", "imagenet"):
-        assert sorted(os.listdir(os.path.join(out, bench))) == ["metrics.json", "predictions.jsonl", "run.json"]
+    for bench in ("mme", "mmbench", "imagenet", "mmvp"):  # mmvp: one batch, so rank 1 generates nothing
+        assert listing(os.path.join(out, bench)) == ["metrics.json", "predictions.jsonl", "run.json"]
         sharded = read_jsonl(os.path.join(out, bench, "predictions.jsonl"))
         single = read_jsonl(os.path.join(full_eval, bench, "predictions.jsonl"))
         assert [(p["id"], p["answer"]) for p in sharded] == [(p["id"], p["answer"]) for p in single], bench
@@ -165,7 +174,64 @@ def test_rank_files_of_a_crashed_sharded_run_are_absorbed(tiny_data, tmp_path):
             f.writelines(json.dumps(r) + "\n" for r in part)
     E.main(args)
     assert read_jsonl(os.path.join(bench_dir, "predictions.jsonl")) == lines
-    assert sorted(os.listdir(bench_dir)) == ["metrics.json", "predictions.jsonl", "run.json"]
+    assert listing(bench_dir) == ["metrics.json", "predictions.jsonl", "run.json"]
+
+
+
+def test_rank_files_are_found_by_name_not_by_a_stale_listing(tmp_path, monkeypatch):
+    """Rank 0 found the ranks' files by os.listdir, which a network file system may serve from a
+    stale cache: rank 1's lines were lost. It now waits for each expected name, with a timeout
+    naming a file that never shows."""
+    bench_dir = str(tmp_path)
+    lines = [dict(id=str(i), answer=f"a{i}", error=None) for i in range(3)]
+    with open(E.rank_file(bench_dir, 0), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in lines[:2])
+    monkeypatch.setattr(os, "listdir", lambda *a: [])  # the stale listing: neither rank file in it
+
+    def rank1_file_shows_late():
+        time.sleep(0.5)
+        with open(E.rank_file(bench_dir, 1), "w") as f:
+            f.write(json.dumps(lines[2]) + "\n")
+    late = threading.Thread(target=rank1_file_shows_late)
+    late.start()
+    known = E.Predictions(records={}, n_lines=0)
+    E.gather_rank_files(bench_dir, known, {str(i): i for i in range(3)}, world=2, timeout_s=30)
+    late.join()
+    assert read_jsonl(os.path.join(bench_dir, "predictions.jsonl")) == lines and known.n_lines == 3
+    assert not os.path.exists(E.rank_file(bench_dir, 0)) and not os.path.exists(E.rank_file(bench_dir, 1))
+    open(E.rank_file(bench_dir, 0), "w").close()
+    with pytest.raises(E.EvalError, match=r"predictions\.rank1\.jsonl is missing 0\.5 s after every rank finished"):
+        E.gather_rank_files(bench_dir, known, {}, world=2, timeout_s=0.5)
+
+
+def test_second_eval_on_the_same_benchmark_is_refused_naming_the_first(tiny_data, tmp_path):
+    """Two eval.py processes on one --out and benchmark both generated every item (36 lines for 24
+    ids). Now the second is refused at once, naming the pid that holds the benchmark's lock; the
+    first finishes with one line per item. Two real processes; the first is held mid-benchmark by
+    SIGSTOP, as a long benchmark would hold it."""
+    out = str(tmp_path / "out")
+    cmd = [sys.executable, os.path.join(ROOT, "eval.py"), "--bench", "imagenet", "--batch-size", "1",
+           *tiny_flags(tiny_data, out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lock = os.path.join(out, "imagenet", ".lock")
+    try:
+        deadline = time.monotonic() + 300
+        while not (os.path.exists(lock) and open(lock).read().strip() == str(first.pid)):
+            assert first.poll() is None and time.monotonic() < deadline, "the first eval.py never took its lock"
+            time.sleep(0.02)
+        os.kill(first.pid, signal.SIGSTOP)  # the first is mid-benchmark, holding the lock
+        with open(lock) as f, pytest.raises(BlockingIOError):
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+        _, first_err = first.communicate(timeout=300)
+    assert first.returncode == 0, first_err[-3000:]
+    assert second.returncode != 0 and "Traceback" not in second.stderr
+    assert f"{out}/imagenet is being evaluated by another eval.py (pid {first.pid} holds" in second.stderr
+    ids = [p["id"] for p in read_jsonl(os.path.join(out, "imagenet", "predictions.jsonl"))]
+    assert sorted(ids) == sorted(it.id for it in B.BENCHMARKS["imagenet"].read(tiny_data)) and len(set(ids)) == len(ids)
 
 
 # -----------------------------------------------------------------------------
@@ -186,7 +252,7 @@ def run_dirs(tmp_path_factory):
         d = str(root / f"ft{seed}")
         os.makedirs(d)
         save_file(state, os.path.join(d, "model.safetensors"))
-        with open(os.path.join(d, "config.json"), "w") as f:
+        with open(os.path.join(d, common.RUN_CONFIG), "w") as f:
             json.dump(dict(method="imagenet-ft", base=base, carpe=None, moe=None, train={}), f)
         dirs.append(d)
     return base, dirs
@@ -291,6 +357,55 @@ def test_non_finite_weights_are_refused(run_dirs, tiny_data, tmp_path):
                 "--out", str(tmp_path / "o")])
 
 
+def test_out_that_is_a_file_is_named(tiny_data, tmp_path):
+    """--out naming a file raised a FileExistsError traceback from os.makedirs."""
+    (tmp_path / "results.txt").write_text("notes")
+    for out in (tmp_path / "results.txt", tmp_path / "results.txt" / "sub"):
+        with pytest.raises(E.EvalError, match=f"--out {out} is a file, not a folder"):
+            E.main(["--bench", "mmvp", *tiny_flags(tiny_data, str(out))])
+
+
+def test_ckpt_of_a_run_still_training_names_its_newest_checkpoint_which_evaluates(run_dirs, tiny_data, tmp_path):
+    """eval.py --ckpt on a run still training said it was "not a train.py run directory"; now it
+    says it has no final weights yet and names its newest checkpoint, which --ckpt takes: the
+    predictions go to <run>/eval-step_N, never into ckpt/ (whose retention deletes folders)."""
+    _, (a, _) = run_dirs
+    run = str(tmp_path / "run")
+    weights = load_file(os.path.join(a, "model.safetensors"))
+    config = common.read_run_config(a)
+    for step in (2, 4):  # the checkpoints a run writes as it trains, before its final weights
+        common.save_checkpoint(common.checkpoint_path(run, step), weights, dict(optimizer={}), dict(step=step),
+                               config, 0, torch.device("cpu"))
+    newest = common.checkpoint_path(run, 4)
+    with pytest.raises(E.EvalError, match=f"--ckpt {run} has no final weights yet .*its newest checkpoint is "
+                                          f"{newest}: evaluate that with --ckpt {newest}"):
+        E.main(["--bench", "mmvp", "--preset", "tiny", "--data-root", tiny_data, "--ckpt", run])
+    assert not os.path.exists(os.path.join(run, "eval"))  # refused before anything was written
+    with pytest.raises(E.EvalError, match=f"--ckpt {tmp_path} is not a train.py run folder"):
+        E.main(["--bench", "mmvp", "--preset", "tiny", "--data-root", tiny_data, "--ckpt", str(tmp_path)])
+    before = sorted(os.listdir(newest))
+    E.main(["--bench", "mmvp", "--preset", "tiny", "--data-root", tiny_data, "--ckpt", newest])
+    with open(os.path.join(run, "eval-step_0000004", "mmvp", "metrics.json")) as f:
+        assert json.load(f)["n"] == 4
+    with open(os.path.join(run, "eval-step_0000004", "summary.md")) as f:
+        assert "| run@step_0000004 |" in f.read()
+    assert sorted(os.listdir(newest)) == before and common.verify_manifest(newest, required=True)
+
+
+def test_tiny_benchmarks_do_not_depend_on_the_working_directory(tmp_path, monkeypatch):
+    """eval.py --preset tiny started elsewhere drew the tiny benchmarks again into that directory
+    (runs/tiny-eval-data); they now live in --cache-dir, the repository's .cache by default."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    args = E.parse_args(["--bench", "mmvp", "--preset", "tiny", "--base", "tiny"])
+    assert args.data_root == os.path.join(ROOT, ".cache", "tiny-eval-data")
+    cache, out = str(tmp_path / "cache"), str(tmp_path / "out")
+    E.main(["--bench", "mmvp", "--preset", "tiny", "--base", "tiny", "--cache-dir", cache, "--out", out])
+    assert os.path.isdir(os.path.join(cache, "tiny-eval-data", "MMVP")) and os.listdir(elsewhere) == []
+    assert os.path.isfile(os.path.join(out, "mmvp", "metrics.json"))
+
+
 def test_kill_while_drawing_tiny_benchmarks_leaves_no_half_folder(tmp_path, monkeypatch):
     root = str(tmp_path / "tiny-eval-data")
 
@@ -346,7 +461,7 @@ def test_wise_ft_endpoints_exact_and_midpoint(run_dirs, tmp_path):
         merged = load_file(os.path.join(out, "model.safetensors"))
         assert merged.keys() == expect.keys()
         assert all(torch.equal(merged[k], expect[k]) for k in expect), alpha
-        assert os.path.exists(os.path.join(out, "config.json"))  # a loadable run dir
+        assert common.is_run_dir(out)  # a loadable run dir
     mid = load_file(os.path.join(common.interpolate_weights(a, b, 0.5, str(tmp_path / "mid")), "model.safetensors"))
     assert all(torch.allclose(mid[k], (A[k] + B_[k]) / 2) for k in A)
 
@@ -451,7 +566,7 @@ def test_moe_run_dir_records_routes_by_name(run_dirs, tiny_data, tmp_path):
     run = str(tmp_path / "moe-run")
     os.makedirs(run)
     save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(run, "model.safetensors"))
-    with open(os.path.join(run, "config.json"), "w") as f:
+    with open(os.path.join(run, common.RUN_CONFIG), "w") as f:
         json.dump(dict(method="carpe", base=base, carpe=cfg.to_dict(), moe=moe_config.to_dict(), train={}), f)
     E.main(["--bench", "mme", "--preset", "tiny", "--ckpt", run, "--data-root", tiny_data])
     preds = read_jsonl(os.path.join(run, "eval", "mme", "predictions.jsonl"))
