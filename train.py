@@ -93,7 +93,7 @@ FIXED_ON_RESUME = ("preset", "batch_size", "seed", "mix", "epochs", "max_steps",
                    "warmup_ratio", "skip_bad_samples", "template", "fsdp")
 APPLIED_ON_RESUME = ("data", "image_root", "imagenet", "imagenet_classes", "micro_batch_size", "lr_adapter", "lr",
                      "grad_clip", "compile", "save_every", "keep_checkpoints", "num_workers", "cache_dir",
-                     "gradient_checkpointing", "max_loss_ratio", "max_skipped_steps")
+                     "gradient_checkpointing", "max_loss_ratio", "max_skipped_steps", "dist_timeout")
 MODEL_FLAGS = ("base", "method", "moe", "experts", "balance_weight", "fixed_weights", "no_integrator_self_attn", "query_layer",
                "integrator_heads")
 RUN_FLAGS = ("out", "resume", "overwrite")  # where the run goes, not what it computes
@@ -151,6 +151,11 @@ def parse_args(argv=None):
     p.add_argument("--fsdp", action="store_true", help="FSDP2: shard the model per LM decoder layer")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each repeated block (LM and vision layers, integrator) in place; the glue stays eager")
+    p.add_argument("--dist-timeout", type=float, default=60.0,
+                   help="minutes any collective may wait before the run fails (NCCL's own default kills it after 10): "
+                        "the first launch's local-rank-0-only work, checking a cold LLaVA json of ~624K images, "
+                        "takes 5-10 minutes while the other ranks wait at a barrier; a dead rank still fails the "
+                        "run within this time")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0 = only at the end)")
     p.add_argument("--keep-checkpoints", type=int, default=2,
                    help="how many recent checkpoints to keep (0 = all); the one resumed from is always kept")
@@ -184,7 +189,7 @@ def parse_args(argv=None):
 def check_ranges(args):
     """Counts and sizes must be positive, rates and ratios in range; the message names the flag."""
     positive = ("batch_size", "micro_batch_size", "epochs", "max_steps", "closed_k", "model_max_length",
-                "integrator_heads", "max_skipped_steps", "lr", "lr_adapter")
+                "integrator_heads", "max_skipped_steps", "lr", "lr_adapter", "dist_timeout")
     non_negative = ("save_every", "keep_checkpoints", "num_workers", "grad_clip", "max_loss_ratio")
     for key in positive + non_negative:
         value = getattr(args, key)
@@ -888,7 +893,7 @@ def finish(run, weights):
 def main(argv=None):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = resolve_args(parse_args(argv))
-    rank, world, local_rank, device = setup_distributed()
+    rank, world, local_rank, device = setup_distributed(timeout_s=args.dist_timeout * 60)
     lock = claim_run_folder(args, rank)
     run = None
     try:

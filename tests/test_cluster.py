@@ -7,6 +7,7 @@ Every launch has a timeout, so a hang fails in bounded time. The slowest variant
 CARPE_SLOW_TESTS=1:  CARPE_SLOW_TESTS=1 python -m pytest -q tests/test_cluster.py"""
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -27,14 +28,14 @@ def free_port():
         return s.getsockname()[1]
 
 
-def launch_nodes(out, nodes, per_node, train_flags, env=None, timeout=LAUNCH_TIMEOUT):
+def launch_nodes(out, nodes, per_node, train_flags, env=None, timeout=LAUNCH_TIMEOUT, script="train.py"):
     """`nodes` torchrun launchers on this host, `per_node` ranks each, meeting through a c10d
     rendezvous as the nodes of a cluster do. -> (return codes, outputs)."""
     endpoint = f"localhost:{free_port()}"
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes), "--node-rank",
                                str(i), "--nproc_per_node", str(per_node), "--rdzv-backend", "c10d", "--rdzv-endpoint",
-                               endpoint, "--rdzv-id", os.path.basename(out), os.path.join(REPO, "train.py"),
+                               endpoint, "--rdzv-id", os.path.basename(out), os.path.join(REPO, script),
                                *train_flags], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for i in range(nodes)]
     try:
@@ -93,3 +94,17 @@ def test_two_nodes_of_two_ranks_equal_one_node_of_four(small_data, tmp_path):
     assert codes == [0] and "HSDP" not in outputs[0], outputs[0][-3000:]
     assert "--micro-batch-size 2: 8 samples per step over 4 ranks" in outputs[0]
     assert_close_runs(two, one, loss_rel=1e-6, weight_tol=1e-5)
+
+
+def test_dist_timeout_reaches_the_process_group(small_data, tmp_path):
+    """--dist-timeout is the process group's timeout: with rank 1 stuck before its first collective,
+    rank 0 gives up at the first barrier after 0.05 minutes (3 s) and names the timeout, instead of
+    waiting gloo's default 30 minutes (NCCL: 10) as before."""
+    import time
+    start = time.time()
+    codes, outputs = launch_nodes(str(tmp_path), 1, 2, flags(small_data, tmp_path, "--max-steps", "6",
+                                                             "--dist-timeout", "0.05"),
+                                  env=dict(CARPE_STALL_RANK="1", CARPE_STALL_S="600"), timeout=300,
+                                  script="tests/killed_train.py")
+    assert codes == [1] and time.time() - start < 200, outputs[0][-3000:]
+    assert re.search(r"[Tt]imed out|[Tt]imeout", outputs[0]) and "3000ms" in outputs[0], outputs[0][-3000:]
