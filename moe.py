@@ -83,6 +83,9 @@ CuMo (read from SHI-Labs/CuMo; what is assumed is said so):
    ValueError naming it). Our unused post_layernorm (not in CuMo) is set to the identity.
    Preprocessing: the folder's preprocessor_config.json, else the processor of its mm_vision_tower.
    CuMo also concatenates a multi-scale (S^2) view; we run single-scale.
+ - Compiled (`--compile`, regional through kernels.compile_blocks), the MoE layers take a dense
+   static-shape form of the same top-2 sum (CLIPSparseMoE): every expert on every token, weight
+   0 for the unchosen, bit-identical here to the eager sparse form, 2x the MoE MLPs' FLOPs.
 """
 import argparse
 import json
@@ -330,7 +333,16 @@ def cumo_vision_config():
 
 
 class CLIPSparseMoE(nn.Module):
-    """Per token: gate softmax (fp32) -> top-k of n CLIP MLPs -> weights renormalised to sum to 1."""
+    """Per token: gate softmax (fp32) -> top-k of n CLIP MLPs -> weights renormalised to sum to 1.
+
+    Two formulations of the same sum, in the same order (expert 0, 1, ...):
+     - eager, sparse: each expert runs on the tokens that chose it (torch.where, data-dependent
+       sizes), k of n experts' FLOPs per token;
+     - compiled, dense: every expert runs on every token and the unchosen get weight 0 (static
+       shapes: torch.compile traces it with fullgraph=True, where the sparse form's data-dependent
+       token counts cannot be guarded). A product with weight 0 is an exact 0, so the sum is the
+       sparse one; it costs n / k times the MoE layers' MLP FLOPs (CuMo: 4 / 2, the whole tower
+       ~1.76x, a frozen tower that runs only for the images routed to it)."""
 
     def __init__(self, vision_config, n_experts=4, top_k=2):
         super().__init__()
@@ -344,6 +356,14 @@ class CLIPSparseMoE(nn.Module):
         probs = torch.softmax(self.gate(x).float(), dim=-1)  # (T, E) fp32
         weights, chosen = probs.topk(self.top_k, dim=-1)  # (T, k)
         weights = weights / weights.sum(-1, keepdim=True)
+        if torch.compiler.is_compiling():
+            out = self.dense(x, weights, chosen)
+        else:
+            out = self.sparse(x, weights, chosen)
+        return out.view(shape)
+
+    def sparse(self, x, weights, chosen):
+        """x (T, D); weights, chosen (T, k) -> (T, D), each expert on its own tokens."""
         out = torch.zeros_like(x)  # (T, D)
         for j, expert in enumerate(self.experts):
             token, slot = torch.where(chosen == j)  # tokens that picked expert j, and in which slot
@@ -351,7 +371,16 @@ class CLIPSparseMoE(nn.Module):
                 continue
             y = expert(x[token]) * weights[token, slot, None].to(x.dtype)  # (t_j, D)
             out.index_add_(0, token, y)
-        return out.view(shape)
+        return out
+
+    def dense(self, x, weights, chosen):
+        """The same sum with static shapes: every expert on every token, 0 for the unchosen."""
+        dense_weights = torch.zeros(x.size(0), len(self.experts), dtype=weights.dtype, device=x.device)
+        dense_weights = dense_weights.scatter(1, chosen, weights).to(x.dtype)  # (T, E)
+        out = torch.zeros_like(x)  # (T, D)
+        for j, expert in enumerate(self.experts):
+            out = out + expert(x) * dense_weights[:, j, None]
+        return out
 
 
 def build_clip_moe(vision_config, n_experts=4, top_k=2):

@@ -9,11 +9,14 @@ import os
 import pytest
 import torch
 import torch.nn as nn
+from PIL import Image
 from torch._dynamo.exc import FailOnRecompileLimitHit, Unsupported
 
+import baselines
 import bench
 import carpe
 import kernels
+import moe
 import tiny
 
 
@@ -34,7 +37,7 @@ def loss_and_grads(model, batch):
     model.zero_grad(set_to_none=True)
     loss = model(**batch).loss
     loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def assert_same_step(model, batch, reference):
@@ -83,6 +86,67 @@ def test_compiled_step_equals_eager_with_one_graph_per_kind_of_block():
                     reason="inductor generates and compiles C++ (minutes on a shared CPU); set CARPE_INDUCTOR_TESTS=1")
 def test_inductor_step_equals_eager():
     check_compiled_step("inductor")
+
+
+def moe_batches(llava, vision_moe):
+    """Two image batches for the tiny CARPE-MoE, with each image in the MoE's dict of pixels."""
+    images = [Image.new("RGB", (40, 30), colour) for colour in ((255, 0, 0), (0, 200, 0), (0, 0, 255))]
+    batches = train_batches(llava)
+    for batch in batches:
+        batch["pixel_values"] = vision_moe.preprocess(images[:batch["input_ids"].size(0)])
+    return batches
+
+
+def force_route(vision_moe, expert):
+    """Every sample to `expert` (a large router bias), so each expert's tower runs and compiles."""
+    with torch.no_grad():
+        vision_moe.router.bias.zero_()
+        vision_moe.router.bias[expert] = 20.0
+
+
+def tiny_method(method):
+    """A tiny model of `method` ("carpe-moe", "levi", "imagenet-ft") and its training batches,
+    one per route for CARPE-MoE."""
+    llava, _ = tiny.tiny_llava(seed=0)
+    torch.manual_seed(0)
+    if method == "carpe-moe":
+        vision_moe = moe.build_vision_moe(llava, tiny.tiny_moe_config())
+        model = baselines.build_model("carpe", llava, carpe.CarpeConfig(integrator_heads=4, chunk_size=7),
+                                      vision_moe=vision_moe)
+        model.set_context_trainable(True)
+        return model, moe_batches(llava, vision_moe)
+    model = baselines.build_model(method, llava, carpe.CarpeConfig(integrator_heads=4, chunk_size=7))
+    if method == "levi":  # blocks off their identity start, so every gradient is non-trivial
+        with torch.no_grad():
+            for p in model.blocks.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+    return model, train_batches(llava)
+
+
+@pytest.mark.parametrize("method", ["carpe-moe", "levi", "imagenet-ft"])
+def test_every_method_compiles_and_its_step_equals_eager(method):
+    """Each method's repeated blocks compiled for real (aot_eager: dynamo's fullgraph trace and
+    AOT autograd's forward and backward graphs); a training step's loss and gradients equal
+    the same blocks run eagerly. CARPE-MoE runs one step per expert, so every tower compiles
+    (CuMo's sparse MoE layers inside its CLIP layers included)."""
+    torch._dynamo.reset()
+    model, batches = tiny_method(method)
+    kernels.reset_compile_counts()
+    kernels.compile_blocks(carpe.repeated_blocks(model), backend="aot_eager")
+    routes = range(len(model.vision_moe.expert_names)) if method == "carpe-moe" else [None]
+    for route in routes:
+        if route is not None:
+            force_route(model.vision_moe, route)
+        with torch.compiler.set_stance("force_eager"):  # the reference twin: the same blocks, eager
+            reference = loss_and_grads(model, batches[0])
+        assert_same_step(model, batches[0], reference)
+        if route is not None:
+            assert model(**batches[0]).route.tolist() == [route] * 2
+    counts = kernels.compile_counts()
+    assert counts.graph_breaks == 0 and counts.eager_calls == 0
+    # one graph per kind of block: LM layer, CLIP layer (+ integrator blocks; + the three other towers'
+    # layers, CuMo's CLIP layer a second entry of CLIP's code for its MoE MLP)
+    assert counts.unique_graphs == {"carpe-moe": 6, "levi": 3, "imagenet-ft": 2}[method]
 
 
 def test_generation_with_compiled_blocks_equals_eager():

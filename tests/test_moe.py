@@ -19,6 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import carpe  # noqa: E402
+import kernels  # noqa: E402
 import moe  # noqa: E402
 import common  # noqa: E402
 import tiny  # noqa: E402
@@ -87,6 +88,14 @@ def test_upcycled_clip_moe_equals_dense_clip():
         assert chosen.unique().numel() == 4
     for ha, hb in zip(a.hidden_states, b.hidden_states):
         torch.testing.assert_close(hb, ha, rtol=1e-5, atol=1e-5)
+    # compiled (the dense top-2 formulation that fullgraph can trace): the same function. A fresh
+    # copy: HF's output-capturing hooks, installed by output_hidden_states, cannot be traced
+    compiled = moe.build_clip_moe(config, n_experts=4, top_k=2).eval()
+    compiled.load_state_dict(sparse.state_dict())
+    torch._dynamo.reset()
+    kernels.compile_blocks(carpe.encoder_layers(compiled), backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x).last_hidden_state, b.last_hidden_state, rtol=1e-6, atol=1e-6)
     # and the identity is not trivial: changing one expert changes the output
     with torch.no_grad():
         sparse.encoder.layers[1].mlp.experts[2].fc2.bias.add_(1.0)
