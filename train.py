@@ -230,9 +230,12 @@ def resolve_args(args):
 
 
 def use_small_world(args):
-    """--preset small: the flags left unset point at small.py's cached world."""
+    """--preset small: the flags left unset point at small.py's cached world (its class names only
+    with its own classification folder: a user's --imagenet brings <imagenet>/classnames.txt)."""
     world = small.ensure_small_world(args.cache_dir)
-    for key in ("base", "data", "image_root", "imagenet", "imagenet_classes"):
+    if args.imagenet is None and args.imagenet_classes is None:
+        args.imagenet_classes = world.imagenet_classes
+    for key in ("base", "data", "image_root", "imagenet"):
         if getattr(args, key) is None:
             setattr(args, key, getattr(world, key))
     if args.method == "imagenet-ft" and args.max_steps is None:  # as many steps as CARPE makes
@@ -245,8 +248,9 @@ def use_tiny_world(args):
     args.base = args.base or world_dirs.base
     args.data = args.data or os.path.join(world_dirs.synthetic, "conversations.json")
     args.image_root = args.image_root or world_dirs.synthetic
-    args.imagenet = args.imagenet or world_dirs.synthetic
-    args.imagenet_classes = args.imagenet_classes or os.path.join(world_dirs.synthetic, "classnames.txt")
+    if args.imagenet is None:  # the synthetic classification folder with its names; a user's folder brings its own
+        args.imagenet = world_dirs.synthetic
+        args.imagenet_classes = args.imagenet_classes or os.path.join(world_dirs.synthetic, "classnames.txt")
 
 
 def batch_layout(batch_size, micro_batch_size, world):

@@ -618,3 +618,39 @@ def test_a_world_that_does_not_divide_the_batch_is_refused_naming_both():
     with pytest.raises(SystemExit, match=r"--batch-size 64 over 2 ranks gives 32 samples per rank, not a multiple "
                                          r"of --micro-batch-size 12"):
         train.batch_layout(64, 12, 2)
+
+
+# -----------------------------------------------------------------------------
+# a preset fills only what the user left unset
+
+def test_a_users_imagenet_folder_brings_its_own_class_names(small_data, tmp_path, monkeypatch):
+    """--preset tiny (or small) --imagenet DIR trains under DIR/classnames.txt, not under the
+    preset's own names; the preset's folder keeps its names, and --imagenet-classes still wins."""
+    import shutil
+    import data
+    import small
+    synthetic = train.resolve_args(train.parse_args(["--preset", "tiny", "--out", "x"]))
+    train.use_tiny_world(synthetic)
+    mine = tmp_path / "my_imagenet"
+    shutil.copytree(os.path.join(synthetic.imagenet, "train"), mine / "train")
+    names = [f"my {d}" for d in sorted(os.listdir(mine / "train"))]
+    (mine / "classnames.txt").write_text("\n".join(names) + "\n")
+
+    def class_names(argv):
+        args = train.resolve_args(train.parse_args(argv + ["--out", "x"]))
+        train.use_tiny_world(args) if args.preset == "tiny" else train.use_small_world(args)
+        return data.ImageNetIndex(args.imagenet, args.imagenet_classes).class_names
+
+    assert class_names(["--preset", "tiny", "--imagenet", str(mine)]) == names
+    preset_names = class_names(["--preset", "tiny"])
+    assert preset_names == [n[3:] for n in names]  # the synthetic folder's own names
+    (tmp_path / "other.txt").write_text("\n".join(n.upper() for n in names) + "\n")
+    assert class_names(["--preset", "tiny", "--imagenet", str(mine), "--imagenet-classes",
+                        str(tmp_path / "other.txt")]) == [n.upper() for n in names]
+    # --preset small: the same rule, on a stand-in of small.py's world (its real build needs SmolLM2)
+    world = small.SmallWorld(base="b", data="d", image_root="r", imagenet=synthetic.imagenet,
+                             imagenet_classes=os.path.join(synthetic.imagenet, "classnames.txt"), eval_root="e",
+                             vision="v", lm="l")
+    monkeypatch.setattr(small, "ensure_small_world", lambda cache_dir: world)
+    assert class_names(["--preset", "small", "--imagenet", str(mine)]) == names
+    assert class_names(["--preset", "small"]) == preset_names
