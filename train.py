@@ -897,6 +897,9 @@ def finish(run, weights):
 def main(argv=None):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = resolve_args(parse_args(argv))
+    if args.fsdp and "RANK" not in os.environ:  # FSDP2's mesh needs torchrun's process group, even for one process
+        raise SystemExit("--fsdp shards the model over the processes torchrun starts: launch with "
+                         "torchrun --nproc_per_node N train.py ... (N = GPUs per node)")
     rank, world, local_rank, device = setup_distributed(timeout_s=args.dist_timeout * 60)
     lock = claim_run_folder(args, rank)
     run = None

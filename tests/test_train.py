@@ -654,3 +654,12 @@ def test_a_users_imagenet_folder_brings_its_own_class_names(small_data, tmp_path
     monkeypatch.setattr(small, "ensure_small_world", lambda cache_dir: world)
     assert class_names(["--preset", "small", "--imagenet", str(mine)]) == names
     assert class_names(["--preset", "small"]) == preset_names
+
+
+def test_fsdp_without_torchrun_says_to_launch_with_torchrun(small_data, tmp_path, monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SystemExit, match=r"^--fsdp shards the model over the processes torchrun starts: launch with "
+                                         r"torchrun --nproc_per_node N train\.py") as e:
+        train.main(flags(small_data, tmp_path / "run", "--max-steps", "1", "--fsdp"))
+    assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "run")  # refused before anything was made
