@@ -583,6 +583,7 @@ def run_bench(bench, items, loaded: LoadedModel, args, device):
 
 
 def generate_gather_score(bench, items, loaded: LoadedModel, args, device, done, known, rank, world):
+    """run_bench after rank 0's checks: every rank generates its share, rank 0 gathers and scores."""
     bench_dir = os.path.join(args.out, bench.name)
     max_new = args.max_new_tokens or bench.max_new_tokens
     todo = [it for it in items if it.id not in done]
@@ -630,9 +631,9 @@ def score(bench, records, loaded: LoadedModel, args, max_new):
 
 
 def write_summary(out_dir, name):
-    """summary.md + summary.json of every benchmark in out_dir, under <out>/.lock (eval.py processes
-    on other benchmarks of one --out write them in turn, each from all the metrics there)."""
-    with open(os.path.join(out_dir, ".lock"), "a") as lock:
+    """summary.md + summary.json of every benchmark in out_dir, under <out>/.summary.lock (eval.py
+    processes on other benchmarks of one --out write them in turn, each from all the metrics there)."""
+    with open(os.path.join(out_dir, ".summary.lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         scores, weights = read_eval_dir(out_dir)
         text = markdown_tables([(name, scores, weights)])
