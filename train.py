@@ -562,12 +562,13 @@ def find_checkpoint(args, rank, device):
         raise SystemExit(f"--resume {args.resume}: {e}") from None
 
 
-def check_resume_settings(ckpt, config):
+def check_resume_settings(ckpt, config, base_dir):
     """Refuse, in one line, a resume that changes the model or a FIXED_ON_RESUME setting.
-    -> {flag: (checkpoint's value, now)} for the APPLIED_ON_RESUME settings that changed."""
+    base_dir: the base folder loaded now (an older checkpoint records a preset's base as its
+    folder). -> {flag: (checkpoint's value, now)} for the APPLIED_ON_RESUME settings that changed."""
     saved = ckpt.config
-    diffs = [f"{key}: checkpoint {saved.get(key)!r}, now {config.get(key)!r}"
-             for key in ("method", "base") if saved.get(key) != config.get(key)]
+    same = dict(method=saved.get("method") == config["method"], base=saved.get("base") in (config["base"], base_dir))
+    diffs = [f"{key}: checkpoint {saved.get(key)!r}, now {config[key]!r}" for key in same if not same[key]]
     for section in ("carpe", "moe"):
         a, b = saved.get(section) or {}, config.get(section) or {}
         for key in sorted((set(a) | set(b)) - {"gradient_checkpointing"}):  # checkpointing does not change the math
@@ -587,7 +588,7 @@ def check_resume_settings(ckpt, config):
 def restore(run, ckpt):
     """Resume: settings checked, weights and RNG loaded (before wrapping), the folder's later
     checkpoints and log lines set aside. The optimizer state follows in load_optimizer_state."""
-    changed = check_resume_settings(ckpt, run.config)
+    changed = check_resume_settings(ckpt, run.config, run.args.base)
     state = TrainerState(**ckpt.trainer_state)
     if state.epoch_length != len(run.dataset):
         raise SystemExit(f"--resume {ckpt.path}: the checkpoint's epoch has {state.epoch_length} samples, the data now "
@@ -649,6 +650,9 @@ def optimizer_state(run):
 
 def setup(args, rank, world, local_rank, device):
     """Everything before the first step: data, model, resume, wrapping, optimizer."""
+    # the base as the run config records it: as the user gave it (or the preset's Hub id), or
+    # "preset:tiny" / "preset:small" for a preset's cached world (never a cache path a moved run cannot find)
+    recorded_base = args.base or f"preset:{args.preset}"
     if args.preset == "tiny":
         if local_rank == 0:  # draw the synthetic data and pre-train the tiny base on first use
             tiny.ensure_tiny_world(args.cache_dir)
@@ -671,10 +675,11 @@ def setup(args, rank, world, local_rank, device):
     llava, processor = carpe.load_base(args.base, device=device, dtype=dtype)
     fit_model_max_length(args, llava)
     model, image_transform, moe_config = create_model(args, llava, processor, device)
-    config = dict(method=args.method, base=args.base, template=args.template,
+    config = dict(method=args.method, base=recorded_base, template=args.template,
                   carpe=model.config.to_dict() if hasattr(model.config, "to_dict") else None,
                   moe=moe_config.to_dict() if moe_config is not None else None,
-                  train={k: v for k, v in vars(args).items() if k not in RUN_FLAGS + ("mix_ratio",)})
+                  train=dict({k: v for k, v in vars(args).items() if k not in RUN_FLAGS + ("mix_ratio",)},
+                             base=recorded_base))
     dataset, n_skipped = build_dataset(args, processor, rank, local_rank)
     steps_per_epoch = len(dataset) // args.batch_size
     if steps_per_epoch == 0:

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 import carpe
 import train
 import common  # noqa: E402
+import pretrained  # noqa: E402
 import tiny  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,7 +86,7 @@ def test_resume_is_exact(run_a, small_data, tmp_path):
     a, b = load_file(os.path.join(run_a, "model.safetensors")), load_file(os.path.join(tmp_path, "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # the loss moved and the run folder loads for evaluation
-    model, processor, transform = common.load_run(str(tmp_path))
+    model, processor, transform = pretrained.load_run(str(tmp_path))  # the recorded "preset:tiny" resolved
     assert all(torch.equal(t, b[k]) for k, t in model.trainable_state_dict().items())
 
 
@@ -383,7 +384,7 @@ def test_retention_keeps_the_resumed_checkpoint_and_sets_newer_ones_aside(run_a,
     assert config["train"]["lr"] == 1e-3 and config["resumed"][0]["changed"] == {
         "--lr": [2e-3, 1e-3], "--save-every": [2, 1], "--keep-checkpoints": [0, 1]}
     assert config["resumed"][0]["step"] == 2
-    common.load_run(str(out))  # the final folder verifies against its manifest
+    pretrained.load_run(str(out))  # the final folder verifies against its manifest
 
 
 def test_run_folder_is_locked_and_not_silently_reused(small_data, tmp_path):
@@ -663,3 +664,19 @@ def test_fsdp_without_torchrun_says_to_launch_with_torchrun(small_data, tmp_path
                                          r"torchrun --nproc_per_node N train\.py") as e:
         train.main(flags(small_data, tmp_path / "run", "--max-steps", "1", "--fsdp"))
     assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "run")  # refused before anything was made
+
+
+def test_run_config_records_the_base_as_given_or_as_the_preset(run_a):
+    """The tiny preset's base is recorded as "preset:tiny" (in the run folder and every checkpoint),
+    never as its cache folder; a resume compares like with like: the recorded form, or, for a
+    checkpoint of an older run that recorded the folder, the folder loaded now."""
+    folder = tiny.tiny_world(train.parse_args(["--out", "x"]).cache_dir).base
+    ckpt = common.load_checkpoint(os.path.join(run_a, "ckpt", "step_0000002"), rank=0)
+    for config in (common.read_run_config(run_a), ckpt.config):
+        assert config["base"] == config["train"]["base"] == "preset:tiny"
+    now = json.loads(json.dumps(ckpt.config))
+    assert train.check_resume_settings(ckpt, now, folder) == {}
+    ckpt.config = dict(ckpt.config, base=folder)  # written before the base was recorded by name
+    assert train.check_resume_settings(ckpt, now, folder) == {}
+    with pytest.raises(SystemExit, match=r"a resume cannot change base: checkpoint '/\S+', now '/elsewhere/llava'"):
+        train.check_resume_settings(ckpt, dict(now, base="/elsewhere/llava"), "/elsewhere/llava")
