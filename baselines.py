@@ -21,13 +21,17 @@ set_context_trainable), all from carpe.LlavaWrapper.
    adapted states are averaged and go through the LM's final norm and the shared head in
    place of H_llm. Unlike CARPE there is no context encoder and no mix with H_llm, and the
    vision side never sees the raw vision features.
+CarpeConfig.gradient_checkpointing applies to every method: the LM's decoder layers are
+checkpointed (carpe.enable_checkpointing); LEVI's LM has no backward (nothing upstream of it
+trains), so LEVI checkpoints its five blocks instead.
 """
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from carpe import (CARPE, CarpeConfig, CarpeOutput, IntegratorBlock, LlavaWrapper, Prepared, check_base, check_images,
-                   embed_inputs, final_norm, per_sample, positions_from_mask, raw_vision_features, run_language_model,
-                   untie_head)
+                   embed_inputs, enable_checkpointing, final_norm, per_sample, positions_from_mask,
+                   raw_vision_features, run_language_model, untie_head)
 from kernels import fused_mixed_cross_entropy
 
 
@@ -46,6 +50,8 @@ class LlavaBaseline(LlavaWrapper):
         self.config = config
         self.query_layers = []
         self.apply_freezing()
+        if config is not None and config.gradient_checkpointing:
+            enable_checkpointing(self.language_model)
 
     def is_trainable_name(self, name):
         return name.startswith("llava.model.multi_modal_projector.")
@@ -122,10 +128,17 @@ class LEVI(LlavaBaseline):
         return list(self.blocks)
 
     def vision_hidden(self, h_llm, captured, memory_kvs, has_image, key_valid, caches=None, cache_len=0):
-        """final_norm(mean_i block_i(layer_i output)): (B, T, d)."""
+        """final_norm(mean_i block_i(layer_i output)): (B, T, d). With gradient checkpointing, a
+        training pass recomputes each block in the backward: LEVI's LM needs no backward (nothing
+        upstream of it trains), so the blocks hold all of its activations."""
+        checkpointed = self.config.gradient_checkpointing and torch.is_grad_enabled() and caches is None
         caches = caches or [None] * len(self.blocks)
-        states = [block(h, kv, has_image, key_valid, cache, cache_len)
-                  for block, h, kv, cache in zip(self.blocks, captured, memory_kvs, caches)]
+        states = []
+        for block, h, kv, cache in zip(self.blocks, captured, memory_kvs, caches):
+            if checkpointed:
+                states.append(checkpoint(block, h, kv, has_image, key_valid, use_reentrant=False))
+            else:
+                states.append(block(h, kv, has_image, key_valid, cache, cache_len))
         return final_norm(self.language_model)(torch.stack(states).mean(0))
 
 
@@ -145,4 +158,4 @@ def build_model(method, llava, carpe_config=None, vision_moe=None):
         return CARPE(llava, carpe_config, vision_moe=vision_moe)
     if method == "levi":
         return LEVI(llava, carpe_config)
-    return LlavaBaseline(llava)  # "llava" (evaluated frozen) and "imagenet-ft" (projector trained)
+    return LlavaBaseline(llava, carpe_config)  # "llava" (evaluated frozen) and "imagenet-ft" (projector trained)

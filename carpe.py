@@ -62,7 +62,7 @@ class CarpeConfig:
     fixed_weights: tuple | None = None  # (vision, language): bypass the context encoder (ablation; (0, 1) = vanilla LLaVA)
     query_layer: int = -2  # LM decoder layer whose output gives the integrator's queries (-2 = paper, -1 = ablation)
     integrator_self_attn: bool = True  # False = ablation without the integrator's self-attention
-    gradient_checkpointing: bool = False  # checkpoint the frozen LM's decoder layers (use at 7B)
+    gradient_checkpointing: bool = False  # checkpoint the frozen LM's decoder layers (LEVI: its blocks; use at 7B)
 
     def to_dict(self):
         return asdict(self)
@@ -393,6 +393,17 @@ def run_language_model(language_model, inputs_embeds, attention_mask, position_i
     return out.last_hidden_state, [captured[slot] for slot in range(len(layer_indices))]
 
 
+def enable_checkpointing(language_model):
+    """Checkpoint each decoder layer (non-reentrant: its activations are recomputed in the
+    backward). HF also hooks the input embeddings to require grad, which would send every pass
+    through a backward of the frozen LM, needed or not (a text-only micro-batch; LEVI, whose LM
+    inputs never depend on a trainable tensor); that hook is removed: the LM backpropagates
+    where a trainable tensor sits upstream (and LlavaWrapper.main_pass_inputs keeps FSDP2's
+    ranks in step)."""
+    language_model.activation_checkpointing_enable({"use_reentrant": False})
+    language_model.disable_input_require_grads()
+
+
 def lm_is_sharded(language_model):
     """Whether FSDP2's fully_shard wraps the LM's decoder layers (one all-gather per layer per pass)."""
     return any(isinstance(layer, FSDPModule) for layer in decoder_layers(language_model))
@@ -668,7 +679,7 @@ class CARPE(LlavaWrapper):
         self.context_prompt.data = self.context_prompt.data.to(llava.lm_head.weight.dtype)
         self.apply_freezing()
         if config.gradient_checkpointing:
-            self.language_model.activation_checkpointing_enable({"use_reentrant": False})
+            enable_checkpointing(self.language_model)
 
     def is_trainable_name(self, name):
         """The paper's trainable set: adapter (projector), head, integrator, context prompt and

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import baselines
+import bench
 import carpe
 import eval as E
 import train
@@ -128,3 +129,46 @@ def test_every_method_evaluates_and_tabulates(evals, capsys):
     table = capsys.readouterr().out
     for out in evals.values():
         assert B.table_name(out) in table
+
+
+def calls_during_backward(model, module, batch):
+    """How many times `module`'s forward starts inside one training step's backward (a
+    checkpointed module recomputes its forward there; a pre-hook, since the recompute stops early,
+    once the saved tensors it needs are back), and the step's gradients."""
+    calls = []
+    handle = module.register_forward_pre_hook(lambda *args: calls.append(1))
+    try:
+        loss = model(**batch).loss
+        in_forward = len(calls)
+        loss.backward()
+    finally:
+        handle.remove()
+    return len(calls) - in_forward, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("method", ["carpe", "imagenet-ft", "levi"])
+def test_gradient_checkpointing_recomputes_in_the_backward_for_every_method(method):
+    """CarpeConfig.gradient_checkpointing reaches every method through build_model: CARPE's and
+    the ImageNet fine-tune's LM decoder layers (the projector's gradient crosses the LM) run again
+    in the backward, LEVI's five blocks do (its LM has no backward at all: nothing upstream of it
+    trains, so checkpointing it would only add work). The gradients stay the same."""
+    results = {}
+    for checkpointing in (False, True):
+        llava, _ = tiny.tiny_llava(seed=3)
+        torch.manual_seed(0)
+        model = baselines.build_model(method, llava, carpe.CarpeConfig(integrator_heads=4,
+                                                                       gradient_checkpointing=checkpointing))
+        model.train()
+        batch = bench.make_batch(llava, 2, 9, 5, torch.device("cpu"), text_vocab=100)
+        # an MLP inside the checkpointed module (HF checkpoints a layer's forward, its own hooks stay outside)
+        lm_mlp = carpe.decoder_layers(model.language_model)[0].mlp
+        mlp = model.blocks[0].mlp if method == "levi" else lm_mlp
+        recomputed, grads = calls_during_backward(model, mlp, batch)
+        results[checkpointing] = grads
+        passes = 2 if method == "carpe" else 1  # CARPE's context pass has a backward too (context trainable)
+        assert recomputed == (passes if checkpointing else 0), (method, checkpointing)
+        if method == "levi":  # and its LM never recomputes
+            assert calls_during_backward(model, lm_mlp, batch)[0] == 0
+    assert results[False].keys() == results[True].keys()
+    for name, g in results[False].items():
+        torch.testing.assert_close(results[True][name], g, rtol=1e-5, atol=1e-7, msg=name)
