@@ -838,6 +838,8 @@ def to_rgb(im):
         return Image.fromarray(wide_to_uint8(np.asarray(im), im.mode), "L").convert("RGB")
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")  # Pillow's route for a palette with transparency; the alpha goes next
+    if im.mode == "La":
+        im = im.convert("LA")  # premultiplied alpha undone (Pillow has no La -> RGB)
     return im.convert("RGB")  # alpha dropped, as LLaVA's convert("RGB"); CMYK, YCbCr, LAB, HSV by Pillow
 
 
