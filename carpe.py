@@ -46,6 +46,7 @@ from dataclasses import dataclass, asdict
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule
 from PIL import Image
 from transformers import (AutoConfig, AutoProcessor, CLIPVisionConfig, DynamicCache, LlamaConfig, LlavaConfig,
@@ -134,6 +135,15 @@ class MLP(nn.Module):
         return self.proj(self.act(self.fc(x)))
 
 
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm in the activations' dtype: its weight (fp32, trained) is cast to the input's
+    dtype. Under bf16 autocast outside FSDP the activations are bf16 while the weight stays fp32,
+    and rms_norm with mixed dtypes skips the fused kernel and computes in fp32."""
+
+    def forward(self, x):
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
 class MultiHeadAttention(nn.Module):
     """Queries from x; keys/values from whatever `project_kv` was given (x itself, or M)."""
 
@@ -166,11 +176,11 @@ class IntegratorBlock(nn.Module):
 
     def __init__(self, d, n_head, mlp_ratio=4.0, self_attn=True):
         super().__init__()
-        self.norm_cross = nn.RMSNorm(d)
+        self.norm_cross = RMSNorm(d)
         self.cross_attn = MultiHeadAttention(d, n_head)
-        self.norm_self = nn.RMSNorm(d) if self_attn else None
+        self.norm_self = RMSNorm(d) if self_attn else None
         self.self_attn = MultiHeadAttention(d, n_head) if self_attn else None
-        self.norm_mlp = nn.RMSNorm(d)
+        self.norm_mlp = RMSNorm(d)
         self.mlp = MLP(d, int(mlp_ratio * d), d)
         # residual branches start at zero: the block is the identity at step 0
         for proj in [self.cross_attn.o, self.mlp.proj] + ([self.self_attn.o] if self_attn else []):

@@ -12,8 +12,8 @@ from transformers.models.siglip.image_processing_pil_siglip import SiglipImagePr
 
 import moe
 from baselines import LEVI, LlavaBaseline, build_model
-from carpe import (CARPE, CarpeConfig, count_parameters, encoder_layers, load_base, make_image_transform, meta_llava,
-                   positions_from_mask, repeated_blocks, run_language_model)
+from carpe import (CARPE, CarpeConfig, IntegratorBlock, count_parameters, encoder_layers, load_base,
+                   make_image_transform, meta_llava, positions_from_mask, repeated_blocks, run_language_model)
 from data import SYSTEM_PROMPT
 from kernels import IGNORE_INDEX
 from tiny import save_tiny_base, tiny_llava, tiny_moe_config, tiny_tokenizer
@@ -493,3 +493,36 @@ def test_paper_scale_parameter_counts_on_the_meta_device():
     assert sum(expected["carpe"][0].values()) == 441_798_658
     assert sum(expected["carpe-moe"][0].values()) == 589_721_606
     assert round(441_798_658 * 16 / 2 ** 30, 2) == 6.58  # GiB of AdamW training state for CARPE
+
+
+class RecordRMSNorm(torch.overrides.TorchFunctionMode):
+    """Records (input dtype, weight dtype, output dtype) of every rms_norm call."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.nn.functional.rms_norm, torch.rms_norm):
+            weight = args[2] if len(args) > 2 else (kwargs or {}).get("weight")
+            self.calls.append((args[0].dtype, weight.dtype, out.dtype))
+        return out
+
+
+def test_integrator_norms_run_in_the_activation_dtype_under_autocast():
+    """Trainable fp32 integrator weights, bf16 activations, bf16 autocast (one GPU or DDP: no FSDP
+    casting the weights): each of the block's RMSNorms gets a weight of the activations' dtype (the
+    fused kernel's condition), returns bf16, and the block stays close to its fp32 computation."""
+    torch.manual_seed(0)
+    block = IntegratorBlock(64, 4)  # fp32
+    randomise(block)
+    x = torch.randn(2, 7, 64)
+    memory = torch.randn(2, 5, 64)
+    has_image = torch.tensor([True, False])
+    reference = block(x, block.memory_kv(memory), has_image)  # fp32 throughout
+    with torch.autocast("cpu", dtype=torch.bfloat16), RecordRMSNorm() as record:
+        out = block(x.bfloat16(), block.memory_kv(memory.bfloat16()), has_image)
+    assert len(record.calls) == 3 and set(record.calls) == {(torch.bfloat16,) * 3}
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference, rtol=0.05, atol=0.05)
