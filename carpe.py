@@ -42,6 +42,7 @@ Choices the paper leaves open:
    embedding scale such as Gemma's sqrt(d)).
  - A tied lm_head is untied (cloned) so that training the head leaves the frozen embeddings.
 """
+import os
 from dataclasses import dataclass, asdict
 
 import torch
@@ -898,11 +899,33 @@ def meta_llava(config=None):
         return LlavaForConditionalGeneration(config or llava15_7b_config())
 
 
+def looks_like_path(name):
+    """Whether `name` is clearly a local path rather than a Hub id ("name" or "namespace/name"):
+    absolute, starting with "." or "~", more than one separator, or under an existing folder."""
+    name = str(name)
+    parent = os.path.dirname(name)
+    return (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
+            or (os.sep != "/" and os.sep in name) or bool(parent and os.path.isdir(parent)))
+
+
+def check_base_folder(base):
+    """base with "~" expanded; a path that is no folder is an error naming it (Hugging Face would
+    call it a malformed repo id)."""
+    base = os.path.expanduser(str(base))
+    if os.path.isdir(base) or not looks_like_path(base):
+        return base
+    path = os.path.abspath(base)
+    what = "is a file, not a model folder" if os.path.exists(path) else "does not exist"
+    raise FileNotFoundError(f"base {base}: the folder {path} {what} (a base is a LLaVA model folder or a "
+                            f"Hugging Face id such as llava-hf/llava-1.5-7b-hf)")
+
+
 def load_base(base, device="cpu", dtype=None):
     """(llava, processor) for a LLaVA-1.5-style base: a Hugging Face id or folder. dtype: a torch dtype, None = float32, or "auto" = as
     saved. Weights come through safetensors; never trust_remote_code. The processor uses the
     PIL image backend (transformers 5 would pick torchvision when it is installed), the one
     training and evaluation were written against."""
+    base = check_base_folder(base)
     config = AutoConfig.from_pretrained(base)
     if not isinstance(config, LlavaConfig):
         name = (getattr(config, "architectures", None) or [type(config).__name__])[0]

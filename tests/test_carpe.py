@@ -10,6 +10,7 @@ from transformers import (CLIPVisionConfig, GemmaConfig, LlamaConfig, LlavaConfi
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
+import carpe
 import moe
 from baselines import LEVI, LlavaBaseline, build_model
 from carpe import (CARPE, CarpeConfig, IntegratorBlock, count_parameters, encoder_layers, load_base,
@@ -526,3 +527,21 @@ def test_integrator_norms_run_in_the_activation_dtype_under_autocast():
     assert len(record.calls) == 3 and set(record.calls) == {(torch.bfloat16,) * 3}
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), reference, rtol=0.05, atol=0.05)
+
+
+def test_load_base_names_a_missing_folder(tmp_path, monkeypatch):
+    """A path that is no folder says so (Hugging Face alone says "Repo id must be in the form
+    'repo_name' or 'namespace/repo_name'"); Hub ids are still Hub ids; "~" is expanded."""
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "file.txt").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for missing in ["/path/that/does/not/exist", "./nope", "~/nope", "a/b/c", "runs/llava"]:
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            load_base(missing)
+    with pytest.raises(FileNotFoundError, match="is a file, not a model folder"):
+        load_base(str(tmp_path / "file.txt"))
+    assert not carpe.looks_like_path("llava-hf/llava-1.5-7b-hf") and not carpe.looks_like_path("gpt2")
+    save_tiny_base(*tiny_llava(seed=0), str(tmp_path / "base"))
+    llava, _ = load_base("~/base")  # HOME is tmp_path
+    assert isinstance(llava, LlavaForConditionalGeneration)
