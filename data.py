@@ -740,12 +740,12 @@ def check_mix(config: DataConfig, llava_records, imagenet, skipped: SkipReport):
     ratio = f"--mix {a:g}:{b:g}"
     if llava_records is not None and len(llava_records) == 0:
         where = f"--data {config.llava_json}" if config.llava_json else "the LLaVA records"
+        run = " (an ImageNet-only run)" if imagenet is not None else ""
         if len(skipped):
             raise BadSampleError(f"{where}: all {len(skipped)} entries were dropped by --skip-bad-samples, so the LLaVA "
-                                 f"side of {ratio} would train on nothing (an ImageNet-only run). The first:\n  "
-                                 f"{skipped.summary()}")
-        raise BadSampleError(f"{where} holds no entries, so the LLaVA side of {ratio} would train on nothing "
-                             f"(an ImageNet-only run); leave out --data to train on ImageNet alone")
+                                 f"side of {ratio} would train on nothing{run}. The first:\n  {skipped.summary()}")
+        raise BadSampleError(f"{where} holds no entries, so the LLaVA side of {ratio} would train on nothing{run}"
+                             + ("; leave out --data to train on ImageNet alone" if run else ""))
     n_llava, n_imagenet = (len(x) if x is not None else 0 for x in (llava_records, imagenet))
     if n_llava and b == 0:
         raise BadSampleError(f"{ratio} leaves no LLaVA sample per epoch, but --data {config.llava_json} holds "
