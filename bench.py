@@ -4,8 +4,11 @@ regional torch.compile buys, and what reading the LLaVA json costs per rank. One
 
     python bench.py                          # paper, head, step, decode (~6 min of CPU time at 1 thread)
     python bench.py --sections compile,json  # the slow ones (compile: tens of minutes on CPU)
+    python bench.py --sections accept        # the GPU acceptance run (one GPU, under 10 minutes)
 
- paper    FLOPs per sample of CARPE's additions over LLaVA-1.5-7B's training step, counted (no model run).
+ paper    the paper's runs at LLaVA-1.5-7B's shapes, counted on the meta-device models (no memory): trainable
+          parameters and AdamW state, FLOPs per sample over vanilla LLaVA, gradient checkpointing's recompute,
+          FLOPs and GPU-hours per run (CARPE 2 epochs, CARPE-MoE 3, of mix665k + 1/7 as much ImageNet).
  head     mix + loss with a trainable head, forward + backward: kernels.fused_mixed_cross_entropy vs the
           paper's form (kernels.reference_mixed_cross_entropy) vs three bare N x d x V matmuls; peak memory.
  step     one training step (forward, backward, AdamW) of CARPE vs vanilla LLaVA (HF with labels), the
@@ -17,6 +20,8 @@ regional torch.compile buys, and what reading the LLaVA json costs per rank. One
           inductor calls unchanged (profiled), caps eager/compiled at 1 / share.
  json     a generated LLaVA json: per-rank time and peak memory of parsing and checking it in every rank,
           of the one-off pack per node (data.ensure_llava_cache), of mapping the pack (TrainDataset.from_config).
+ accept   train.py for 20 steps of CARPE and of CARPE-MoE at the 7B shapes (random weights, no download)
+          under torchrun with FSDP2, checkpointing and compile, then head, step, decode: one table (below).
 
 Timing: the paths of a section run in turn, one warm-up round then --repeats rounds; medians and ratios of
 medians (a shared machine is noisy; ratios move much less than times). Memory: on CPU one process per path,
@@ -283,16 +288,18 @@ def paper_sentence(r, mfu):
     """The README's paper figures, worded as tests/test_bench.py reads them back from README.md."""
     p, M = r["parts"]["carpe"], lambda n: f"{n / 1e6:.1f}M"  # noqa: E731
     rec, runs = r["recompute_flops_per_sample"], r["runs"]
-    run = lambda k: (f"{runs[k]['executed_flops']:.1e}".replace("e+", "e") + " FLOPs, "  # noqa: E731
-                     f"{gpu_hours(runs[k]['executed_flops'], mfu):.0f} A100-hours")
+    hours = lambda k: gpu_hours(runs[k]["executed_flops"], mfu)  # noqa: E731
+    run = lambda k: (f"{runs[k]['executed_flops']:.1e}".replace("e+", "e") + f" FLOPs, {hours(k):.0f} A100-hours "  # noqa: E731
+                     f"({hours(k) / 8:.0f} h on 8)")
     return (f"CARPE trains {M(r['trainable']['carpe'])} parameters (projector {M(p['projector'])}, head {M(p['head'])}, "
             f"integrator {M(p['integrator'])}, context {p['context'] / 1e6:.2f}M), {r['adamw_gib']['carpe']:.2f} GiB "
             f"with AdamW; CARPE-MoE {M(r['trainable']['moe'])} ({r['adamw_gib']['moe']:.2f} GiB). Per sample of "
-            f"{r['tokens_per_sample']} tokens CARPE costs {r['flops_ratio']:.2f}x LLaVA-1.5-7B's step FLOPs, and "
-            f"gradient checkpointing adds {sum(rec.values()) / 1e12:.2f} TFLOP in epoch 2 "
-            f"({r['recompute_ratio']:.2f}x). One CARPE run ({runs['carpe']['epochs']} epochs of "
-            f"{r['samples_per_epoch']:,} samples) executes {run('carpe')}; CARPE-MoE ({runs['moe']['epochs']} epochs) "
-            f"{run('moe')} (at {mfu:.0%} of the bf16 peak).")
+            f"{r['tokens_per_sample']} tokens CARPE costs {r['flops_ratio']:.2f}x LLaVA-1.5-7B's step FLOPs; gradient "
+            f"checkpointing recomputes the frozen LM's forward of the main pass (every epoch) and of the context pass "
+            f"(epoch 2 on), +{sum(rec.values()) / 1e12:.2f} TFLOP per sample in epoch 2 ({r['recompute_ratio']:.2f}x "
+            f"the step). One CARPE run ({runs['carpe']['epochs']} epochs of {r['samples_per_epoch']:,} samples) "
+            f"executes {run('carpe')}; CARPE-MoE ({runs['moe']['epochs']} epochs) {run('moe')}, at {mfu:.0%} of the "
+            f"bf16 peak.")
 
 
 def section_paper(args, device):
@@ -1005,6 +1012,8 @@ def parse_args(argv=None):
     if args.hidden % 64:
         raise SystemExit(f"--hidden {args.hidden} must be a multiple of 64 (heads of 64)")
     args.clock = args.clock or ("wall" if args.device.startswith("cuda") else "cpu")
+    if "accept" in args.sections and args.accept_scale == "7b" and not args.device.startswith("cuda"):
+        raise SystemExit("--sections accept at --accept-scale 7b needs a GPU (--device cuda); on CPU: --accept-scale tiny")
     return args
 
 

@@ -136,7 +136,7 @@ def test_readme_paper_figures_are_the_meta_device_count(paper_models):
     r = bench.paper_cost(paper_models)
     expected = bench.paper_sentence(r, 0.4)
     readme = " ".join(open(os.path.join(os.path.dirname(bench.__file__), "README.md")).read().split())
-    found = re.search(r"CARPE trains .*?of the bf16 peak\)\.", readme)
+    found = re.search(r"CARPE trains .*?of the bf16 peak\.", readme)
     assert found, f"README.md lacks the paper figures; expected: {expected}"
     assert found.group(0) == expected
 
