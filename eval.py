@@ -85,12 +85,13 @@ from tqdm import tqdm
 import baselines
 import carpe
 import kernels
+import pretrained
 import small
 import tiny
 from benchmarks import (BENCH_GROUPS, BENCHMARKS, MATCH_RULES, comparison_table, markdown_tables, read_eval_dir,
                         table2_average, table3_average, table_name)
 from common import (CHECKPOINT_NAME, barrier, base_side_of_run, interpolate_weights, is_run_dir, list_checkpoints,
-                    load_run, print0, read_run_config, run_digest, setup_distributed, write_json_atomic)
+                    print0, run_digest, setup_distributed, write_json_atomic)
 from data import TEMPLATES, BadSampleError, ConversationTokenizer, load_image, n_image_tokens
 
 PRESETS = {  # defaults a preset fills in when the flag is not given
@@ -198,10 +199,10 @@ def load_model(args, device):
         digest = short_digest(f"{weights_digest(args.wise_ft[0])} {weights_digest(args.wise_ft[1])} {args.alpha!r}")
     else:
         ckpt, base = args.ckpt, args.base
-    if ckpt:
-        model, processor, image_transform = load_run(ckpt, device=device, dtype=dtype)
-        run = read_run_config(ckpt)
-        method, template = run["method"], run.get("template", "vicuna_v1")
+    if ckpt:  # its base resolved as the run config names it ("preset:tiny", a Hub id, a folder)
+        model = pretrained.load(ckpt, device=device, dtype=dtype, cache_dir=args.cache_dir if args.cache_dir_given else None)
+        processor, image_transform = model.processor, model.image_transform
+        method, template = model.run_config["method"], model.template
     else:
         method, template = args.method or "llava", args.template
         llava, processor = carpe.load_base(base, device=device, dtype=dtype)
@@ -711,7 +712,9 @@ def parse_args(argv=None):
     for key in ("base", "data_root", "batch_size", "workers", "dtype", "max_new_tokens"):
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
-    base_given = any(a == "--base" or a.startswith("--base=") for a in (argv if argv is not None else sys.argv[1:]))
+    given = argv if argv is not None else sys.argv[1:]
+    base_given = any(a == "--base" or a.startswith("--base=") for a in given)
+    args.cache_dir_given = any(a == "--cache-dir" or a.startswith("--cache-dir=") for a in given)  # else a run's own
     if args.preset == "tiny" and args.base == "tiny" and not base_given:
         args.base = tiny.tiny_default_base(args.cache_dir)
     elif args.base == "tiny":
