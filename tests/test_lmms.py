@@ -38,7 +38,7 @@ def lmms_run(tmp_path_factory):
     data = root / "small.json"
     data.write_text(json.dumps(json.load(open(args.data))[:28]))
     run = str(root / "run")
-    train.main(["--preset", "tiny", "--data", str(data), "--base", args.base, "--mix", "1:7", "--batch-size", "8",
+    train.main(["--preset", "tiny", "--data", str(data), "--mix", "1:7", "--batch-size", "8",
                 "--micro-batch-size", "4", "--num-workers", "0", "--max-steps", "6", "--out", run])
     bench = tiny.build_tiny_benchmarks(str(root / "bench"), per_class=2, n_vl=2)
     eval_out = str(root / "eval")

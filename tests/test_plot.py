@@ -26,18 +26,17 @@ TAB = {"blue": (31, 119, 180), "orange": (255, 127, 14), "green": (44, 160, 44),
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
-    """28 entries of the tiny preset's conversations (with --batch-size 8 at --mix 1:7, 4 steps an
-    epoch) and the tiny base's folder. -> the train.py flags that use them."""
+    """28 entries of the tiny preset's conversations: with --batch-size 8 at --mix 1:7, 4 steps an epoch."""
     args = train.resolve_args(train.parse_args(["--preset", "tiny", "--out", "unused"]))
     tiny.ensure_tiny_world(args.cache_dir)
     train.use_tiny_world(args)
     path = tmp_path_factory.mktemp("data") / "small.json"
     path.write_text(json.dumps(json.load(open(args.data))[:28]))
-    return ["--data", str(path), "--base", args.base]
+    return str(path)
 
 
 def train_run(small_data, out, *extra):
-    train.main(["--preset", "tiny", *small_data, "--mix", "1:7", "--batch-size", "8",
+    train.main(["--preset", "tiny", "--data", small_data, "--mix", "1:7", "--batch-size", "8",
                 "--micro-batch-size", "4", "--num-workers", "0", "--out", str(out), *extra])
     return str(out)
 
