@@ -93,7 +93,8 @@ FIXED_ON_RESUME = ("preset", "batch_size", "seed", "mix", "epochs", "max_steps",
                    "warmup_ratio", "skip_bad_samples", "template", "fsdp")
 APPLIED_ON_RESUME = ("data", "image_root", "imagenet", "imagenet_classes", "micro_batch_size", "lr_adapter", "lr",
                      "grad_clip", "compile", "save_every", "keep_checkpoints", "num_workers", "cache_dir",
-                     "gradient_checkpointing", "max_loss_ratio", "max_skipped_steps", "dist_timeout")
+                     "gradient_checkpointing", "max_loss_ratio", "max_skipped_steps", "dist_timeout",
+                     "compile_backend")
 MODEL_FLAGS = ("base", "method", "moe", "experts", "balance_weight", "fixed_weights", "no_integrator_self_attn", "query_layer",
                "integrator_heads")
 RUN_FLAGS = ("out", "resume", "overwrite")  # where the run goes, not what it computes
@@ -151,6 +152,9 @@ def parse_args(argv=None):
     p.add_argument("--fsdp", action="store_true", help="FSDP2: shard the model per LM decoder layer")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each repeated block (LM and vision layers, integrator) in place; the glue stays eager")
+    p.add_argument("--compile-backend", choices=["inductor", "aot_eager"], default="inductor",
+                   help="with --compile: inductor (generated kernels), or aot_eager (the same tracing, forward and "
+                        "backward graphs, run with eager kernels: a quick check that a run compiles, as the tests do)")
     p.add_argument("--dist-timeout", type=float, default=60.0,
                    help="minutes any collective may wait before the run fails (NCCL's own default kills it after 10): "
                         "the first launch's local-rank-0-only work, checking a cold LLaVA json of ~624K images, "
@@ -379,7 +383,7 @@ def wrap_model(args, model, device, world):
         # as DDP's find_unused_parameters does, so every rank joins the same collectives
         model.set_reduce_scatter_unused_params(True)
     if args.compile:  # per repeated block, in place (after fully_shard, as FSDP2 expects)
-        kernels.compile_blocks(carpe.repeated_blocks(model))
+        kernels.compile_blocks(carpe.repeated_blocks(model), backend=args.compile_backend)
     if world > 1 and not args.fsdp:
         context_ids = {id(p) for p in context_params}
         ignore = [name for name, p in forward_model.named_parameters() if id(p) in context_ids]

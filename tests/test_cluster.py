@@ -11,6 +11,7 @@ import re
 import socket
 import subprocess
 import sys
+from dataclasses import asdict, dataclass, field
 
 import pytest
 import torch
@@ -108,3 +109,132 @@ def test_dist_timeout_reaches_the_process_group(small_data, tmp_path):
                                   script="tests/killed_train.py")
     assert codes == [1] and time.time() - start < 200, outputs[0][-3000:]
     assert re.search(r"[Tt]imed out|[Tt]imeout", outputs[0]) and "3000ms" in outputs[0], outputs[0][-3000:]
+
+
+# -----------------------------------------------------------------------------
+# the cluster rehearsal: the paper's recipe in its proportions, preempted and resumed
+
+@dataclass
+class Rehearsal:
+    """A rehearsal's data and proportions: `llava` entries of the tiny world (`text_only` of them
+    without an image) + the ImageNet prompts of the 1:7 mix, in global batches of 2 (a micro-batch
+    of 1 on each of 2 ranks), 2 epochs, the warmup a fraction of the steps."""
+    llava: int
+    text_only: int
+    steps_per_epoch: int
+    warmup_ratio: float
+    signal_at: int  # SIGTERM once the log holds this step (in epoch 2)
+    data: str = ""
+    one_rank_text_only: list = field(default_factory=list)  # steps where one rank's micro-batch has no image
+
+    def flags(self, out, *extra):
+        return ["--preset", "tiny", "--data", self.data, "--mix", "1:7", "--batch-size", "2", "--micro-batch-size",
+                "1", "--epochs", "2", "--warmup-ratio", str(self.warmup_ratio), "--lr", "2e-3", "--lr-adapter", "2e-4",
+                "--num-workers", "0", "--save-every", "5", "--out", str(out), *extra]
+
+
+# CI's: 20 steps, a 3-step warmup; the paper's proportions (CARPE_SLOW_TESTS): 3% of 100 steps
+SMALL = Rehearsal(llava=18, text_only=4, steps_per_epoch=10, warmup_ratio=0.14, signal_at=13)
+PAPER = Rehearsal(llava=88, text_only=10, steps_per_epoch=50, warmup_ratio=0.03, signal_at=60)
+
+
+def prepare(rehearsal, folder):
+    """Write the rehearsal's json and find the steps at which exactly one rank's micro-batch is text-only."""
+    import carpe
+    args = train.resolve_args(train.parse_args(["--preset", "tiny", "--out", "unused"]))
+    train.use_tiny_world(args)
+    entries = json.load(open(args.data))
+    text = [e for e in entries if "image" not in e][:rehearsal.text_only]
+    chosen = text + [e for e in entries if "image" in e][:rehearsal.llava - len(text)]
+    path = folder / f"llava-{rehearsal.llava}.json"
+    path.write_text(json.dumps(chosen))
+    args = train.resolve_args(train.parse_args(Rehearsal(**dict(asdict(rehearsal), data=str(path))).flags("unused")))
+    train.use_tiny_world(args)
+    args.model_max_length = 1024
+    dataset, _ = train.build_dataset(args, carpe.load_base(args.base)[1], 0, 0)
+    n = rehearsal.steps_per_epoch
+    assert len(dataset) // 2 == n  # the ImageNet prompts of the 1:7 mix added; an odd tail is dropped
+    text_only = lambda epoch, p: dataset.describe(epoch, p).image is None
+    return Rehearsal(**dict(asdict(rehearsal), data=str(path), one_rank_text_only=[
+        epoch * n + s + 1 for epoch in (0, 1) for s in range(n) if text_only(epoch, 2 * s) != text_only(epoch, 2 * s + 1)]))
+
+
+def torchrun_launch(train_flags):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(REPO, "train.py"), *train_flags]
+    return subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc, timeout=LAUNCH_TIMEOUT):
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    finally:
+        proc.kill()
+
+
+def rehearse(rehearsal, tmp_path, before=(), after=()):
+    """The uninterrupted run, and the same run sent SIGTERM (as SLURM sends it: to torchrun, which
+    forwards it to both ranks) in epoch 2 and continued with --resume: equal bit for bit in every
+    step's learning rates and loss, and in the final weights. `before`: flags of both runs' first
+    launch; `after`: of the resume."""
+    import signal
+    from test_train import wait_for_log
+    r = prepare(rehearsal, tmp_path)
+    total, epoch = 2 * r.steps_per_epoch, r.steps_per_epoch
+    assert any(s <= epoch for s in r.one_rank_text_only) and any(s > r.signal_at for s in r.one_rank_text_only)
+    full, cut = tmp_path / "full", tmp_path / "preempted"
+    output = finish(torchrun_launch(r.flags(full, *before)))
+    log = read_log(full) if os.path.isfile(full / "log.jsonl") else []
+    assert len(log) == total, output[-5000:]
+    assert [x["context_trainable"] for x in log] == [False] * epoch + [True] * epoch
+    warmup = [x["lr_rest"] for x in log[:4]]
+    assert warmup == pytest.approx([2e-3 / 3, 2e-3 * 2 / 3, 2e-3, 2e-3], rel=1e-12)  # 3 warmup steps
+
+    proc = torchrun_launch(r.flags(cut, *before))
+    wait_for_log(str(cut), r.signal_at, proc)
+    proc.send_signal(signal.SIGTERM)
+    output = finish(proc)
+    # torchrun forwards the signal, waits for its ranks (they exit 75 after the checkpoint) and exits 1
+    assert proc.returncode == 1 and "SignalException" in output, output[-5000:]
+    stopped = len(read_log(cut))
+    assert r.signal_at <= stopped < total, output[-5000:]
+    assert f"stopping after step {stopped} of {total}: 2 of 2 rank(s) received SIGTERM" in output, output[-5000:]
+    assert os.path.isdir(cut / "ckpt" / f"step_{stopped:07d}")
+    output = finish(torchrun_launch(r.flags(cut, *after, "--resume")))
+    resumed = read_log(cut)
+    assert [x["step"] for x in resumed] == list(range(1, total + 1)), output[-5000:]
+    assert lrs(resumed) == lrs(log)
+    assert [x["loss"] for x in resumed] == [x["loss"] for x in log]
+    a, b = weights_of(full), weights_of(cut)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+COMPILED = ["--compile", "--compile-backend", "aot_eager"]  # traced and compiled for real, run by eager kernels
+
+
+def test_rehearsal_fsdp(tmp_path):
+    """CI's rehearsal: FSDP2, gradient checkpointing off until the SIGTERM (a text-only micro-batch
+    on one rank must not hang the ranks) and on after the resume (it does not change the numbers);
+    eager (each compiled launch costs ~40 s here: the compiled variants are the slow ones below)."""
+    rehearse(SMALL, tmp_path, ["--fsdp", "--no-gradient-checkpointing"], ["--fsdp", "--gradient-checkpointing"])
+
+
+@SLOW
+@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
+@pytest.mark.parametrize("checkpointing", ["off-then-on", "on-then-off"])
+def test_rehearsal_in_the_papers_proportions(mode, checkpointing, tmp_path):
+    """100 steps (3% warmup = 3 steps), compiled, under FSDP2 and DDP, checkpointing switched at the resume."""
+    flag = ["--fsdp"] if mode == "fsdp" else []
+    ckpt = ["--no-gradient-checkpointing", "--gradient-checkpointing"]
+    before, after = ckpt if checkpointing == "off-then-on" else ckpt[::-1]
+    rehearse(PAPER, tmp_path, [*flag, *COMPILED, before], [*flag, *COMPILED, after])
+
+
+@SLOW
+@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
+def test_rehearsal_moe(mode, tmp_path):
+    """CARPE-MoE compiled (CuMo's sparse MoE layers included), checkpointing off then on."""
+    flag = ["--fsdp"] if mode == "fsdp" else []
+    rehearse(SMALL, tmp_path, [*flag, *COMPILED, "--moe", "--no-gradient-checkpointing"],
+             [*flag, *COMPILED, "--moe", "--gradient-checkpointing"])
