@@ -16,6 +16,7 @@ import eval as E
 import train
 import benchmarks as B  # noqa: E402
 import common  # noqa: E402
+import pretrained  # noqa: E402
 import tiny  # noqa: E402
 
 STEPS = 8
@@ -65,8 +66,7 @@ def test_each_method_trains_its_own_tensors(runs):
     }
     base_config = None
     for name, run in runs.items():
-        with open(os.path.join(run, "config.json")) as f:
-            config = json.load(f)
+        config = common.read_run_config(run)
         assert config["method"] == ("carpe" if name == "ablation" else name)
         state = load_file(os.path.join(run, "model.safetensors"))
         prefixes = {p for p in expected_prefixes[name] if any(k.startswith(p) for k in state)}
@@ -76,10 +76,16 @@ def test_each_method_trains_its_own_tensors(runs):
         assert config["base"] == base_config  # the same tiny base for every method
 
 
+def run_base(run):
+    """The base folder a run was trained on (its config names it portably, e.g. "preset:tiny")."""
+    config = common.read_run_config(run)
+    return pretrained.resolve_base(config["base"], pretrained.trained_cache_dir(config))
+
+
 def test_imagenet_ft_moves_the_projector_only(runs):
     run = runs["imagenet-ft"]
     state = load_file(os.path.join(run, "model.safetensors"))
-    base, _ = carpe.load_base(json.load(open(os.path.join(run, "config.json")))["base"])
+    base, _ = carpe.load_base(run_base(run))
     base_projector = {f"llava.model.multi_modal_projector.{k}": v
                       for k, v in base.model.multi_modal_projector.state_dict().items()}
     assert set(state) == set(base_projector)
@@ -97,9 +103,8 @@ def fixed_batch(processor, n=24):
 
 
 def test_levi_loss_falls(runs):
-    trained, processor, _ = common.load_run(runs["levi"])
-    untrained = baselines.build_model("levi", carpe.load_base(json.load(open(os.path.join(runs["levi"], "config.json")))["base"])[0],
-                                  trained.config).eval()
+    trained, processor, _ = pretrained.load_run(runs["levi"])
+    untrained = baselines.build_model("levi", carpe.load_base(run_base(runs["levi"]))[0], trained.config).eval()
     batch = fixed_batch(processor)
     with torch.no_grad():
         losses = [m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -108,7 +113,7 @@ def test_levi_loss_falls(runs):
 
 
 def test_ablation_flags_reach_the_model(runs):
-    model, _, _ = common.load_run(runs["ablation"])
+    model, _, _ = pretrained.load_run(runs["ablation"])
     assert model.config.fixed_weights == (0.5, 0.5)
     assert model.vision_integrator.block.self_attn is None
     assert model.config.query_layer == -1

@@ -22,6 +22,7 @@ import carpe  # noqa: E402
 import kernels  # noqa: E402
 import moe  # noqa: E402
 import common  # noqa: E402
+import pretrained  # noqa: E402
 import tiny  # noqa: E402
 
 
@@ -716,7 +717,7 @@ def test_torchrun_train_moe_tiny(tmp_path, parallel):
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=480,
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
-    run = json.load(open(out / "config.json"))
+    run = common.read_run_config(str(out))
     expected = tiny.tiny_moe_config()
     expected.balance_weight = 1.0
     assert moe.MoEConfig.from_dict(run["moe"]) == expected
@@ -733,7 +734,7 @@ def test_torchrun_train_moe_tiny(tmp_path, parallel):
     if parallel == "fsdp":
         return
     # the run folder loads back as a CARPE-MoE (what eval.py does) and routes by the text
-    model, processor, image_transform = common.load_run(str(out))
+    model, processor, image_transform = pretrained.load_run(str(out))
     assert isinstance(model.vision_moe, moe.VisionMoE) and image_transform == model.vision_moe.preprocess
     images = solid_images(4, size=(48, 40))
     input_ids, attention_mask, _ = make_batch(processor, images)
@@ -752,12 +753,12 @@ def test_train_with_local_folder_experts_then_eval_reloads_exactly_them(tmp_path
     run = str(tmp_path / "run")
     train.main(["--preset", "tiny", "--moe", "--experts", spec, "--out", run, "--max-steps", "2",
                 "--batch-size", "8", "--balance-weight", "1.0"])
-    saved = moe.MoEConfig.from_dict(json.load(open(os.path.join(run, "config.json")))["moe"])
+    saved = moe.MoEConfig.from_dict(common.read_run_config(run)["moe"])
     assert [(e.name, e.source) for e in saved.experts] == [
         ("clip", ""), ("siglip", str(tmp_path / "siglip")), ("dino", str(tmp_path / "dinov2")),
         ("cumo", str(tmp_path / "cumo"))]
     # what eval.py loads: the encoders are the folders' own weights, not fresh ones
-    model, _, _ = common.load_run(run)
+    model, _, _ = pretrained.load_run(run)
     for name, folder in (("siglip", "siglip"), ("dino", "dinov2")):
         want = sources[folder].state_dict()
         got = model.vision_moe.encoders[name].state_dict()
