@@ -401,9 +401,10 @@ def check_signature(bench_dir, signature: RunSignature):
         return
     with open(path) as f:
         old = json.load(f)
-    if old != new:
-        a, b = flatten(old), flatten(new)
-        diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    a, b = flatten(old), flatten(new)
+    # where the run folder lies is no setting: a moved run has the same weights digest
+    diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k != "model.ckpt"]
+    if diff:
         there = ", ".join(f"{k}={a.get(k)}" for k in diff)
         now = ", ".join(f"{k}={b.get(k)}" for k in diff)
         raise EvalError(f"{bench_dir} holds predictions from another setting ({there}); this run has ({now}). "
@@ -693,6 +694,10 @@ def parse_args(argv=None):
                    help="model dtype (auto: float16 on GPU, float32 on CPU); recorded in run.json")
     p.add_argument("--compile", action="store_true", help="torch.compile each repeated block (decoder layers, vision "
                    "layers, integrator blocks); the first batches pay the compile time")
+    p.add_argument("--dist-timeout", type=float, default=60.0,
+                   help="under torchrun: minutes any collective may wait before the run fails (NCCL's own default is "
+                        "10): rank 0 alone loads, interpolates and writes --wise-ft's two 13.5 GB sides while the "
+                        "other ranks wait")
     p.add_argument("--retry-failed", action="store_true",
                    help="generate again the items recorded as failed (unreadable image, ...) by an earlier run")
     p.add_argument("--integrator-heads", type=positive("--integrator-heads"), default=32,
@@ -810,7 +815,7 @@ def main(argv=None):
         raise EvalError(f"--match {args.match} is a classification variant; {', '.join(scored_officially)} are "
                         f"scored only by their official rules (drop --match or evaluate them separately)")
     check_folders(args)
-    rank, world, local_rank, device = setup_distributed()
+    rank, world, local_rank, device = setup_distributed(timeout_s=args.dist_timeout * 60)
     if args.preset == "tiny" and device.type == "cpu":
         torch.set_num_threads(1)  # a tiny model gains nothing from threads, and loses much on a busy machine
     locks = []

@@ -322,3 +322,15 @@ def test_readme_use_a_trained_model_snippet_runs(run, tmp_path, monkeypatch, cap
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md: Use a trained model", "exec"), {"__name__": "__main__"})
     assert capsys.readouterr().out.strip(), "the snippet printed nothing"
+
+
+def test_eval_of_a_moved_run_resumes_its_own_eval_folder(run, evaluated, bench_root, tmp_path):
+    """A run folder moved with its eval/ evaluates again without refusal and without regenerating:
+    run.json ties the predictions to the weights' digest, not to where the folder lies."""
+    moved = tmp_path / "moved-run"
+    shutil.copytree(run, moved)
+    before = {b: open(moved / "eval" / b / "predictions.jsonl").read() for b in ("imagenet", "pope")}
+    E.main(["--bench", "imagenet,pope", "--preset", "tiny", "--ckpt", str(moved), "--data-root", bench_root,
+            "--limit", "6"])
+    for b, text in before.items():
+        assert open(moved / "eval" / b / "predictions.jsonl").read() == text  # nothing generated again
