@@ -1,6 +1,6 @@
 """FSDP2 with ranks whose micro-batches differ in modality: 2 ranks under torchrun (gloo on CPU),
 the tiny CARPE sharded as train.py shards it (each LM decoder layer its own unit, then the
-root), gradient checkpointing off. In the first micro-batch rank 0 has an image and rank 1 is
+root), gradient checkpointing off, then on. In the first micro-batch rank 0 has an image and rank 1 is
 text-only, in the second the other way round. Without carpe's main_pass_inputs the text-only
 rank skips the frozen LM's backward and with it the layers' all-gathers that the image rank
 runs: the collectives no longer match and the step hangs (the subprocess timeout turns that
@@ -28,10 +28,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLLECTIVE_TIMEOUT_S = 60  # a mismatched gloo collective fails after this instead of 30 minutes
 
 
-def tiny_carpe():
+def tiny_carpe(checkpointing=False):
     llava, _ = tiny.tiny_llava(seed=0)
     torch.manual_seed(0)
-    model = carpe.CARPE(llava, carpe.CarpeConfig(integrator_heads=4, chunk_size=7, gradient_checkpointing=False))
+    model = carpe.CARPE(llava, carpe.CarpeConfig(integrator_heads=4, chunk_size=7, gradient_checkpointing=checkpointing))
+    model.train()
     model.set_context_trainable(True)  # epoch 2: the context pass has a backward on every rank too
     return model
 
@@ -60,8 +61,17 @@ def shard_like_train(model):
 
 def worker(out):
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    results = [sharded_grads(checkpointing) for checkpointing in (False, True)]
+    if dist.get_rank() == 0:
+        torch.save(results, out)
+    dist.destroy_process_group()
+
+
+def sharded_grads(checkpointing):
+    """Two micro-batches on each rank, one text-only and one with an image, in opposite orders:
+    the gathered gradients."""
     rank = dist.get_rank()
-    model = tiny_carpe()
+    model = tiny_carpe(checkpointing)
     batches = micro_batches(model.llava)
     shard_like_train(model)
     for step in range(2):  # step 0: rank 1 text-only; step 1: rank 0 text-only
@@ -74,12 +84,10 @@ def worker(out):
                 dist.all_reduce(g)
                 g = g / dist.get_world_size()
             grads[name] = g
-    if rank == 0:
-        torch.save(grads, out)
-    dist.destroy_process_group()
+    return grads
 
 
-def test_fsdp_ranks_text_only_and_with_image_without_checkpointing(tmp_path):
+def test_fsdp_ranks_text_only_and_with_image_with_and_without_checkpointing(tmp_path):
     out = str(tmp_path / "grads.pt")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__, out]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -88,15 +96,15 @@ def test_fsdp_ranks_text_only_and_with_image_without_checkpointing(tmp_path):
     except subprocess.TimeoutExpired as err:
         raise AssertionError(f"the 2-rank FSDP2 step hung: {(err.stderr or b'')[-2000:]}") from None
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    grads = torch.load(out)
     # the reference: one process, both micro-batches of both steps, FSDP's mean over 2 ranks
     model = tiny_carpe()
     for batch in micro_batches(model.llava) * 2:
         model(**batch).loss.backward()
     reference = {name: p.grad / 2 for name, p in model.named_parameters() if p.grad is not None}
-    assert sorted(grads) == sorted(reference)
-    for name, g in grads.items():
-        torch.testing.assert_close(g, reference[name], rtol=1e-4, atol=1e-6, msg=name)
+    for grads in torch.load(out):  # gradient checkpointing off, then on
+        assert sorted(grads) == sorted(reference)
+        for name, g in grads.items():
+            torch.testing.assert_close(g, reference[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 if __name__ == "__main__":
