@@ -6,7 +6,7 @@ The project never imports this file; lmms-eval lives in its own environment:
     .venv-lmms/bin/pip install -r requirements-lmms.txt
     .venv-lmms/bin/python lmms_carpe.py register                     # lmms-eval now knows --model carpe
     .venv-lmms/bin/lmms-eval --model carpe --model_args pretrained=runs/tiny --tasks mme --batch_size 8
-    .venv-lmms/bin/python lmms_carpe.py task --bench imagenet --data-root runs/tiny-eval-data --out lmms_tasks
+    .venv-lmms/bin/python lmms_carpe.py task --bench imagenet --data-root .cache/tiny-eval-data --out lmms_tasks
     .venv-lmms/bin/lmms-eval --model carpe --model_args pretrained=runs/tiny \\
         --include_path lmms_tasks --tasks carpe_imagenet --output_path lmms_out --log_samples
 
@@ -14,7 +14,7 @@ The model (CarpeLmms, lmms-eval's "simple" API) loads any run pretrained.load re
 a moved copy, a Hub id: CARPE, CARPE-MoE or a baseline) and answers through model.ask, so each
 prompt and image goes through the run's own template and LLaVA's pad-to-square transform, as in
 training and eval.py. model_args: pretrained (required), device (default cuda if there, else cpu),
-dtype (float32 / bfloat16 / float16; default the run's: bf16 on GPU), batch_size, max_new_tokens
+dtype (float32, float16, bfloat16 or auto; default: pretrained.load's), batch_size, max_new_tokens
 (when a task sets none), base (load on another base folder or Hub id).
   - generate_until: greedy (CARPE's generate); a task's `until` strings cut the answer; sampling
     settings (temperature > 0, num_beams > 1) are refused, since the answers would not be what
@@ -113,8 +113,9 @@ class CarpeLmms(lmms):
         if len(visuals) > 1:
             warn(f"{task} doc {doc_id}: {len(visuals)} images, CARPE reads one per prompt; answered \"\"")
             return context, "", second
-        # the run's template places the image itself (eval.py's questions carry no tag)
-        question = context.replace(IMAGE_TAG, "").strip() if visuals else context
+        # the run's template places the image itself (eval.py's questions carry no tag); a tag left
+        # in the text would become image tokens without an image
+        question = context.replace(IMAGE_TAG, "").strip() if IMAGE_TAG in context else context
         return question, (visuals[0] if visuals else None), second
 
     def generate_until(self, requests):
@@ -296,8 +297,10 @@ def main(argv=None):
     r = sub.add_parser("register", help="make --model carpe known to this environment's lmms-eval (entry point)")
     r.add_argument("--site", default=None, help="folder to write the entry point into (default: site-packages)")
     t = sub.add_parser("task", help="write an lmms-eval task over a benchmarks.py benchmark's items")
-    t.add_argument("--bench", required=True, help="a benchmark with one reference answer per item (imagenet, pope, ...)")
-    t.add_argument("--data-root", required=True, help="eval.py's --data-root (runs/tiny-eval-data for the tiny ones)")
+    t.add_argument("--bench", required=True,
+                   help="a benchmark with one reference answer per item (imagenet, pope, mme, sqa, ...)")
+    t.add_argument("--data-root", required=True,
+                   help="eval.py's --data-root (the tiny benchmarks: .cache/tiny-eval-data, drawn by eval.py --preset tiny)")
     t.add_argument("--out", required=True, help="folder for <task>.yaml and <task>.jsonl (lmms-eval --include_path)")
     t.add_argument("--world", default="open", choices=["open", "closed"], help="classification prompts, as eval.py")
     t.add_argument("--closed-k", type=int, default=None, help="closed world: candidates listed, as eval.py")

@@ -26,6 +26,25 @@ pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(VENV_BIN, "lmms-
                                 reason=f"lmms-eval's environment .venv-lmms is missing; install it with: {INSTALL}")
 
 
+SETUP = """
+import json
+from importlib.metadata import entry_points
+from lmms_eval.api.instance import Instance
+import lmms_carpe as L
+L.register({site!r})
+L.write_task("imagenet", {bench!r}, {tasks!r}, max_new_tokens=8)
+L.write_task("imagenet", {bench!r}, {tasks!r}, choices=True)
+found = [[p.name, p.value, str(p.dist._path.parent)] for p in entry_points(group="lmms_eval.models")]
+model = L.CarpeLmms(pretrained={run!r}, device="cpu", batch_size=2)
+image = {bench!r} + "/imagenet/val/circle/000.png"
+model.task_dict = dict(t=dict(test=[[image], [image, image], [], [image]]))
+question = "<image>\\nWhat type of object is in this photo?"
+requests = [Instance("generate_until", (question, dict(max_new_tokens=8, until=until), lambda doc: doc, n, "t", "test"),
+                     n, dict(task="t", doc_id=n, repeats=1)) for n, until in enumerate([[], [], [], ["e"]])]
+print(json.dumps(dict(entry_points=found, answers=model.generate_until(requests), image=image)))
+"""
+
+
 @pytest.fixture(scope="module")
 def lmms_run(tmp_path_factory):
     """A 6-step CARPE run (the context encoder trains from step 5, so the weights depend on the
@@ -49,14 +68,12 @@ def lmms_run(tmp_path_factory):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([site, REPO]), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                HF_DATASETS_CACHE=str(root / "hf-datasets"), HF_HOME=str(root / "hf-home"))
     os.makedirs(site)
-    # one process (imports cost seconds): the entry point, both tasks, then what lmms-eval will see
-    setup = (f"import lmms_carpe as L; L.register({site!r}); "
-             f"L.write_task('imagenet', {bench!r}, {tasks!r}, max_new_tokens=8); "
-             f"L.write_task('imagenet', {bench!r}, {tasks!r}, choices=True); "
-             "from importlib.metadata import entry_points as e; "
-             "print([(p.name, p.value, str(p.dist._path)) for p in e(group='lmms_eval.models')])")
-    entry_points = subprocess.run([os.path.join(VENV_BIN, "python"), "-c", setup], check=True, env=env, cwd=str(root),
-                                  capture_output=True, text=True).stdout
+    # one process (imports cost seconds): the entry point, both tasks, what lmms-eval will see, and
+    # the model's generate_until on requests a task file cannot make (several images, none, `until`)
+    script = root / "setup.py"
+    script.write_text(SETUP.format(site=site, bench=bench, tasks=tasks, run=run))
+    setup = json.loads(subprocess.run([os.path.join(VENV_BIN, "python"), str(script)], check=True, env=env,
+                                      cwd=str(root), capture_output=True, text=True).stdout.splitlines()[-1])
     proc = subprocess.run([os.path.join(VENV_BIN, "lmms-eval"), "--model", "carpe", "--model_args",
                            f"pretrained={run},device=cpu", "--include_path", tasks,
                            "--tasks", "carpe_imagenet,carpe_imagenet_choice", "--batch_size", "4",
@@ -64,16 +81,30 @@ def lmms_run(tmp_path_factory):
                           env=env, cwd=str(root), capture_output=True, text=True, timeout=600)
     # lmms-eval exits 0 even when the evaluation failed: its results file is the evidence
     results = glob.glob(os.path.join(out, "*", "*_results.json"))
-    assert len(results) == 1, f"lmms-eval wrote no results (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    samples = {task: [json.loads(line) for line in open(glob.glob(os.path.join(out, "*", f"*_samples_{task}.jsonl"))[0])]
-               for task in ("carpe_imagenet", "carpe_imagenet_choice")}
+    assert len(results) == 1, \
+        f"lmms-eval wrote no results (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    samples = {}
+    for task in ("carpe_imagenet", "carpe_imagenet_choice"):
+        with open(glob.glob(os.path.join(out, "*", f"*_samples_{task}.jsonl"))[0]) as f:
+            samples[task] = [json.loads(line) for line in f]
     rows = {task: [json.loads(line) for line in open(os.path.join(tasks, f"{task}.jsonl"))] for task in samples}
     return dict(run=run, eval_dir=os.path.join(eval_out, "imagenet"), results=json.load(open(results[0]))["results"],
-                samples=samples, rows=rows, entry_points=entry_points, site=site)
+                samples=samples, rows=rows, site=site, bench=bench, **setup)
 
 
 def test_registered_through_the_entry_point(lmms_run):
-    assert f"('carpe', 'lmms_carpe:manifests', '{lmms_run['site']}/carpe_lmms-" in lmms_run["entry_points"]
+    assert ["carpe", "lmms_carpe:manifests", lmms_run["site"]] in lmms_run["entry_points"]
+
+
+def test_generate_until_requests_beyond_the_task_files(lmms_run):
+    """An image, several images (answered "", CARPE reads one), no image (the tag dropped, a
+    text-only prompt), and a stop string: against model.ask in this environment."""
+    model = pretrained.load(lmms_run["run"])
+    question = "What type of object is in this photo?"
+    with_image = model.ask(lmms_run["image"], question, max_new_tokens=8)
+    text_only = model.ask(None, question, max_new_tokens=8)
+    cut = with_image[:with_image.index("e")] if "e" in with_image else with_image
+    assert lmms_run["answers"] == [with_image, "", text_only, cut]
 
 
 def test_generate_until_answers_as_eval_py(lmms_run):
