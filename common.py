@@ -412,24 +412,42 @@ RUN_OUTPUTS = ("ckpt", "superseded", "log.jsonl", RUN_CONFIG, LEGACY_RUN_CONFIG,
                "summary.json", "skipped_entries.json")
 
 
-def lock_run_folder(out):
-    """Hold an exclusive lock on <out>/.lock for the life of the returned file (close it to
-    release; the kernel releases it if the process dies). A second run into the same folder fails
-    at once naming the pid that holds it."""
-    os.makedirs(out, exist_ok=True)
-    f = open(os.path.join(out, ".lock"), "a+")
+class FolderInUseError(RuntimeError):
+    """Another process holds the folder's lock; .holder is its pid as it wrote it."""
+
+    def __init__(self, lock_path, holder):
+        super().__init__(f"pid {holder} holds {lock_path}")
+        self.lock_path, self.holder = lock_path, holder
+
+
+def lock_folder(folder, name=".lock"):
+    """Hold an exclusive lock on folder/name for the life of the returned file (close it to
+    release; the kernel releases it if the process dies), writing our pid into it. Raises
+    FolderInUseError naming the holder's pid at once if another process holds it."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, name)
+    f = open(path, "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
         holder = f.read().strip() or "?"
         f.close()
-        raise SystemExit(f"--out {out} is in use by another run (pid {holder} holds {out}/.lock)") from None
+        raise FolderInUseError(path, holder) from None
     f.seek(0)
     f.truncate()
     f.write(f"{os.getpid()}\n")
     f.flush()
     return f
+
+
+def lock_run_folder(out):
+    """train.py's lock on its --out for the run: a second run into the same folder fails at once
+    naming the pid that holds it."""
+    try:
+        return lock_folder(out)
+    except FolderInUseError as e:
+        raise SystemExit(f"--out {out} is in use by another run (pid {e.holder} holds {e.lock_path})") from None
 
 
 def used_run_outputs(out):

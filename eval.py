@@ -90,8 +90,9 @@ import small
 import tiny
 from benchmarks import (BENCH_GROUPS, BENCHMARKS, MATCH_RULES, comparison_table, markdown_tables, read_eval_dir,
                         table2_average, table3_average, table_name)
-from common import (CHECKPOINT_NAME, barrier, base_side_of_run, interpolate_weights, is_run_dir, list_checkpoints,
-                    print0, run_digest, setup_distributed, write_json_atomic)
+from common import (CHECKPOINT_NAME, DiskFullError, FolderInUseError, barrier, base_side_of_run, interpolate_weights, is_run_dir,
+                    list_checkpoints, lock_folder, print0, run_digest, setup_distributed, write_json_atomic,
+                    write_text_atomic)
 from data import TEMPLATES, BadSampleError, ConversationTokenizer, load_image, n_image_tokens
 
 PRESETS = {  # defaults a preset fills in when the flag is not given
@@ -495,24 +496,14 @@ def resume_state(bench_dir, items):
 
 
 def lock_bench_dir(bench_dir):
-    """An exclusive lock on <bench>/.lock for the life of the returned file (close it to release;
-    the kernel releases it if the process dies), else an EvalError naming the holder's pid."""
-    os.makedirs(bench_dir, exist_ok=True)
-    f = open(os.path.join(bench_dir, ".lock"), "a+")
+    """An exclusive lock on <bench>/.lock for the life of the returned file (common.lock_folder),
+    else an EvalError naming the holder's pid."""
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "?"
-        f.close()
-        raise EvalError(f"{bench_dir} is being evaluated by another eval.py (pid {holder} holds {bench_dir}/.lock); "
+        return lock_folder(bench_dir)
+    except FolderInUseError as err:
+        raise EvalError(f"{bench_dir} is being evaluated by another eval.py (pid {err.holder} holds {err.lock_path}); "
                         f"rerun once it is done (its finished items are kept, nothing is generated twice), "
                         f"or use another --out") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    return f
 
 
 def lock_benchmarks(out, benches, rank, world):
@@ -639,9 +630,7 @@ def write_summary(out_dir, name):
         fcntl.flock(lock, fcntl.LOCK_EX)
         scores, weights = read_eval_dir(out_dir)
         text = markdown_tables([(name, scores, weights)])
-        with open(os.path.join(out_dir, "summary.md.tmp"), "w") as f:
-            f.write(text)
-        os.replace(os.path.join(out_dir, "summary.md.tmp"), os.path.join(out_dir, "summary.md"))
+        write_text_atomic(os.path.join(out_dir, "summary.md"), text)
         write_json_atomic(os.path.join(out_dir, "summary.json"),
                           dict(name=name, scores=scores, context_weights=weights, table2_average=table2_average(scores),
                                table3_average=table3_average(scores)))
@@ -843,5 +832,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except EvalError as e:
+    except (EvalError, DiskFullError) as e:  # a full disk: the predictions so far are kept, nothing half-written
         sys.exit(f"eval.py: {e}")
