@@ -5,7 +5,8 @@ The project never imports this file; lmms-eval lives in its own environment:
     python -m venv --system-site-packages .venv-lmms                 # reuses this install's torch
     .venv-lmms/bin/pip install -r requirements-lmms.txt
     .venv-lmms/bin/python lmms_carpe.py register                     # lmms-eval now knows --model carpe
-    .venv-lmms/bin/lmms-eval --model carpe --model_args pretrained=runs/tiny --tasks mme --batch_size 8
+    .venv-lmms/bin/lmms-eval --model carpe --model_args pretrained=runs/carpe --tasks pope --batch_size 8
+                                                                     # lmms-eval's own tasks fetch their data from the Hub
     .venv-lmms/bin/python lmms_carpe.py task --bench imagenet --data-root .cache/tiny-eval-data --out lmms_tasks
     .venv-lmms/bin/lmms-eval --model carpe --model_args pretrained=runs/tiny \\
         --include_path lmms_tasks --tasks carpe_imagenet --output_path lmms_out --log_samples

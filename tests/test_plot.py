@@ -128,6 +128,18 @@ def test_torn_and_bad_log_lines(carpe_run, tmp_path, capsys):
     plot.main([str(run), "--out", str(tmp_path / "a"), *SIZE])
     assert "line 4 is incomplete" in capsys.readouterr().out
     lines = (run / "log.jsonl").read_text().split("\n")
+    # step 2 as train.py logs a step skipped for a NaN loss (json.dumps writes NaN / Infinity)
+    records = [json.loads(line) for line in lines[:3]]
+    records[1].update(loss=float("nan"), grad_norm=float("inf"), skipped_step="non-finite loss nan")
+    for r in records[1:]:
+        r["skipped_steps"] = 1
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert "NaN" in (run / "log.jsonl").read_text()
+    plot.main([str(run), "--out", str(tmp_path / "nan"), *SIZE])
+    log = plot.read_log(str(run))
+    assert log.skipped == [None, "non-finite loss nan", None] and log.skipped_total == [0, 1, 1]
+    assert log.loss[1] != log.loss[1] and log.loss[0] == records[0]["loss"]  # NaN kept as a gap
+    check_figure(str(tmp_path / "nan" / "training.png"), {"loss": TAB["blue"], "skipped so far": TAB["red"]})
     (run / "log.jsonl").write_text("\n".join(lines[:1] + ["not json"] + lines[1:3]) + "\n")
     with pytest.raises(SystemExit, match=r"log.jsonl line 2 is not JSON"):
         plot.main([str(run), "--out", str(tmp_path / "b"), *SIZE])
