@@ -6,7 +6,7 @@ The project never imports this file; lmms-eval lives in its own environment:
     .venv-lmms/bin/pip install -r requirements-lmms.txt
     .venv-lmms/bin/python lmms_carpe.py register                     # lmms-eval now knows --model carpe
     .venv-lmms/bin/lmms-eval --model carpe --model_args pretrained=runs/carpe --tasks pope --batch_size 8
-                                                                     # lmms-eval's own tasks fetch their data from the Hub
+    # (lmms-eval's own tasks fetch their data from the Hub; a local task over eval.py's items:)
     .venv-lmms/bin/python lmms_carpe.py task --bench imagenet --data-root .cache/tiny-eval-data --out lmms_tasks
     .venv-lmms/bin/lmms-eval --model carpe --model_args pretrained=runs/tiny \\
         --include_path lmms_tasks --tasks carpe_imagenet --output_path lmms_out --log_samples
@@ -301,7 +301,8 @@ def main(argv=None):
     t.add_argument("--bench", required=True,
                    help="a benchmark with one reference answer per item (imagenet, pope, mme, sqa, ...)")
     t.add_argument("--data-root", required=True,
-                   help="eval.py's --data-root (the tiny benchmarks: .cache/tiny-eval-data, drawn by eval.py --preset tiny)")
+                   help="eval.py's --data-root (the tiny benchmarks: .cache/tiny-eval-data, drawn by eval.py "
+                   "--preset tiny)")
     t.add_argument("--out", required=True, help="folder for <task>.yaml and <task>.jsonl (lmms-eval --include_path)")
     t.add_argument("--world", default="open", choices=["open", "closed"], help="classification prompts, as eval.py")
     t.add_argument("--closed-k", type=int, default=None, help="closed world: candidates listed, as eval.py")
