@@ -4,6 +4,7 @@ The project never imports this file; lmms-eval lives in its own environment:
 
     python -m venv --system-site-packages .venv-lmms                 # reuses this install's torch
     .venv-lmms/bin/pip install -r requirements-lmms.txt
+    .venv-lmms/bin/pip uninstall -y torchvision                      # why: requirements-lmms.txt
     .venv-lmms/bin/python lmms_carpe.py register                     # lmms-eval now knows --model carpe
     .venv-lmms/bin/lmms-eval --model carpe --model_args pretrained=runs/carpe --tasks pope --batch_size 8
     # (lmms-eval's own tasks fetch their data from the Hub; a local task over eval.py's items:)
@@ -60,7 +61,6 @@ from data import IMAGE_TAG, move_image_tag_first, vicuna_prompt
 REPO = os.path.dirname(os.path.abspath(__file__))
 MODEL_NAME = "carpe"
 DIST_NAME, DIST_VERSION = "carpe_lmms", "0.1.0"
-INSTALL = "python -m venv --system-site-packages .venv-lmms && .venv-lmms/bin/pip install -r requirements-lmms.txt"
 
 
 def manifests():
