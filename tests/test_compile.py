@@ -123,16 +123,11 @@ def tiny_method(method):
     return model, train_batches(llava)
 
 
-@pytest.mark.parametrize("method", ["carpe-moe", "levi", "imagenet-ft"])
-def test_every_method_compiles_and_its_step_equals_eager(method):
-    """Each method's repeated blocks compiled for real (aot_eager: dynamo's fullgraph trace and
-    AOT autograd's forward and backward graphs); a training step's loss and gradients equal
-    the same blocks run eagerly. CARPE-MoE runs one step per expert, so every tower compiles
-    (CuMo's sparse MoE layers inside its CLIP layers included)."""
+def check_method_compiles(method, backend):
     torch._dynamo.reset()
     model, batches = tiny_method(method)
     kernels.reset_compile_counts()
-    kernels.compile_blocks(carpe.repeated_blocks(model), backend="aot_eager")
+    kernels.compile_blocks(carpe.repeated_blocks(model), backend=backend)
     routes = range(len(model.vision_moe.expert_names)) if method == "carpe-moe" else [None]
     for route in routes:
         if route is not None:
@@ -147,6 +142,22 @@ def test_every_method_compiles_and_its_step_equals_eager(method):
     # one graph per kind of block: LM layer, CLIP layer (+ integrator blocks; + the three other towers'
     # layers, CuMo's CLIP layer a second entry of CLIP's code for its MoE MLP)
     assert counts.unique_graphs == {"carpe-moe": 6, "levi": 3, "imagenet-ft": 2}[method]
+
+
+@pytest.mark.parametrize("method", ["carpe-moe", "levi", "imagenet-ft"])
+def test_every_method_compiles_and_its_step_equals_eager(method):
+    """Each method's repeated blocks compiled for real (aot_eager: dynamo's fullgraph trace and
+    AOT autograd's forward and backward graphs); a training step's loss and gradients equal
+    the same blocks run eagerly. CARPE-MoE runs one step per expert, so every tower compiles
+    (CuMo's sparse MoE layers inside its CLIP layers included). CARPE: the test above."""
+    check_method_compiles(method, "aot_eager")
+
+
+@pytest.mark.skipif(not os.environ.get("CARPE_INDUCTOR_TESTS"),
+                    reason="inductor generates and compiles C++ (minutes on a shared CPU); set CARPE_INDUCTOR_TESTS=1")
+@pytest.mark.parametrize("method", ["carpe-moe", "levi", "imagenet-ft"])
+def test_every_method_with_inductor(method):
+    check_method_compiles(method, "inductor")
 
 
 def test_generation_with_compiled_blocks_equals_eager():
