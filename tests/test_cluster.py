@@ -9,7 +9,6 @@ import json
 import os
 import re
 import socket
-import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 
@@ -17,7 +16,8 @@ import pytest
 import torch
 
 import train
-from test_train import REPO, flags, lrs, read_log, small_data, weights_of  # noqa: F401 (small_data is a fixture)
+from test_train import (REPO, end_group, flags, lrs, read_log, small_data,  # noqa: F401 (small_data: a fixture)
+                        start_group, weights_of)
 
 SLOW = pytest.mark.skipif(not os.environ.get("CARPE_SLOW_TESTS"), reason="slow; set CARPE_SLOW_TESTS=1")
 LAUNCH_TIMEOUT = 400  # seconds: a hang fails here, not in CI's global limit
@@ -33,17 +33,11 @@ def launch_nodes(out, nodes, per_node, train_flags, env=None, timeout=LAUNCH_TIM
     """`nodes` torchrun launchers on this host, `per_node` ranks each, meeting through a c10d
     rendezvous as the nodes of a cluster do. -> (return codes, outputs)."""
     endpoint = f"localhost:{free_port()}"
-    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes), "--node-rank",
-                               str(i), "--nproc_per_node", str(per_node), "--rdzv-backend", "c10d", "--rdzv-endpoint",
-                               endpoint, "--rdzv-id", os.path.basename(out), os.path.join(REPO, script),
-                               *train_flags], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for i in range(nodes)]
-    try:
-        outputs = [p.communicate(timeout=timeout)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
+    procs = [start_group([sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes), "--node-rank", str(i),
+                          "--nproc_per_node", str(per_node), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
+                          "--rdzv-id", os.path.basename(out), os.path.join(REPO, script), *train_flags], env)
+             for i in range(nodes)]
+    outputs = [end_group(p, timeout) for p in procs]
     return [p.returncode for p in procs], outputs
 
 
@@ -160,17 +154,12 @@ def prepare(rehearsal, folder):
 
 
 def torchrun_launch(train_flags):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(REPO, "train.py"), *train_flags]
-    return subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return start_group([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        os.path.join(REPO, "train.py"), *train_flags])
 
 
-def finish(proc, timeout=LAUNCH_TIMEOUT):
-    try:
-        return proc.communicate(timeout=timeout)[0]
-    finally:
-        proc.kill()
+def finish(proc):
+    return end_group(proc, LAUNCH_TIMEOUT)
 
 
 def rehearse(rehearsal, tmp_path, before=(), after=()):

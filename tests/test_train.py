@@ -111,11 +111,32 @@ def test_context_frozen_in_epoch_one_only(run_a, small_data):
     assert all(r["vision_weight"] == 0.5 for r in log[:5]) and log[5]["vision_weight"] != 0.5
 
 
+def start_group(cmd, env=None):
+    """A launcher (torchrun) in a process group of its own, merged output: end_group ends it all."""
+    return subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def end_group(proc, timeout=400):
+    """Wait for a start_group launcher (a hang fails after `timeout` s), then kill whatever is left of
+    its group: a hung rank must not outlive the test. -> its output."""
+    import signal
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
 def torchrun(small_data, out, *extra, script="train.py", env=None, ok=True):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(REPO, script), *flags(small_data, out, "--max-steps", "6", *extra)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    proc = start_group(cmd, env)
+    output = end_group(proc)
+    result = subprocess.CompletedProcess(cmd, proc.returncode, output, "")
     assert (result.returncode == 0) == ok, result.stdout[-3000:] + result.stderr[-5000:]
     return read_log(out) if ok else result
 
