@@ -864,13 +864,19 @@ def table_name(path):
     return base
 
 
-def comparison_table(dirs):
+def read_eval_dirs(dirs, where="--table"):
+    """-> [(row name, scores, weights)] of eval folders (or run folders holding eval/), in order;
+    FileNotFoundError naming a folder that is missing or holds no scored benchmark."""
     rows = []
     for d in dirs:
         if not os.path.isdir(d):
-            raise FileNotFoundError(f"--table: {d} is not a directory")
+            raise FileNotFoundError(f"{where}: {d} is not a directory")
         scores, weights = read_eval_dir(d)
         if not scores:
-            raise FileNotFoundError(f"--table: no <bench>/metrics.json under {d} (nor {d}/eval)")
+            raise FileNotFoundError(f"{where}: no <bench>/metrics.json under {d} (nor {d}/eval): run eval.py first")
         rows.append((table_name(d), scores, weights))
-    return markdown_tables(rows)
+    return rows
+
+
+def comparison_table(dirs):
+    return markdown_tables(read_eval_dirs(dirs))

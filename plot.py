@@ -36,7 +36,7 @@ try:  # optional: the training and eval code never need it
 except ImportError:
     matplotlib = plt = None
 
-from benchmarks import BENCHMARKS, CLS_BENCHES, VL_BENCHES, read_eval_dir, table_name
+from benchmarks import BENCHMARKS, CLS_BENCHES, VL_BENCHES, read_eval_dir, read_eval_dirs
 
 INSTALL = "pip install -r requirements-plot.txt"
 SKIP_COLOR = "tab:red"
@@ -111,15 +111,10 @@ def read_log(run_dir):
 
 def read_eval_runs(dirs):
     """-> [EvalRun], one per folder (an eval folder or a run folder holding eval/)."""
-    runs = []
-    for d in dirs:
-        if not os.path.isdir(d):
-            raise SystemExit(f"plot.py: eval folder {d} is not a directory")
-        scores, weights = read_eval_dir(d)
-        if not scores:
-            raise SystemExit(f"plot.py: no <bench>/metrics.json under {d} (nor {d}/eval): run eval.py first")
-        runs.append(EvalRun(table_name(d), scores, weights))
-    return runs
+    try:
+        return [EvalRun(*row) for row in read_eval_dirs(dirs, where="plot.py")]
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
 
 
 # -----------------------------------------------------------------------------
