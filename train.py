@@ -571,6 +571,7 @@ def check_resume_settings(ckpt, config, base_dir):
     base_dir: the base folder loaded now (an older checkpoint records a preset's base as its
     folder). -> {flag: (checkpoint's value, now)} for the APPLIED_ON_RESUME settings that changed."""
     saved = ckpt.config
+    config = json.loads(json.dumps(config))  # as a checkpoint holds it: tuples (an expert's image_mean) are lists
     same = dict(method=saved.get("method") == config["method"], base=saved.get("base") in (config["base"], base_dir))
     diffs = [f"{key}: checkpoint {saved.get(key)!r}, now {config[key]!r}" for key in same if not same[key]]
     for section in ("carpe", "moe"):

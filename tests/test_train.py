@@ -700,3 +700,16 @@ def test_run_config_records_the_base_as_given_or_as_the_preset(run_a):
     assert train.check_resume_settings(ckpt, now, folder) == {}
     with pytest.raises(SystemExit, match=r"a resume cannot change base: checkpoint '/\S+', now '/elsewhere/llava'"):
         train.check_resume_settings(ckpt, dict(now, base="/elsewhere/llava"), "/elsewhere/llava")
+
+
+def test_resume_compares_settings_as_the_checkpoint_holds_them(run_a):
+    """A CARPE-MoE run's expert settings hold tuples (image_mean), its checkpoint's json lists: the
+    same setting, not "another run" (every --moe --resume was refused; seen in tests/test_cluster.py)."""
+    ckpt = common.load_checkpoint(os.path.join(run_a, "ckpt", "step_0000002"), rank=0)
+    experts = [dict(name="siglip", image_mean=(0.5, 0.5, 0.5), tiny=dict(hidden_size=48))]
+    now = dict(ckpt.config, moe=dict(experts=experts))
+    ckpt.config = json.loads(json.dumps(now))
+    assert train.check_resume_settings(ckpt, now, None) == {}
+    now = dict(now, moe=dict(experts=[dict(experts[0], image_mean=(0.4, 0.5, 0.5))]))
+    with pytest.raises(SystemExit, match=r"moe\.experts: checkpoint"):
+        train.check_resume_settings(ckpt, now, None)
