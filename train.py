@@ -5,6 +5,8 @@ train.py: train CARPE (or a baseline) on the LLaVA-Instruct + ImageNet mix (pape
     torchrun --nproc_per_node 2 train.py --preset tiny --out runs/tiny     # DDP (gloo on CPU)
     torchrun --nproc_per_node 8 train.py --data llava_v1_5_mix665k.json --image-root data \\
         --imagenet imagenet --out runs/carpe --fsdp                         # the paper's run
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+        --rdzv-id carpe train.py ... --fsdp                                 # 2 nodes: HSDP, batch still 64
 
 The recipe: global batch 64 (micro batch x grad accumulation x world size; the micro batch shrinks to
 64 / world when larger, so the global batch is 64 at any world size dividing it), AdamW with weight
@@ -36,7 +38,12 @@ Choices where the paper is silent:
  - The run folder is locked for the run; a used one needs --resume or --overwrite. Checkpoints
    (common.py) carry file digests; --resume falls back past a damaged one, applies the flags in
    APPLIED_ON_RESUME and refuses, in one line, a change of those in FIXED_ON_RESUME.
- - The final weights go to <out>/run_config.json + <out>/model.safetensors (common.load_run reads them).
+ - --dist-timeout (60 minutes) bounds every collective: the first launch's local-rank-0-only work
+   (checking and packing a cold LLaVA json) outlasts NCCL's own 10, and a dead rank still fails the
+   run within the hour instead of holding the allocation.
+ - The final weights go to <out>/run_config.json + <out>/model.safetensors (pretrained.load and
+   common.load_run read them). The run config records the base as given (a Hub id or a folder), or "preset:tiny" /
+   "preset:small" when the preset supplied it, so a moved run folder still finds it.
 """
 import argparse
 import json

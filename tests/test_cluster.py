@@ -181,7 +181,7 @@ def rehearse(rehearsal, tmp_path, before=(), after=()):
     assert warmup == pytest.approx([2e-3 / 3, 2e-3 * 2 / 3, 2e-3, 2e-3], rel=1e-12)  # 3 warmup steps
 
     proc = torchrun_launch(r.flags(cut, *before))
-    wait_for_log(str(cut), r.signal_at, proc)
+    wait_for_log(str(cut), r.signal_at, proc, timeout=LAUNCH_TIMEOUT)
     proc.send_signal(signal.SIGTERM)
     output = finish(proc)
     # torchrun forwards the signal, waits for its ranks (they exit 75 after the checkpoint) and exits 1
