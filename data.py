@@ -82,6 +82,7 @@ import os
 import random
 import re
 import shutil
+import signal
 from array import array
 from dataclasses import asdict, dataclass, field
 
@@ -980,9 +981,19 @@ class Collator:
                      skipped=[item for s in samples for item in s.skipped])
 
 
+def ignore_stop_signals(worker_id):
+    """A DataLoader worker leaves SIGTERM / SIGINT to the training process: SLURM's --signal and a
+    Ctrl-C reach every process of the job, and a worker that died of one would fail the run at its
+    next batch instead of letting it finish the step and save (torch's own worker handler re-raises
+    them)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_loader(dataset, collator, micro_batch_size, global_batch, rank, world, epoch, start_position=0,
                 num_workers=0):
     sampler = RankSampler(len(dataset), global_batch, rank, world, epoch, start_position)
     return torch.utils.data.DataLoader(dataset, batch_size=micro_batch_size, sampler=sampler, collate_fn=collator,
-                                       num_workers=num_workers, drop_last=False,
-                                       persistent_workers=False, prefetch_factor=4 if num_workers else None)
+                                       num_workers=num_workers, drop_last=False, persistent_workers=False,
+                                       prefetch_factor=4 if num_workers else None,
+                                       worker_init_fn=ignore_stop_signals if num_workers else None)
