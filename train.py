@@ -101,7 +101,7 @@ FIXED_ON_RESUME = ("preset", "batch_size", "seed", "mix", "epochs", "max_steps",
 APPLIED_ON_RESUME = ("data", "image_root", "imagenet", "imagenet_classes", "micro_batch_size", "lr_adapter", "lr",
                      "grad_clip", "compile", "save_every", "keep_checkpoints", "num_workers", "cache_dir",
                      "gradient_checkpointing", "max_loss_ratio", "max_skipped_steps", "dist_timeout",
-                     "compile_backend")
+                     "compile_backend", "tensorboard", "wandb")
 MODEL_FLAGS = ("base", "method", "moe", "experts", "balance_weight", "fixed_weights", "no_integrator_self_attn", "query_layer",
                "integrator_heads")
 RUN_FLAGS = ("out", "resume", "overwrite")  # where the run goes, not what it computes
@@ -167,6 +167,13 @@ def parse_args(argv=None):
                         "the first launch's local-rank-0-only work, checking a cold LLaVA json of ~624K images, "
                         "takes 5-10 minutes while the other ranks wait at a barrier; a dead rank still fails the "
                         "run within this time")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="mirror each log.jsonl record to TensorBoard (<out>/tensorboard/); log.jsonl stays the record "
+                        "(needs pip install -r requirements-logging.txt)")
+    p.add_argument("--wandb", default=None, metavar="PROJECT",
+                   help="mirror each log.jsonl record to this Weights & Biases project (a resume continues the same "
+                        "W&B run); log.jsonl stays the record. Needs pip install -r requirements-logging.txt; "
+                        "WANDB_MODE=offline works without a network (wandb sync uploads later)")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0 = only at the end)")
     p.add_argument("--keep-checkpoints", type=int, default=2,
                    help="how many recent checkpoints to keep (0 = all); the one resumed from is always kept")
@@ -516,6 +523,7 @@ class Run:
     total_steps: int
     resumed_from: str | None = None
     stop: StopRequest = field(default_factory=StopRequest)  # SIGTERM / SIGINT noted since the loop began
+    mirror: common.LogMirror | None = None  # TensorBoard / W&B copy of log.jsonl (rank 0)
 
 
 def claim_run_folder(args, rank):
@@ -713,6 +721,8 @@ def setup(args, rank, world, local_rank, device):
     print0(f"{args.method} on {args.base}: {n_trainable / 1e6:.2f}M trainable params; {len(dataset)} samples/epoch "
            f"({dataset.plan.imagenet_per_epoch} ImageNet), {steps_per_epoch} steps/epoch, {total_steps} steps, "
            f"world {world} x micro {args.micro_batch_size} x accum {accum}")
+    if rank == 0 and (args.tensorboard or args.wandb):  # the run config in effect, as a resume updated it
+        run.mirror = common.LogMirror(args.out, run.config, tensorboard=args.tensorboard, wandb_project=args.wandb)
     return run
 
 
@@ -792,11 +802,22 @@ def save(run):
     except common.DamagedFileError as e:
         stop_run(run, str(e))
     path = common.checkpoint_path(run.args.out, run.state.step)
-    common.save_checkpoint(path, weights, optimizer_state(run), asdict(run.state), run.config, run.rank, run.device)
+    try:  # a full disk raises on every rank: all stop here together
+        common.save_checkpoint(path, weights, optimizer_state(run), asdict(run.state), run.config, run.rank, run.device)
+    except common.DiskFullError as e:
+        raise SystemExit(disk_full_message(run, e)) from None
     if run.rank == 0:  # never the one just written, never the one this run resumed from
         common.prune_checkpoints(run.args.out, run.args.keep_checkpoints, protect=(path, run.resumed_from))
     barrier()
     return weights
+
+
+def disk_full_message(run, error):
+    """One line for a save the disk had no room for: the error names the path and the space."""
+    saved = common.list_checkpoints(run.args.out)
+    kept = f"the previous checkpoint {saved[-1]} is intact" if saved else "no earlier checkpoint was saved"
+    text = error.strerror or str(error)  # DiskFullError(ENOSPC, text): the text without "[Errno 28]"
+    return f"stopping at step {run.state.step}: {text}; {kept}: free space on that disk and continue with --resume"
 
 
 def log_step(run, stats, loss, grad_norm, lrs, skipped, seconds):
@@ -818,6 +839,8 @@ def log_step(run, stats, loss, grad_norm, lrs, skipped, seconds):
     log_path = os.path.join(run.args.out, "log.jsonl")
     with open(log_path, "a") as f:
         f.write(json.dumps(record) + "\n")
+    if run.mirror is not None:
+        run.mirror.log(record)
     if stats.truncated and state.truncated == stats.truncated:  # the first cut sample: say it once
         print0(f"warning: samples longer than --model-max-length {run.args.model_max_length} are being cut "
                f"(counted as 'truncated' in {log_path})")
@@ -898,11 +921,21 @@ def finish(run, weights):
     if weights is None:  # resumed from the final checkpoint: nothing was trained, nothing saved
         weights = gather_trainable(run.model)
         common.check_finite(weights, "the resumed weights")
+    full = None
     if run.rank == 0:
-        common.save_run(run.args.out, weights, run.config)
-    checksums = torch.zeros(run.world, dtype=torch.float64)
+        try:
+            common.save_run(run.args.out, weights, run.config)
+        except common.DiskFullError as e:  # caught, so the all-reduce below tells the other ranks to stop too
+            full = e
+    # one slot per rank's checksum, the last: 1 when rank 0's final save found the disk full
+    checksums = torch.zeros(run.world + 1, dtype=torch.float64)
     checksums[run.rank] = weights_checksum(weights)
+    checksums[-1] = float(full is not None)
     all_reduce_sum(checksums)
+    if checksums[-1]:
+        raise SystemExit(disk_full_message(run, full) if full is not None else
+                         f"stopping at step {run.state.step}: rank 0 found the disk full writing the final weights")
+    checksums = checksums[:-1]
     if run.rank == 0:
         common.write_json_atomic(os.path.join(run.args.out, "summary.json"), dict(
             steps=run.state.step, world=run.world, rank_checksums=checksums.tolist(), truncated=run.state.truncated,
@@ -926,6 +959,8 @@ def main(argv=None):
         finish(run, train(run))
         return run.model
     finally:
+        if run is not None and run.mirror is not None:
+            run.mirror.close()
         if lock is not None:
             lock.close()
         if dist.is_initialized():

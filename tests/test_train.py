@@ -729,3 +729,94 @@ def test_resume_compares_settings_as_the_checkpoint_holds_them(run_a):
     now = dict(now, moe=dict(experts=[dict(experts[0], image_mean=(0.4, 0.5, 0.5))]))
     with pytest.raises(SystemExit, match=r"moe\.experts: checkpoint"):
         train.check_resume_settings(ckpt, now, None)
+
+
+def test_tensorboard_and_wandb_mirror_every_step_of_log_jsonl(small_data, tmp_path, monkeypatch):
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        import wandb  # noqa: F401
+    except ImportError:
+        pytest.skip("needs the logging packages: pip install -r requirements-logging.txt")
+    monkeypatch.setenv("WANDB_MODE", "offline")  # no network: the run is written for a later `wandb sync`
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    train.main(flags(small_data, out, "--max-steps", "3", "--tensorboard", "--wandb", "carpe-test"))
+    log = read_log(out)
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    scalars = events.Scalars("loss")
+    assert [e.step for e in scalars] == [r["step"] for r in log] == [1, 2, 3]
+    assert [e.value for e in scalars] == pytest.approx([r["loss"] for r in log], rel=1e-6)  # stored as float32
+    assert len(events.Scalars("grad_norm")) == 3 and len(events.Scalars("vision_weight")) == 3
+    run_id = (out / "wandb_id").read_text().strip()
+    files = list((out / "wandb").glob(f"offline-run-*/run-{run_id}.wandb"))
+    assert len(files) == 1, sorted(str(p) for p in (out / "wandb").rglob("*"))
+    data = files[0].read_bytes()
+    assert all(name in data for name in (b"loss", b"grad_norm", b"vision_weight", b"lr_rest"))
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(size) -> a fresh tmpfs of `size` bytes (root only); remount(size) resizes it, keeping its files."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+
+    def mount(size, options=""):
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"{options}size={size}", "tmpfs", str(disk)],
+                          capture_output=True).returncode:
+            pytest.skip("mounting a small tmpfs needs root (the full-disk tests write to a really full file system)")
+        return disk
+
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def du(path):
+    return int(subprocess.run(["du", "-sb", str(path)], capture_output=True, text=True, check=True).stdout.split()[0])
+
+
+def test_a_full_disk_during_a_checkpoint_save_stops_in_one_line_and_resume_finishes(small_data, tmp_path, tmpfs):
+    measured = tmp_path / "measured"  # a tiny checkpoint's size, to size the disk: the first fits, the second not
+    train.main(flags(small_data, measured, "--max-steps", "1"))
+    size = du(measured / "ckpt" / "step_0000001")
+    disk = tmpfs(size + size // 2)
+    out = disk / "run"
+    with pytest.raises(SystemExit) as e:
+        train.main(flags(small_data, out, "--max-steps", "3", "--save-every", "1"))
+    message = str(e.value)
+    first = str(out / "ckpt" / "step_0000001")
+    assert "\n" not in message and "stopping at step 2: no space left on the device holding" in message
+    assert "step_0000002" in message and f"the previous checkpoint {first} is intact" in message
+    assert "--resume" in message
+    assert os.listdir(out / "ckpt") == ["step_0000001"]  # no step_0000002.tmp holding the space
+    common.verify_manifest(first, required=True)
+    assert [r["step"] for r in read_log(out)] == [1, 2]
+    common.lock_run_folder(str(out)).close()  # the lock was released
+    tmpfs(10 * size, "remount,")  # space freed: the same command with --resume finishes the run
+    train.main(flags(small_data, out, "--max-steps", "3", "--save-every", "1", "--resume"))
+    assert [r["step"] for r in read_log(out)] == [1, 2, 3]
+    common.verify_manifest(str(out), required=True)
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3
+
+
+def test_a_full_disk_during_the_final_save_stops_in_one_line_and_resume_finishes(small_data, tmp_path, tmpfs):
+    measured = tmp_path / "measured"  # the final checkpoint fits, the final weights beside it not
+    train.main(flags(small_data, measured, "--max-steps", "1"))
+    ckpt, final = du(measured / "ckpt" / "step_0000001"), du(measured / "model.safetensors")
+    disk = tmpfs(ckpt + final // 3)
+    out = disk / "run"
+    with pytest.raises(SystemExit) as e:
+        train.main(flags(small_data, out, "--max-steps", "1"))
+    message = str(e.value)
+    last = str(out / "ckpt" / "step_0000001")
+    assert "\n" not in message and "no space left on the device holding" in message and "model.safetensors" in message
+    assert f"the previous checkpoint {last} is intact" in message and "--resume" in message
+    assert not os.path.exists(out / "summary.json") and not [n for n in os.listdir(out) if n.endswith(".tmp")]
+    common.verify_manifest(last, required=True)
+    common.lock_run_folder(str(out)).close()
+    tmpfs(10 * ckpt, "remount,")
+    train.main(flags(small_data, out, "--max-steps", "1", "--resume"))
+    common.verify_manifest(str(out), required=True)
+    assert json.loads((out / "summary.json").read_text())["steps"] == 1
