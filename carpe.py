@@ -557,8 +557,11 @@ class LlavaWrapper(TrainableSet, nn.Module):
         return any(p.requires_grad for m in modules for p in m.parameters())
 
     def main_pass_inputs(self, inputs_embeds):
-        """inputs_embeds (B, T, d) for the main LM pass; under FSDP2, made to require grad when a
-        micro-batch has no image but the image path trains.
+        """inputs_embeds (B, T, d) for the main LM pass; under FSDP2 or gradient checkpointing,
+        made to require grad when a micro-batch has no image but the image path trains.
+        (Checkpointing: a compiled checkpointed layer whose inputs need no gradient is traced as an
+        inference graph, which refuses the recompute region's RNG ops; this keeps every training
+        micro-batch on the one training graph, as HF's own input-grad hook did.)
 
         Why: a rank whose micro-batch has images backpropagates through every decoder layer (the
         projector's gradient crosses the LM), and FSDP2 all-gathers each sharded layer again for
@@ -573,7 +576,8 @@ class LlavaWrapper(TrainableSet, nn.Module):
         one frozen-LM backward on a text-only micro-batch, which the image ranks run in the same
         step anyway, and only under FSDP. (LEVI trains nothing upstream of the LM: no rank ever
         backpropagates through it, nothing to match.)"""
-        if (torch.is_grad_enabled() and not inputs_embeds.requires_grad and lm_is_sharded(self.language_model)
+        needs_backward = lm_is_sharded(self.language_model) or self.language_model.is_activation_checkpointing
+        if (torch.is_grad_enabled() and not inputs_embeds.requires_grad and needs_backward
                 and self.lm_input_trains()):
             inputs_embeds = inputs_embeds.detach().requires_grad_()
         return inputs_embeds

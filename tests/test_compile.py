@@ -212,3 +212,22 @@ def test_compile_blocks_refuses_twice_and_nothing():
         kernels.compile_blocks([block], backend="eager")
     with pytest.raises(ValueError, match="no blocks"):
         kernels.compile_blocks([], backend="eager")
+
+
+def test_checkpointed_text_only_step_compiles_and_equals_eager():
+    """The 7B recipe's gradient checkpointing with --compile, one process (or DDP): a text-only
+    micro-batch (no image, so nothing trainable upstream of the LM) used to be traced as an
+    inference graph that refuses the recompute region's RNG ops. Epoch 1's state (context frozen)."""
+    torch._dynamo.reset()
+    llava, _ = tiny.tiny_llava(seed=0)
+    torch.manual_seed(0)
+    model = carpe.CARPE(llava, carpe.CarpeConfig(integrator_heads=4, chunk_size=7, gradient_checkpointing=True))
+    model.train()
+    with_image = bench.make_batch(llava, 2, 9, 5, torch.device("cpu"), text_vocab=100)
+    text_only = dict(with_image, pixel_values=None,
+                     input_ids=with_image["input_ids"].masked_fill(with_image["input_ids"] == llava.config.image_token_id, 5))
+    batches = (text_only, with_image)
+    references = [loss_and_grads(model, b) for b in batches]
+    kernels.compile_blocks(carpe.repeated_blocks(model), backend="aot_eager")
+    for b, reference in zip(batches, references):
+        assert_same_step(model, b, reference)
