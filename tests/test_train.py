@@ -820,3 +820,21 @@ def test_a_full_disk_during_the_final_save_stops_in_one_line_and_resume_finishes
     train.main(flags(small_data, out, "--max-steps", "1", "--resume"))
     common.verify_manifest(str(out), required=True)
     assert json.loads((out / "summary.json").read_text())["steps"] == 1
+
+
+def test_a_full_disk_during_the_final_save_on_two_ranks_stops_both(small_data, tmp_path, tmpfs):
+    # rank 0 alone writes the final weights: rank 1 must learn of its full disk, not wait at the
+    # collective after it until --dist-timeout (kept short here so a wait fails the test quickly)
+    measured = tmp_path / "measured"
+    train.main(flags(small_data, measured, "--max-steps", "1"))
+    ckpt, final = du(measured / "ckpt" / "step_0000001"), du(measured / "model.safetensors")
+    disk = tmpfs(ckpt + 64 * 1024 + final // 3)  # + rank 1's RNG file
+    out = disk / "run"
+    proc = start_group([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        os.path.join(REPO, "train.py"), *flags(small_data, out, "--max-steps", "1", "--dist-timeout", "2")])
+    output = end_group(proc, timeout=100)
+    assert proc.returncode != 0, output[-3000:]
+    assert f"the previous checkpoint {out / 'ckpt' / 'step_0000001'} is intact" in output, output[-3000:]
+    assert "stopping at step 1: rank 0 found the disk full writing the final weights" in output, output[-3000:]
+    assert "Timeout" not in output and "timed out" not in output, output[-3000:]
+    common.verify_manifest(str(out / "ckpt" / "step_0000001"), required=True)
