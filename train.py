@@ -46,6 +46,7 @@ Choices where the paper is silent:
    "preset:small" when the preset supplied it, so a moved run folder still finds it.
 """
 import argparse
+import gc
 import json
 import math
 import os
@@ -963,6 +964,9 @@ def main(argv=None):
             run.mirror.close()
         if lock is not None:
             lock.close()
+        if run is not None:  # DDP's reducer holds the process group: let it go while the group is alive
+            run.forward_model = None
+            gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
         if run is not None:  # last: torchrun may signal this rank again while it leaves

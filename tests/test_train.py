@@ -602,9 +602,6 @@ def test_sigterm_stops_after_a_step_with_a_checkpoint_and_resume_is_exact(run_a,
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.xfail(strict=True, reason="data.make_loader's DataLoader workers die on SIGTERM (torch registers a "
-                   "C handler in each worker that re-raises it) and the main process then fails at its next batch: "
-                   "the workers must ignore SIGTERM / SIGINT (a worker_init_fn), as the main process decides")
 def test_sigterm_to_every_process_of_the_job_with_loader_workers(small_data, tmp_path):
     """What SLURM's --signal does to a job step: SIGTERM to every process of it, the DataLoader
     workers included (--num-workers 2). The run must still stop after a step, with a checkpoint."""
