@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import baselines
 import carpe
+import common
 import small
 from common import load_run
 
@@ -127,8 +128,7 @@ def test_carpe_at_fixed_weights_0_1_is_the_lvlm(world, items):
 def test_carpe_run_reloads_to_the_same_answers(world, items):
     """Stage 4 through train.py (2 steps); two loads of the run answer identically, and unlike the base."""
     run = small.ensure_runs(CACHE, world, ["carpe"], SMOKE, TRAIN)["carpe"]
-    with open(os.path.join(run, "config.json")) as f:
-        assert json.load(f)["template"] == "chat"
+    assert common.read_run_config(run)["template"] == "chat"
     first = answers_of(*load_run(run)[:2], items, with_text=False)
     second = answers_of(*load_run(run)[:2], items, with_text=False)
     assert first == second
