@@ -156,7 +156,7 @@ def test_kept_kernel_share_separates_library_kernels_from_the_rest():
     """The compile section's Amdahl bound: a step of GEMMs alone is all kept kernels, a step of
     elementwise ops none, and attention counts as kept; the share decides the printed bound."""
     a, b = torch.randn(256, 256), torch.randn(256, 256)
-    q = torch.randn(1, 4, 256, 64)  # large enough that the kernel, not the dispatch around it, dominates
+    q = torch.randn(1, 8, 384, 64)  # large enough that the kernel, not the dispatch around it, dominates
     cpu = torch.device("cpu")
     steps = dict(gemm=lambda: [a @ b for _ in range(4)],
                  elementwise=lambda: [(a * b).exp().sigmoid() for _ in range(4)],
@@ -164,7 +164,10 @@ def test_kept_kernel_share_separates_library_kernels_from_the_rest():
                                     for _ in range(4)])
     for step in steps.values():
         step()  # warm: a first call's one-off set-up is not the steady step the bench profiles
-    gemm, elementwise, attention = (bench.kept_kernel_share(steps[k], cpu) for k in ("gemm", "elementwise", "attention"))
+    # the best of three profiles: a busy machine (CI's suite, other processes) can only lower a share, by
+    # stretching the dispatch around the kernels; a misclassified op would lower all three
+    gemm, elementwise, attention = (max(bench.kept_kernel_share(steps[k], cpu) for _ in range(3))
+                                    for k in ("gemm", "elementwise", "attention"))
     assert gemm > 0.8 and attention > 0.8
     assert elementwise == 0.0
     assert not bench.is_kept_kernel("aten::matmul") and not bench.is_kept_kernel("aten::linear")  # parents: own time only
