@@ -140,12 +140,6 @@ class LoadedModel:
     source: ModelSource
 
 
-def resolve_dtype(name, device):
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return dict(float32=torch.float32, float16=torch.float16, bfloat16=torch.bfloat16)[name]
-
-
 def base_digest(base):
     """sha256 of a base folder's config.json and of its weights files' names, sizes and mtimes. A
     Hub id is looked up in the local Hub cache (after loading, it is there)."""
@@ -193,7 +187,7 @@ def merge_wise_ft(args):
 
 def load_model(args, device):
     """-> LoadedModel: a run dir (--ckpt), WiSE-FT weights, or a model built around a bare base."""
-    dtype = resolve_dtype(args.dtype, device)
+    dtype = pretrained.torch_dtype(args.dtype, device)
     norm = lambda p: os.path.normpath(p) if p and os.path.exists(p) else p  # ./runs/x and runs/x are one run
     if args.wise_ft:
         ckpt, base = merge_wise_ft(args)

@@ -45,7 +45,7 @@ import small
 import tiny
 from baselines import LEVI, METHODS, LlavaBaseline
 from benchmarks import BENCHMARKS, read_eval_dir
-from carpe import CARPE
+from carpe import CARPE, looks_like_path
 from data import IMAGE_TAG, ConversationTokenizer, load_image, n_image_tokens
 from kernels import IGNORE_INDEX
 
@@ -97,8 +97,7 @@ def resolve_base(name, cache_dir=None):
         raise ValueError(f"base {name!r}: unknown preset; choose one of " + ", ".join(PRESET_PREFIX + p for p in PRESETS))
     if os.path.isdir(name):
         return name
-    looks_like_path = os.path.isabs(name) or name.startswith(("./", "../", "~")) or not HUB_ID.match(name)
-    if looks_like_path:
+    if looks_like_path(name) or not HUB_ID.match(name):
         portable = portable_base(name)
         if portable.startswith(PRESET_PREFIX):
             print(f"the run's base {name} is not here; it is the {portable} base, rebuilt from its settings",
