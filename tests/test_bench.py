@@ -1,4 +1,4 @@
-"""Smoke test of bench.py: every section at toy size, plus the numerical checks the benchmark
+"""Smoke test of bench.py and accept.py: every section at toy size, plus the numerical checks the benchmark
 relies on (fused head == paper's form, CARPE with fixed weights (0, 1) == vanilla LLaVA).
 No timing is asserted: the machine is shared and noisy."""
 import json
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import accept  # noqa: E402
 import bench  # noqa: E402
 
 TOY = ["--head-n", "48,96", "--head-d", "32", "--vocab", "300", "--chunk-size", "40",
@@ -207,29 +208,29 @@ def test_accept_7b_base_fits_the_tokenizer_and_the_command_is_the_7b_recipe(tmp_
     file rebuilds the paper's experts; the drawn data reaches epoch 2 (context pass trained)."""
     import train
     from PIL import Image
-    llava, processor = bench.accept_llava("7b", torch.device("cuda"), meta=True)
+    llava, processor = accept.random_llava("7b", torch.device("cuda"), meta=True)
     assert llava.dtype == torch.bfloat16
-    assert sum(p.numel() for p in llava.parameters()) == sum(p.numel() for p in bench.carpe.meta_llava().parameters())
+    assert sum(p.numel() for p in llava.parameters()) == sum(p.numel() for p in accept.carpe.meta_llava().parameters())
     assert processor.tokenizer.convert_tokens_to_ids("<image>") == llava.config.image_token_id
     inputs = processor(text="<image>\nWhat is it?", images=Image.new("RGB", (64, 48)), return_tensors="pt")
     assert int((inputs["input_ids"] == llava.config.image_token_id).sum()) == 576
     assert tuple(inputs["pixel_values"].shape) == (1, 3, 336, 336)
     experts = str(tmp_path / "experts.json")
-    bench.common.write_json_atomic(experts, [bench.asdict(e) for e in bench.moe.paper_scale_experts()])
-    assert bench.moe.parse_experts(experts) == bench.moe.paper_scale_experts()
+    accept.common.write_json_atomic(experts, [accept.asdict(e) for e in accept.moe.paper_scale_experts()])
+    assert accept.moe.parse_experts(experts) == accept.moe.paper_scale_experts()
     for method in ["carpe", "moe"]:
-        cmd = bench.accept_command(method, "7b", "BASE", "/d/synthetic", experts, "OUT")
-        assert cmd[1:7] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", bench.os.path.join(bench.HERE, "train.py")]
+        cmd = accept.train_command(method, "7b", "BASE", "/d/synthetic", experts, "OUT")
+        assert cmd[1:7] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", os.path.join(accept.HERE, "train.py")]
         args = train.resolve_args(train.parse_args(cmd[7:]))
         assert (args.fsdp, args.gradient_checkpointing, args.compile, args.moe) == (True, True, True, method == "moe")
         assert (args.mix, args.integrator_heads, args.lr, args.max_steps, args.batch_size) == ("1:7", 32, 2e-4, 20, 16)
-    s = bench.ACCEPT_SCALES["7b"]
-    n = s["synthetic"]["images_per_class"] * len(bench.tiny.SHAPES) + s["synthetic"]["text_only"]
+    s = accept.SCALES["7b"]
+    n = s["synthetic"]["images_per_class"] * len(accept.tiny.SHAPES) + s["synthetic"]["text_only"]
     assert (n + round(n / 7)) // s["batch"] < s["steps"]
 
 
 def test_accept_train_times_the_steps_as_their_lines_arrive(tmp_path):
-    """accept_train reads a real process's log.jsonl as it grows: step times from the arrival gaps,
+    """timed_train reads a real process's log.jsonl as it grows: step times from the arrival gaps,
     and a non-finite loss is found."""
     out = tmp_path / "out"
     out.mkdir()
@@ -238,7 +239,7 @@ def test_accept_train_times_the_steps_as_their_lines_arrive(tmp_path):
               "    time.sleep(0.3)\n"
               "    open(sys.argv[1], 'a').write(json.dumps(dict(step=i + 1, epoch=1 + i // 3, loss=loss, "
               "skipped_steps=0, peak_mem_gb=0.5)) + '\\n')\n")
-    r = bench.accept_train([sys.executable, "-c", writer, str(out / "log.jsonl")], str(out), str(tmp_path / "t.log"))
+    r = accept.timed_train([sys.executable, "-c", writer, str(out / "log.jsonl")], str(out), str(tmp_path / "t.log"))
     assert r["rc"] == 0 and r["steps"] == 6 and r["epochs_seen"] == [1, 2] and r["peak_gib"] == 0.5
     assert 0.25 < r["step_s"] < 0.6
     assert not r["loss_finite"]
@@ -247,12 +248,11 @@ def test_accept_train_times_the_steps_as_their_lines_arrive(tmp_path):
 @pytest.mark.skipif(not os.environ.get("CARPE_SLOW_TESTS"),
                     reason="two train.py runs under torchrun with cold compiles (~3 min of CPU); set CARPE_SLOW_TESTS=1")
 def test_accept_runs_both_methods_at_tiny_shapes(tmp_path):
-    """The GPU acceptance path at --accept-scale tiny on CPU: a random base and drawn data, train.py
+    """accept.py's path at --scale tiny on CPU: a random base and drawn data, train.py
     under torchrun with FSDP2, checkpointing and a real compile for CARPE and CARPE-MoE into epoch 2,
     then the sections; the run is judged from its own logs."""
-    args = bench.parse_args(TOY + ["--out", str(tmp_path / "out"), "--sections", "accept", "--accept-scale", "tiny",
-                                   "--accept-dir", str(tmp_path / "accept")])
-    r = bench.run(args)["accept"]["result"]
+    args = accept.parse_args(TOY + ["--out", str(tmp_path / "out"), "--scale", "tiny", "--dir", str(tmp_path / "accept")])
+    r = accept.run(args)
     assert r["ok"]
     for method, run in r["runs"].items():
         assert run["rc"] == 0 and run["steps"] == 6 and run["epochs_seen"] == [1, 2], (method, run["tail"])
