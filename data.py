@@ -3,73 +3,40 @@ data.py: the training data of CARPE (paper section 4.1).
 
  - LLaVA-Instruct (`llava_v1_5_mix665k.json`: {id, image?, conversations: [{from, value}]}, text-only
    entries allowed), checked and packed once per node into a memory-mapped cache.
- - ImageNet-style classification: an ImageFolder `<root>/train/<class_dir>/*` plus a class-name
-   file; one of 20 prompt templates, 50% open world, 50% closed world; the answer is the class name.
- - The 1:7 mix, a deterministic shard per rank, resumable from a sample position, and a collate
-   into right-padded Batches (pixel_values a tensor, or a dict of tensors for CARPE-MoE).
+ - ImageNet-style classification (ImageFolder `<root>/train/<class_dir>/*` + class names): one of 20
+   prompts, half open world, half closed world; the answer is the class name.
+ - The 1:7 mix, a resumable deterministic shard per rank, and a collate into right-padded Batches.
 
 Templates (`DataConfig.template`):
  - "vicuna_v1", LLaVA-1.5's conv_vicuna_v1: "<s>SYSTEM USER: <image>\nq1 ASSISTANT: a1</s>USER: q2 ASSISTANT: a2</s>".
-   Ids and labels are those of LLaVA's train.py `preprocess_v1`: the WHOLE string is tokenised, split
-   only at <image> (mm_utils.py `tokenizer_image_token`: each piece on its own, BOS once), so with a
-   non-legacy SentencePiece tokenizer a later turn starts "</s>USER" with USER spelt as after a special
-   token. Labels follow preprocess_v1's arithmetic: rounds split at </s>, each at " ASSISTANT: "; the
-   instruction (its tokens minus BOS minus the trailing space's token) is masked, the answer and its
-   </s> supervised; later rounds are one token shorter in context when the tokenizer adds no prefix
-   after a special token (LLaVA: `not tokenizer.legacy`; tested as a behaviour, so byte-level BPE gets
-   no adjustment, exact for it). Where the arithmetic misses the end (LLaVA's "tokenization
+   Ids and labels are those of LLaVA's train.py `preprocess_v1`: the WHOLE string tokenised, split only
+   at <image> (`tokenizer_image_token`: each piece on its own, BOS once), labels by preprocess_v1's
+   round arithmetic (ConversationTokenizer.vicuna). Where that misses the end (LLaVA's "tokenization
    mismatch": it trains on nothing) the sample is an error.
- - "chat": the tokenizer's chat template (apply_chat_template, e.g. ChatML), tokenised the same way;
-   supervised: from the end of the generation prompt through the first special token after the
-   answer (its end-of-turn token, e.g. <|im_end|>).
- - Either way `<image>` moves to the start of its turn followed by "\n" (LLaVA's preprocess_multimodal)
-   and expands to the processor's P image tokens; `ConversationTokenizer.encode_prompt` gives the
-   generation prompt exactly as training tokenises it.
+ - "chat": the tokenizer's chat template, tokenised the same way; supervised from the end of the
+   generation prompt through the end-of-turn token after the answer.
+ Either way `<image>` goes first in its turn, then "\n" (preprocess_multimodal), and expands to P tokens.
 
-Checks (one bad item costs one item; messages name the file and the entry):
- - Up front, streaming the json: JSON and UTF-8 validity (non-UTF-8 bytes and lone surrogate escapes
-   name their entry), roles alternating human/gpt and ending on gpt, no empty turn, one <image> tag
-   in a human turn iff the entry has an image, the image file present and starting with an image
-   signature. Truncated images are found in the loader (decoding ~565K images up front costs an epoch
-   of IO), as are image tokens that cutting to model_max_length would cut and samples left with no
-   supervised token; longer samples are cut at the end and counted.
- - With skip_bad_samples, bad entries are dropped up front and counted with their ids
-   (`TrainDataset.skipped`); a sample failing in the loader is replaced by the next good sample of the
-   epoch order (every micro-batch stays full, so no rank gets an empty batch under DDP/FSDP), its id
-   and reason in `Batch.skipped`. Without it the first bad sample stops the run with id, file, cause.
+Checks (one bad item costs one item; messages name the file and the entry): the json up front,
+streamed (check_entry); truncated images, image tokens that cutting to model_max_length would cut and
+samples with no supervised token in the loader. With skip_bad_samples, bad entries are dropped up
+front (`TrainDataset.skipped`) and a sample failing in the loader is replaced by the next good sample
+of the epoch order (every micro-batch stays full under DDP/FSDP; `Batch.skipped`). Without it the
+first bad sample stops the run with id, file, cause.
 
-The LLaVA json cache (`ensure_llava_cache`): a folder under `DataConfig.cache_dir` (default
-$XDG_CACHE_HOME/carpe or ~/.cache/carpe, never beside the json, whose folder may be read-only),
-keyed by the json's absolute path, size and mtime and the settings that change its content
-(image_root, skip_bad_samples): the checked records as compact JSON in one byte file plus int64
-offsets, built in a temporary folder and renamed into place (a reader never sees half a cache);
-the packs of an earlier state of the json go once no job maps them. Every rank and every resume
-memory-maps it. Building streams the json: the peak is one read chunk plus the offsets.
-
-Images (load_image, the one decoder of training, eval, `ask` and the presets): as LLaVA's
-`Image.open(path).convert("RGB")` wherever that keeps the picture: EXIF orientation is ignored,
-as LLaVA ignores it (the stored pixels, not the displayed ones); the first frame of an animation;
-transparency dropped (the colour stored under a transparent pixel shows); palette, 1-bit, CMYK,
-YCbCr, LAB and HSV converted by Pillow. Where convert("RGB") would clip (all white) the
-one-channel wide modes are scaled: 16-bit (I;16*) by its full range 0..65535; float (F) in [0, 1]
-times 255; 32-bit integer (I) in 0..65535 as 16-bit; F or I values already in 0..255 kept; any
-other range stretched from its minimum to its maximum. NaN or inf, or a mode Pillow cannot
-convert, costs that one item (an error naming it, or skipped with skip_bad_samples).
+The LLaVA json cache (`ensure_llava_cache`) lives under `DataConfig.cache_dir` (default
+$XDG_CACHE_HOME/carpe, never beside the json, whose folder may be read-only); every rank and resume
+memory-maps it. Images: `load_image`, as LLaVA's `Image.open(path).convert("RGB")` wherever that
+keeps the picture (EXIF orientation ignored, first frame, transparency dropped); wide modes are
+scaled (wide_to_uint8).
 
 Other choices where the paper and LLaVA leave room:
  - Turns alternate human/gpt from human to gpt (LLaVA drops a leading gpt turn; here: an error).
- - The mix: each epoch holds every LLaVA entry once plus round(n_llava * a / b) ImageNet images
-   (a:b = 1:7) from a seeded permutation that continues across epochs (fewer images than that:
-   some repeat within an epoch), shuffled with a seed from (seed, epoch). Without LLaVA data
-   (imagenet-ft) an epoch is every ImageNet image once. A mix that cannot be honoured is an error
-   naming both counts and the ratio, never a silently different run (check_mix): a json that is
-   empty or whose every entry --skip-bad-samples dropped (with the skip summary), a ratio that
-   rounds the ImageNet side to 0 samples, or an a:0 ratio with LLaVA data given.
- - Sharding: global position p belongs to step p // global_batch; each rank reads a contiguous
-   block of global_batch / world positions of it. A resume starts at a position (any world size).
- - A classification prompt (template, open/closed, candidates) comes from an RNG keyed by (seed,
-   epoch, position). Closed world: `<template> Choose one from "<c1>, <c2>, ...".` with k shuffled
-   candidates including the true one; eval builds its closed-world question with the same function.
+ - The mix (MixPlan): each epoch holds every LLaVA entry once plus round(n_llava * a / b) ImageNet
+   images (a:b = 1:7), shuffled; without LLaVA data (imagenet-ft) every ImageNet image once. A mix
+   that cannot be honoured is an error, never a silently different run (check_mix).
+ - Sharding (RankSampler): contiguous blocks per rank within each step; a resume starts at a position.
+ - A classification prompt comes from an RNG keyed by (seed, epoch, position) (classification_turns).
  - No grouping by modality/length (LLaVA's group_by_modality_length): a possible speed-up.
 """
 import base64
@@ -84,7 +51,7 @@ import re
 import shutil
 import signal
 from array import array
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -105,25 +72,14 @@ MAX_REPLACEMENTS = 64  # consecutive bad samples the loader replaces before it c
 
 # 20 classification prompts; the first two are the paper's (section 4.1)
 CLASSIFICATION_TEMPLATES = [
-    "Identify the object in this image:",
-    "What object can you spot in the picture?",
-    "What is the main object in this image?",
-    "What type of object is in this photo?",
-    "Name the object shown in the picture.",
-    "What is shown in this image?",
-    "Which object does this photo show?",
-    "What is the object in the picture?",
-    "Tell me what object appears in this image.",
-    "What can be seen in this photo?",
-    "Classify the object in this image.",
-    "What is this a picture of?",
-    "Which category does the object in this image belong to?",
-    "What do you see in this image?",
-    "Name the main subject of this photo.",
-    "What kind of object is this?",
-    "Recognize the object in the picture:",
-    "What is depicted in this image?",
-    "Give the name of the object in this photo.",
+    "Identify the object in this image:", "What object can you spot in the picture?",
+    "What is the main object in this image?", "What type of object is in this photo?",
+    "Name the object shown in the picture.", "What is shown in this image?", "Which object does this photo show?",
+    "What is the object in the picture?", "Tell me what object appears in this image.",
+    "What can be seen in this photo?", "Classify the object in this image.", "What is this a picture of?",
+    "Which category does the object in this image belong to?", "What do you see in this image?",
+    "Name the main subject of this photo.", "What kind of object is this?", "Recognize the object in the picture:",
+    "What is depicted in this image?", "Give the name of the object in this photo.",
     "What is the object in this image called?",
 ]
 
@@ -156,9 +112,6 @@ class DataConfig:
     template: str = "vicuna_v1"  # "vicuna_v1" (LLaVA-1.5 bases) or "chat" (the tokenizer's chat template)
     cache_dir: str | None = None  # where the checked LLaVA json is packed (None: default_cache_dir())
 
-    def to_dict(self):
-        return asdict(self)
-
 
 class BadSampleError(ValueError):
     """Bad input data; the message names the entry id, file or flag."""
@@ -181,18 +134,16 @@ class SkipReport:
 
     def summary(self, shown=5):
         """The first few "id: reason" lines, for a warning."""
-        lines = [f"{sample_id}: {reason}" for sample_id, reason in self.items[:shown]]
         more = [f"... and {len(self.items) - shown} more"] if len(self.items) > shown else []
-        return "\n  ".join(lines + more)
+        return "\n  ".join([f"{sample_id}: {reason}" for sample_id, reason in self.items[:shown]] + more)
 
 
 # -----------------------------------------------------------------------------
 # packed records: one byte buffer + offsets, no per-record Python objects in the workers
 
 class PackedRecords:
-    """JSON values stored compactly in one uint8 buffer with int64 offsets. Built in memory
-    (from_values) or memory-mapped from a cache folder (open); pickled by path when mapped, so
-    DataLoader workers map the file instead of copying it."""
+    """JSON values in one uint8 buffer with int64 offsets, built in memory (from_values) or mapped from
+    a cache folder (open); pickled by path when mapped, so DataLoader workers map instead of copy."""
 
     def __init__(self, buffer, offsets, folder=None, in_use=None):
         self.buffer, self.offsets, self.folder = buffer, offsets, folder
@@ -216,9 +167,7 @@ class PackedRecords:
         return cls(buffer, offsets, folder, in_use)
 
     def __reduce__(self):
-        if self.folder is not None:
-            return PackedRecords.open, (self.folder,)
-        return PackedRecords, (self.buffer, self.offsets)
+        return (PackedRecords.open, (self.folder,)) if self.folder else (PackedRecords, (self.buffer, self.offsets))
 
     def __len__(self):
         return len(self.offsets) - 1
@@ -232,9 +181,7 @@ class PackedRecords:
 
 def move_image_tag_first(text):
     """LLaVA's preprocess_multimodal: the <image> tag goes to the start of its turn, then a newline."""
-    if IMAGE_TAG not in text:
-        return text
-    return (IMAGE_TAG + "\n" + text.replace(IMAGE_TAG, "").strip()).strip()
+    return (IMAGE_TAG + "\n" + text.replace(IMAGE_TAG, "").strip()).strip() if IMAGE_TAG in text else text
 
 
 def render_vicuna(turns, round_end):
@@ -259,9 +206,8 @@ class ConversationTokenizer:
     def __init__(self, tokenizer, n_image_tokens, image_token_id, model_max_length=2048, template="vicuna_v1"):
         if template not in TEMPLATES:
             raise ValueError(f"unknown conversation template {template!r}; expected one of {TEMPLATES}")
-        self.tokenizer, self.template = tokenizer, template
+        self.tokenizer, self.template, self.model_max_length = tokenizer, template, model_max_length
         self.n_image_tokens, self.image_token_id = n_image_tokens, image_token_id
-        self.model_max_length = model_max_length
         if template == "vicuna_v1":
             if tokenizer.bos_token_id is None or tokenizer.eos_token is None:
                 raise ValueError("template 'vicuna_v1' needs a tokenizer with BOS and EOS tokens "
@@ -279,10 +225,8 @@ class ConversationTokenizer:
             self.specials = special_token_texts(tokenizer)
 
     def encode(self, text, offsets=False):
-        """Ids of text without added special tokens (special tokens written in the text are parsed);
-        each piece between <image> tags tokenised on its own and each tag expanded to the P image
-        tokens, as LLaVA's tokenizer_image_token. offsets=True also returns each token's start
-        character in text (an image token starts at its tag)."""
+        """Ids of text, no special tokens added, as LLaVA's tokenizer_image_token: each piece between
+        <image> tags on its own, each tag -> P image tokens. offsets=True adds each token's start char."""
         ids, starts, base = [], [], 0
         for i, piece in enumerate(text.split(IMAGE_TAG)):
             if i > 0:
@@ -301,9 +245,8 @@ class ConversationTokenizer:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
     def encode_prompt(self, question, has_image=True):
-        """The generation prompt of a one-turn conversation: ids incl. BOS up to and including the
-        assistant's cue ("ASSISTANT:" for vicuna_v1, the generation prompt of the chat template),
-        exactly what training gives for that user turn."""
+        """Ids (with BOS) of a one-turn conversation through the assistant's cue ("ASSISTANT:" or the
+        chat template's generation prompt), exactly as training tokenises that user turn."""
         if self.template == "chat":
             content = move_image_tag_first(IMAGE_TAG + question) if has_image else question
             return self.encode(self.render_chat([content], generation_prompt=True))
@@ -322,11 +265,9 @@ class ConversationTokenizer:
                 break
             # both lengths as tokenizer_image_token counts them alone: BOS + the round; the BOS
             # slot stands for the round's </s>, and "- 2" drops BOS and the space after "ASSISTANT:"
-            round_len = 1 + len(self.encode(round_text))
-            instruction_len = 1 + len(self.encode(parts[0] + ASSISTANT_SEP)) - 2
-            if r > 0:
-                round_len -= self.later_round_shift
-                instruction_len -= self.later_round_shift
+            shift = self.later_round_shift if r > 0 else 0  # a later round in context (see __init__)
+            round_len = 1 + len(self.encode(round_text)) - shift
+            instruction_len = 1 + len(self.encode(parts[0] + ASSISTANT_SEP)) - 2 - shift
             labels[cur:cur + max(instruction_len, 0)] = IGNORE_INDEX
             cur += round_len
         labels[cur:] = IGNORE_INDEX
@@ -349,19 +290,16 @@ class ConversationTokenizer:
                 raise BadSampleError(f"sample {sample_id}: the chat template does not render turn {t} after its "
                                      f"generation prompt; it cannot be masked by prefix")
             end = at + len(answer)
-            hits = [(text.find(s, end), -len(s)) for s in self.specials]  # the first, longest at a tie
-            hits = [hit for hit in hits if hit[0] >= 0]
+            hits = [(at_s, -len(s)) for s in self.specials if (at_s := text.find(s, end)) >= 0]  # longest at a tie
             if not hits:
                 raise BadSampleError(f"sample {sample_id}: no special token ends turn {t} in the chat template")
             eot, minus_length = min(hits)
             supervised[len(prompt):eot - minus_length] = True
-        labels = [i if supervised[s] else IGNORE_INDEX for i, s in zip(ids, starts)]
-        return ids, labels
+        return ids, [i if supervised[s] else IGNORE_INDEX for i, s in zip(ids, starts)]
 
     def __call__(self, turns, sample_id="?"):
-        """turns: [human, gpt, human, gpt, ...] texts. -> (input_ids, labels, truncated). Raises
-        BadSampleError (naming the sample) if cutting to model_max_length would cut image tokens or
-        leave no supervised token."""
+        """[human, gpt, ...] texts -> (input_ids, labels, truncated); BadSampleError if cutting to
+        model_max_length would cut image tokens or leave no supervised token."""
         turns = [move_image_tag_first(v) if t % 2 == 0 else v for t, v in enumerate(turns)]
         ids, labels = (self.vicuna if self.template == "vicuna_v1" else self.chat)(turns, sample_id)
         truncated = len(ids) > self.model_max_length
@@ -384,9 +322,8 @@ IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM
 
 
 def image_problem(path):
-    """Why the image file at path cannot be used, or None. Reads the first bytes only: a known
-    signature (JPEG, PNG, GIF, BMP, TIFF, WebP) passes, anything else must open in PIL (header
-    only, no pixels). A truncated file is caught when the loader decodes it."""
+    """Why the image file at path cannot be used, or None: a known signature (IMAGE_MAGIC, WebP) in the
+    first bytes passes, anything else must open in PIL (header only; the loader finds truncation)."""
     try:
         with open(path, "rb") as f:
             head = f.read(16)
@@ -399,16 +336,14 @@ def image_problem(path):
             im.size
     except Exception as e:  # PIL raises many types for junk; name the file whatever it is
         return f"image file {path} is not an image PIL can read ({type(e).__name__}: {e})"
-    return None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def not_utf8(text):
     """True if text holds a lone surrogate: a "\\ud800" escape, or a byte that was not UTF-8."""
-    try:
-        text.encode("utf-8")
-        return False
-    except UnicodeEncodeError:
-        return True
+    return _SURROGATE.search(text) is not None
 
 
 def check_entry(entry, image_root):
@@ -446,8 +381,7 @@ def check_entry(entry, image_root):
             return [f"'image' must be one path (multi-image entries are not supported), got {image!r}"], None
         if n_tags != 1 or n_gpt_tags:
             return [f"has an image but {n_tags} {IMAGE_TAG} tags ({n_gpt_tags} in gpt turns); expected exactly one in a human turn"], None
-        problem = image_problem(os.path.join(image_root or "", image))
-        if problem:
+        if problem := image_problem(os.path.join(image_root or "", image)):
             return [problem], None
     elif n_tags:
         return [f"has no 'image' but {n_tags} {IMAGE_TAG} tag(s)"], None
@@ -463,9 +397,8 @@ _WHITESPACE = re.compile(r"[ \t\r\n]*")
 
 
 class JsonListReader:
-    """Iterates over the entries of a top-level JSON list, reading the file in chunks: one chunk and
-    one entry are alive at a time. Bytes that are not UTF-8 come through as lone surrogates
-    (surrogateescape), so the check names the entry holding them."""
+    """The entries of a top-level JSON list, read in chunks (one chunk and one entry alive at a time).
+    Bytes that are not UTF-8 come through as lone surrogates, so the check names their entry."""
 
     def __init__(self, path, chunk_bytes=1 << 23, max_entry_chars=1 << 26):
         self.path, self.chunk_bytes, self.max_entry_chars = path, chunk_bytes, max_entry_chars
@@ -473,8 +406,7 @@ class JsonListReader:
     def fill(self):  # drop what was consumed, append the next chunk
         chunk = self.file.read(self.chunk_bytes)
         self.eof = not chunk
-        self.buf = self.buf[self.pos:] + self.utf8.decode(chunk, final=self.eof)
-        self.pos = 0
+        self.buf, self.pos = self.buf[self.pos:] + self.utf8.decode(chunk, final=self.eof), 0
 
     def next_char(self):  # the next non-whitespace character ("" at the end of the file)
         while True:
@@ -519,9 +451,8 @@ class JsonListReader:
 
 
 def llava_cache_dir(config: DataConfig):
-    """The cache folder of config's LLaVA json, named llava-<stem>-<json>-<state>-<settings>: digests
-    of its absolute path, of its size, mtime and the cache version, and of the settings that change
-    what the check keeps (another state of the same json is a stale pack: remove_stale_packs)."""
+    """config's cache folder, llava-<stem>-<json>-<state>-<settings>: digests of the json's absolute path,
+    of (cache version, size, mtime) and of the settings that change what the check keeps."""
     path = os.path.abspath(config.llava_json)
     if not os.path.isfile(path):
         raise BadSampleError(f"--data {config.llava_json}: file not found")
@@ -534,15 +465,13 @@ def llava_cache_dir(config: DataConfig):
 
 
 def pack_llava_json(config: DataConfig, folder, progress=True):
-    """Check every entry of the json, streaming, and write the good records into folder:
-    records.bin (compact JSON, back to back), offsets.npy (int64, n + 1), meta.json (counts and the
-    skipped entries). Raises BadSampleError listing the first bad entries unless skip_bad_samples."""
+    """Check the json's entries, streaming; write the good records into folder: records.bin, offsets.npy
+    (int64, n + 1), meta.json (counts, skipped). Bad entries raise unless skip_bad_samples."""
     offsets, skipped, first_bad, n_bad, n_entries = array("q", [0]), SkipReport(), [], 0, 0
+    entries = tqdm(JsonListReader(config.llava_json), desc=f"checking {os.path.basename(config.llava_json)}",
+                   unit=" entries", disable=not progress, mininterval=2.0)
     with open(os.path.join(folder, "records.bin"), "wb") as out:
-        bar = tqdm(desc=f"checking {os.path.basename(config.llava_json)}", unit=" entries", disable=not progress,
-                   mininterval=2.0)
-        for i, entry in enumerate(JsonListReader(config.llava_json)):
-            bar.update()
+        for i, entry in enumerate(entries):
             n_entries += 1
             problems, record = check_entry(entry, config.image_root)
             if problems:
@@ -556,7 +485,6 @@ def pack_llava_json(config: DataConfig, folder, progress=True):
             blob = json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
             out.write(blob)
             offsets.append(offsets[-1] + len(blob))
-        bar.close()
     if n_bad and not config.skip_bad_samples:
         more = f"\n  ... and {n_bad - 10} more" if n_bad > 10 else ""
         raise BadSampleError(f"{config.llava_json}: {n_bad} bad entries (use --skip-bad-samples to drop and count "
@@ -569,9 +497,8 @@ def pack_llava_json(config: DataConfig, folder, progress=True):
 
 
 def ensure_llava_cache(config: DataConfig, progress=True) -> str:
-    """Check and pack config.llava_json once; -> the cache folder. Call it on one process per node
-    before the others read it (they then only map the files). Safe against concurrent builders and
-    kills: the folder appears complete, by rename, or not at all."""
+    """Check and pack config.llava_json once (one process per node, before the others map it); -> the
+    cache folder. Built in a temporary folder and renamed: it appears complete or not at all."""
     if config.image_root is not None and not os.path.isdir(config.image_root):
         raise BadSampleError(f"--image-root {config.image_root}: not a directory")
     folder = llava_cache_dir(config)
@@ -597,10 +524,8 @@ def ensure_llava_cache(config: DataConfig, progress=True) -> str:
 
 
 def remove_stale_packs(folder):
-    """Remove the packs of another state of folder's json (another size, mtime or cache version):
-    a json edited in place would otherwise leave a full copy of its text behind per edit. Packs
-    of this state under other settings stay, and so does a pack a job still maps (PackedRecords.open
-    holds a shared lock on its meta.json; a job's DataLoader workers re-open it by path)."""
+    """Remove the packs of another state (size, mtime, cache version) of folder's json, each a full copy
+    of its text; packs under other settings stay, as does one a job maps (PackedRecords.open's lock)."""
     parent, name = os.path.split(folder)
     same_json, state, _ = name.rsplit("-", 2)
     for other in os.listdir(parent):
@@ -617,8 +542,8 @@ def load_llava_records(config: DataConfig):
     """-> (PackedRecords of [id, image, turns], SkipReport), memory-mapped from the cache."""
     folder = ensure_llava_cache(config)
     with open(os.path.join(folder, "meta.json")) as f:
-        meta = json.load(f)
-    return PackedRecords.open(folder), SkipReport([tuple(item) for item in meta["skipped"]])
+        skipped = SkipReport([tuple(item) for item in json.load(f)["skipped"]])
+    return PackedRecords.open(folder), skipped
 
 
 # -----------------------------------------------------------------------------
@@ -632,8 +557,7 @@ def read_class_names(path, class_dirs):
         lines = [line.rstrip("\n") for line in f if line.strip()]
     if lines and all("\t" in line for line in lines):
         mapping = dict(line.split("\t", 1) for line in lines)
-        missing = [d for d in class_dirs if d not in mapping]
-        if missing:
+        if missing := [d for d in class_dirs if d not in mapping]:
             raise BadSampleError(f"class-name file {path} has no name for class dirs {missing[:5]}"
                                  f"{' ...' if len(missing) > 5 else ''} ({len(missing)} missing)")
         return [mapping[d].strip() for d in class_dirs]
@@ -662,9 +586,7 @@ class ImageNetIndex:
                 raise BadSampleError(f"--imagenet {root}: class dir {os.path.join(train, d)} has no images")
             paths += [os.path.join(d, name) for name in files]
             targets += [c] * len(files)
-        self.root = train
-        self.paths = PackedRecords.from_values(paths)
-        self.targets = np.array(targets, dtype=np.int64)
+        self.root, self.paths, self.targets = train, PackedRecords.from_values(paths), np.array(targets, np.int64)
 
     def __len__(self):
         return len(self.targets)
@@ -674,15 +596,14 @@ class ImageNetIndex:
 
 
 def classification_turns(class_names, target, rng, closed_k):
-    """One classification conversation. -> (turns [question, answer], template index, closed)."""
+    """One classification conversation -> (turns [question, answer], template index, closed). Closed
+    world: `<template> Choose one from "<c1>, <c2>, ...".`, k shuffled candidates including the true one."""
     template_index = rng.randrange(len(CLASSIFICATION_TEMPLATES))
-    template = CLASSIFICATION_TEMPLATES[template_index]
+    question = template = CLASSIFICATION_TEMPLATES[template_index]
     closed = rng.random() < 0.5
-    question = template
     if closed:
         others = [c for c in range(len(class_names)) if c != target]
-        k = min(closed_k, len(class_names))
-        candidates = [target] + rng.sample(others, k - 1)
+        candidates = [target] + rng.sample(others, min(closed_k, len(class_names)) - 1)
         rng.shuffle(candidates)
         question = closed_world_question(template, [class_names[c] for c in candidates])
     return [IMAGE_TAG + "\n" + question, class_names[target]], template_index, closed
@@ -692,25 +613,21 @@ def classification_turns(class_names, target, rng, closed_k):
 # the interleaved mix and the per-rank shard
 
 class MixPlan:
-    """Which sample sits at each position of each epoch. Sources: 0 = LLaVA, 1 = ImageNet."""
+    """Which sample (source 0 = LLaVA, 1 = ImageNet) sits at each position of each epoch. ImageNet images
+    come from seeded permutations that continue across epochs; an epoch is shuffled by (seed, epoch)."""
 
     def __init__(self, n_llava, n_imagenet, mix=(1, 7), seed=0):
         self.n_llava, self.n_imagenet, self.seed = n_llava, n_imagenet, seed
         a, b = mix
-        if n_llava and n_imagenet:
-            self.imagenet_per_epoch = int(round(n_llava * a / b))
-        else:
-            self.imagenet_per_epoch = n_imagenet
+        self.imagenet_per_epoch = int(round(n_llava * a / b)) if n_llava and n_imagenet else n_imagenet
         self.epoch_length = n_llava + self.imagenet_per_epoch
         if self.epoch_length == 0:
             raise BadSampleError("no training data: give --data (LLaVA-Instruct json) and/or --imagenet")
         self._epoch, self._order = None, None
 
     def imagenet_slice(self, epoch):
-        """ImageNet indices of an epoch: the next imagenet_per_epoch items of a seeded stream of
-        permutations, so consecutive epochs see different images."""
-        start = epoch * self.imagenet_per_epoch
-        out = []
+        """ImageNet indices of an epoch: the next imagenet_per_epoch items of the permutation stream."""
+        start, out = epoch * self.imagenet_per_epoch, []
         while len(out) < self.imagenet_per_epoch:
             cycle, offset = divmod(start + len(out), self.n_imagenet)
             perm = np.random.default_rng([self.seed, 1, cycle]).permutation(self.n_imagenet)
@@ -721,8 +638,7 @@ class MixPlan:
         """(epoch_length, 2) int64 rows of (source, index)."""
         if self._epoch != epoch:
             llava = np.stack([np.zeros(self.n_llava, np.int64), np.arange(self.n_llava)], 1)
-            imagenet = self.imagenet_slice(epoch) if self.imagenet_per_epoch else np.zeros(0, np.int64)
-            imagenet = np.stack([np.ones(len(imagenet), np.int64), imagenet], 1)
+            imagenet = np.stack([np.ones(self.imagenet_per_epoch, np.int64), self.imagenet_slice(epoch)], 1)
             both = np.concatenate([llava, imagenet]).reshape(-1, 2)
             perm = np.random.default_rng([self.seed, 0, epoch]).permutation(len(both))
             self._epoch, self._order = epoch, both[perm]
@@ -734,9 +650,9 @@ class MixPlan:
 
 
 def check_mix(config: DataConfig, llava_records, imagenet, skipped: SkipReport):
-    """Refuse a mix that cannot be honoured: a side whose data was given but which would train on
-    nothing in an epoch. Names the file, both counts and the ratio. A side left out entirely (no
-    --data, no --imagenet) is the user's choice and is recorded as such in the run config."""
+    """Refuse a mix whose given side would train on nothing in an epoch, naming the file, both counts
+    and the ratio. A side left out entirely (no --data, no --imagenet) is the user's choice.
+    -> (n_llava, n_imagenet)."""
     a, b = config.mix
     ratio = f"--mix {a:g}:{b:g}"
     if llava_records is not None and len(llava_records) == 0:
@@ -755,28 +671,26 @@ def check_mix(config: DataConfig, llava_records, imagenet, skipped: SkipReport):
         raise BadSampleError(f"{ratio} with {n_llava} LLaVA entries gives round({n_llava} * {a:g} / {b:g}) = 0 "
                              f"ImageNet samples per epoch, though --imagenet {config.imagenet} holds {n_imagenet} "
                              f"images: give more LLaVA entries or a larger ImageNet side of --mix")
+    return n_llava, n_imagenet
 
 
 class RankSampler(torch.utils.data.Sampler):
-    """Yields (epoch, position) keys for one rank: the steps of an epoch from start_position on;
-    in each step this rank reads a contiguous block of global_batch // world positions. The tail
-    that does not fill a global batch is left out of the epoch (drop_last)."""
+    """(epoch, position) keys for one rank from start_position on: in each step a contiguous block of
+    global_batch // world positions. The tail that does not fill a global batch is dropped."""
 
     def __init__(self, epoch_length, global_batch, rank, world, epoch, start_position=0):
         if global_batch % world:
             raise ValueError(f"--batch-size {global_batch} is not divisible by the world size {world}")
         if start_position % global_batch:
             raise ValueError(f"resume position {start_position} is not at a step boundary (global batch {global_batch})")
-        self.steps = epoch_length // global_batch
-        self.global_batch, self.rank, self.world = global_batch, rank, world
+        self.steps, self.global_batch, self.rank, self.world = epoch_length // global_batch, global_batch, rank, world
         self.epoch, self.start_step = epoch, start_position // global_batch
 
     def __iter__(self):
         per_rank = self.global_batch // self.world
         for step in range(self.start_step, self.steps):
             first = step * self.global_batch + self.rank * per_rank
-            for p in range(first, first + per_rank):
-                yield (self.epoch, p)
+            yield from ((self.epoch, p) for p in range(first, first + per_rank))
 
     def __len__(self):
         return max(self.steps - self.start_step, 0) * (self.global_batch // self.world)
@@ -799,23 +713,22 @@ class SampleInfo:
 
 @dataclass
 class Sample:
-    """One tokenized sample with its decoded image. skipped: (id, reason) of the bad samples this one
-    replaces (skip_bad_samples)."""
+    """One tokenized sample with its decoded image."""
     id: str
     source: str
     input_ids: list
     labels: list
     image: object  # PIL image or None
     truncated: bool
-    skipped: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)  # (id, reason) of the bad samples this one replaces
 
 
 WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # more than 8 bits per pixel, one channel
 
 
 def wide_to_uint8(pixels, mode):
-    """(H, W) pixels of a 16-bit, 32-bit integer or float image -> (H, W) uint8 (rules in the module
-    docstring). convert("RGB") would clip them at 255: a 16-bit picture turns all white."""
+    """(H, W) pixels of a 16-bit, 32-bit integer or float image -> (H, W) uint8, where convert("RGB")
+    would clip them at 255 (a 16-bit picture turns all white). NaN or inf is an error."""
     a = pixels.astype(np.float64)
     if not np.isfinite(a).all():
         raise ValueError(f"its mode {mode} pixels hold NaN or inf")
@@ -845,9 +758,8 @@ def to_rgb(im):
 
 
 def load_image(source, sample_id=None):
-    """The one image decoder of training, eval, `ask` and the presets: source (a path, raw bytes,
-    {"b64": str}, {"bytes": bytes} or a PIL image) -> an RGB PIL image, every pixel decoded. Any
-    failure is a BadSampleError naming the sample (when given) and the file or source."""
+    """The one image decoder: a path, raw bytes, {"b64": str}, {"bytes": bytes} or a PIL image -> an RGB
+    PIL image, every pixel decoded. A failure is a BadSampleError naming the sample and the source."""
     if isinstance(source, dict):
         what = f"the base64 image ({len(source['b64'])} chars)" if "b64" in source else \
             f"the image bytes ({len(source['bytes'])})"
@@ -870,30 +782,25 @@ def n_image_tokens(processor):
     """P: image tokens per image, as the processor expands <image>."""
     crop = processor.image_processor.crop_size
     height, width = (crop["height"], crop["width"]) if isinstance(crop, dict) else (crop.height, crop.width)
-    n = (height // processor.patch_size) * (width // processor.patch_size)
-    if getattr(processor, "vision_feature_select_strategy", "default") != "default":
-        n += getattr(processor, "num_additional_image_tokens", 0)
-    return n
+    extra = getattr(processor, "vision_feature_select_strategy", "default") != "default"  # CLS kept too
+    return (height // processor.patch_size) * (width // processor.patch_size) + \
+        (getattr(processor, "num_additional_image_tokens", 0) if extra else 0)
 
 
 class TrainDataset(torch.utils.data.Dataset):
-    """Map-style dataset indexed by (epoch, position) keys from RankSampler. Tokenizes and
-    decodes lazily (in the DataLoader workers). skipped: the LLaVA entries the up-front check dropped."""
+    """Map-style dataset indexed by RankSampler's (epoch, position) keys, tokenizing and decoding in the
+    DataLoader workers. skipped: the LLaVA entries the up-front check dropped."""
 
     def __init__(self, config: DataConfig, processor, llava_records=None, imagenet=None, skipped=None):
         self.config, self.llava, self.imagenet, self.skipped = config, llava_records, imagenet, skipped or SkipReport()
-        check_mix(config, llava_records, imagenet, self.skipped)
-        n_llava, n_imagenet = (len(x) if x is not None else 0 for x in (llava_records, imagenet))
-        self.plan = MixPlan(n_llava, n_imagenet, config.mix, config.seed)
-        tokenizer = processor.tokenizer
-        self.conversation = ConversationTokenizer(tokenizer, n_image_tokens(processor),
-                                                  tokenizer.convert_tokens_to_ids(IMAGE_TAG), config.model_max_length,
-                                                  config.template)
+        self.plan = MixPlan(*check_mix(config, llava_records, imagenet, self.skipped), config.mix, config.seed)
+        tok = processor.tokenizer
+        self.conversation = ConversationTokenizer(tok, n_image_tokens(processor), tok.convert_tokens_to_ids(IMAGE_TAG),
+                                                  config.model_max_length, config.template)
 
     @classmethod
     def from_config(cls, config: DataConfig, processor):
-        """-> (dataset, number of LLaVA entries the up-front check skipped). The LLaVA json is read
-        through its cache (built here if no process built it yet)."""
+        """-> (dataset, number of LLaVA entries the up-front check skipped), the json read via its cache."""
         records, skipped = load_llava_records(config) if config.llava_json else (None, SkipReport())
         imagenet = ImageNetIndex(config.imagenet, config.imagenet_classes) if config.imagenet else None
         return cls(config, processor, records, imagenet, skipped), len(skipped)
@@ -920,21 +827,19 @@ class TrainDataset(torch.utils.data.Dataset):
         return Sample(info.id, info.source, ids, labels, image, truncated)
 
     def __getitem__(self, key):
-        """The sample at (epoch, position). Under skip_bad_samples a bad one is replaced by the next
-        good sample of the epoch order (the batch stays full), its id and reason kept in .skipped."""
+        """The sample at (epoch, position); under skip_bad_samples a bad one is replaced by the next good one."""
         epoch, position = key
         skipped = []
         for offset in range(min(MAX_REPLACEMENTS + 1, len(self))):
             info = self.describe(epoch, (position + offset) % len(self))
             try:
                 sample = self.load(info)
+                sample.skipped = skipped
+                return sample
             except BadSampleError as e:
                 if not self.config.skip_bad_samples:
                     raise BadSampleError(f"{e} (use --skip-bad-samples to skip and count such samples)") from e
                 skipped.append((info.id, str(e)))
-                continue
-            sample.skipped = skipped
-            return sample
         raise BadSampleError(f"{len(skipped)} bad samples in a row from epoch {epoch} position {position}; "
                              f"the data looks broken. Last: {skipped[-1][1]}")
 
@@ -956,16 +861,13 @@ class Batch:
 
 
 class Collator:
-    """Right-pads a list of Samples into a Batch. pixel_values holds the images of the samples that
-    have one, in batch order."""
+    """Right-pads a list of Samples into a Batch; pixel_values: the images there are, in batch order."""
 
     def __init__(self, pad_token_id, image_transform):
-        self.pad_token_id = pad_token_id
-        self.image_transform = image_transform
+        self.pad_token_id, self.image_transform = pad_token_id, image_transform
 
     def __call__(self, samples):
-        B = len(samples)
-        T = max(len(s.input_ids) for s in samples)
+        B, T = len(samples), max(len(s.input_ids) for s in samples)
         input_ids = torch.full((B, T), self.pad_token_id, dtype=torch.long)
         labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros(B, T, dtype=torch.long)
@@ -982,10 +884,8 @@ class Collator:
 
 
 def ignore_stop_signals(worker_id):
-    """A DataLoader worker leaves SIGTERM / SIGINT to the training process: SLURM's --signal and a
-    Ctrl-C reach every process of the job, and a worker that died of one would fail the run at its
-    next batch instead of letting it finish the step and save (torch's own worker handler re-raises
-    them)."""
+    """A DataLoader worker leaves SIGTERM / SIGINT (SLURM's --signal, Ctrl-C) to the training process,
+    which finishes the step and saves; torch's worker handler would re-raise them and fail the run."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
