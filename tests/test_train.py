@@ -493,15 +493,26 @@ def test_experts_and_template_reach_the_run(small_data, tmp_path):
         train.main(flags(small_data, tmp_path, "--max-steps", "1", "--template", "chat"))
 
 
-def test_compile_hands_the_repeated_blocks_to_compile_blocks(small_data, tmp_path, monkeypatch):
-    """--compile compiles carpe.repeated_blocks in place through kernels.compile_blocks (whose
-    compiled-equals-eager test is in test_compile.py); recorded here without compiling, to stay fast."""
+def test_compile_trains_like_eager(run_a, small_data, tmp_path):
+    """--compile really compiles carpe.repeated_blocks in place (aot_eager: dynamo's traced forward
+    and backward graphs, eager kernels) and trains the losses and weights of the eager run: through
+    the epoch-1 freeze into epoch 2 (steps 5-6 run the context pass backward), text-only samples
+    included; one graph per kind of block, no graph break."""
     import kernels
-    compiled = []
-    monkeypatch.setattr(kernels, "compile_blocks", lambda blocks, backend="inductor": compiled.append(blocks))
-    model = train.main(flags(small_data, tmp_path, "--max-steps", "1", "--compile"))
-    assert len(compiled) == 1 and [id(b) for b in compiled[0]] == [id(b) for b in carpe.repeated_blocks(model)]
+    torch._dynamo.reset()
+    kernels.reset_compile_counts()
+    model = train.main(flags(small_data, tmp_path, "--max-steps", "6", "--compile", "--compile-backend", "aot_eager"))
+    counts = kernels.compile_counts()
+    assert counts.graph_breaks == 0 and 0 < counts.unique_graphs <= 8
+    assert all("forward" in vars(b) for b in carpe.repeated_blocks(model))  # each block's forward compiled in place
     assert common.read_run_config(str(tmp_path))["train"]["compile"] is True
+    eager, compiled = read_log(run_a), read_log(tmp_path)
+    assert [r["step"] for r in compiled] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(eager, compiled):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * max(1.0, abs(a["loss"])), (a["step"], a["loss"], b["loss"])
+    a, b = weights_of(run_a), weights_of(tmp_path)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
 
 
 def test_loss_spike_guard_skips_the_step(small_data, tmp_path, monkeypatch):
