@@ -11,35 +11,31 @@ The paper's baselines (vanilla LLaVA, LEVI) live in baselines.py, on the same Ll
                          return_dict=True)   # out.sequences, out.context_weights, out.route
 
 One forward pass (CARPE.forward, top to bottom):
- 1. Context pass, text only: the prompt tokens (before the first supervised token; image and
-    pad tokens removed) plus the learnable context prompt go through the LM. The context
-    prompt's final hidden state h_ctx (B, d) gives (alpha, beta) = softmax(W_ctx h_ctx).
-    A separate pass, so the weights depend on the instruction only (never on the image, never
-    on the answer), and so CARPE-MoE's router can read h_ctx before any image is encoded.
+ 1. Context pass, text only: the prompt tokens (before the first supervised token; image and pad
+    tokens removed) plus the learnable context prompt go through the LM; the prompt's final hidden
+    state h_ctx (B, d) gives (alpha, beta) = softmax(W_ctx h_ctx). A separate pass, so the weights
+    depend on the instruction only and CARPE-MoE's router can read h_ctx before any image is encoded.
  2. Main pass: the ordinary LLaVA forward. Keep H_llm (after the final norm) and H_pen (the
     output of decoder layer `query_layer`, -2 = second-to-last) through a forward hook.
- 3. Vision integrator: raw vision features F (the tower layer(s) the projector reads, CLS
-    dropped as the projector's input drops it) -> new 2-layer MLP adapter -> memory M (B, P, d).
-    One pre-norm block with queries H_pen: cross-attention to M, *causal* self-attention, MLP.
-    The block's output projections start at zero, so at step 0 it is the identity. The LM's own
-    final norm (frozen) maps the result into the head's input space: H_vision (B, T, d).
- 4. Mix: Z = (alpha H_vision + beta H_llm) W^T, which equals the paper's
-    alpha H_vision W^T + beta H_llm W^T exactly; the loss goes through kernels.py's fused path.
+ 3. Vision integrator: raw vision features F (what the projector reads, CLS dropped likewise) ->
+    new 2-layer MLP adapter -> memory M (B, P, d). One pre-norm block with queries H_pen:
+    cross-attention to M, *causal* self-attention, MLP; its output projections start at zero (the
+    identity at step 0). The LM's frozen final norm maps it to the head's input: H_vision (B, T, d).
+ 4. Mix: Z = (alpha H_vision + beta H_llm) W^T, exactly the paper's alpha H_vision W^T +
+    beta H_llm W^T; the loss goes through kernels.py's fused path.
 
-Bases: any LlavaForConditionalGeneration, whatever its text model (Llama, Mistral, Qwen2,
-Gemma, Phi, ...) and vision tower (CLIP, SigLIP), with an int or list-valued
-vision_feature_layer and the "default" or "full" feature strategy. Other LLaVA variants
-(LLaVA-NeXT, LLaVA-OneVision, ...) tile images differently and are refused by class name.
+Bases: any LlavaForConditionalGeneration, whatever its text model (Llama, Mistral, Qwen2, Gemma,
+Phi, ...) and vision tower (CLIP, SigLIP), with an int or list-valued vision_feature_layer and the
+"default" or "full" feature strategy. Other LLaVA variants (NeXT, OneVision, ...) tile images
+differently and are refused by class name.
 
 Counting at 7B without 7B of memory: every model here builds on the meta device,
     model = CARPE(meta_llava())            # inside `with torch.device("meta"):`; meta_llava() = llava-1.5-7b's shapes
     count_parameters(model)                # ParameterCount: trainable, frozen, parts, adamw_gib
 
 Choices the paper leaves open:
- - The context encoder Linear(d, 2) starts at zero, so (alpha, beta) = (0.5, 0.5) while it is
-   frozen in epoch 1.
- - The context prompt starts as a random vector with the token embeddings' scale (including an
-   embedding scale such as Gemma's sqrt(d)).
+ - The context encoder Linear(d, 2) starts at zero: (alpha, beta) = (0.5, 0.5) while frozen in epoch 1.
+ - The context prompt starts as a random vector with the token embeddings' scale (Gemma's sqrt(d) included).
  - A tied lm_head is untied (cloned) so that training the head leaves the frozen embeddings.
 """
 import os
@@ -137,9 +133,8 @@ class MLP(nn.Module):
 
 
 class RMSNorm(nn.RMSNorm):
-    """nn.RMSNorm in the activations' dtype: its weight (fp32, trained) is cast to the input's
-    dtype. Under bf16 autocast outside FSDP the activations are bf16 while the weight stays fp32,
-    and rms_norm with mixed dtypes skips the fused kernel and computes in fp32."""
+    """nn.RMSNorm with its (fp32, trained) weight cast to the input's dtype: under bf16 autocast
+    outside FSDP, mixed dtypes would skip the fused kernel and compute in fp32."""
 
     def forward(self, x):
         return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
@@ -192,21 +187,18 @@ class IntegratorBlock(nn.Module):
         """Preallocated self-attention KV cache, so a decode step copies nothing old."""
         if self.self_attn is None:
             return None
-        w = self.self_attn.k.weight
-        n_head, d = self.self_attn.n_head, w.size(0)
-        shape = (batch_size, n_head, max_len, d // n_head)
-        return KVCache(k=torch.empty(shape, dtype=w.dtype, device=w.device),
-                       v=torch.empty(shape, dtype=w.dtype, device=w.device))
+        w, n_head = self.self_attn.k.weight, self.self_attn.n_head
+        shape = (batch_size, n_head, max_len, w.size(0) // n_head)
+        return KVCache(*(torch.empty(shape, dtype=w.dtype, device=w.device) for _ in "kv"))
 
     def memory_kv(self, memory):
         """Cross-attention K/V over the memory M (B, P, d), computed once per prompt; None = no image."""
         return self.cross_attn.project_kv(memory) if memory is not None else None
 
     def forward(self, x, memory_kv, has_image, key_valid=None, cache=None, cache_len=0):
-        """x (B, T, d) queries. memory_kv from memory_kv(). has_image (B,) bool.
-        key_valid (B, T_total) bool: which self-attention positions are real tokens (None = no
-        padding). cache: a KVCache for incremental decoding; positions [cache_len, cache_len + T)
-        are written."""
+        """x (B, T, d) queries; memory_kv from memory_kv(); has_image (B,) bool; key_valid (B, T_total)
+        bool: the real (non-pad) self-attention positions, None = all. cache: a KVCache for
+        incremental decoding, positions [cache_len, cache_len + T) are written."""
         if memory_kv is not None:
             cross = self.cross_attn(self.norm_cross(x), *memory_kv)  # (B, T, d)
             x = x + cross * has_image[:, None, None].to(cross.dtype)  # no image: no cross term
@@ -238,9 +230,8 @@ class VisionIntegrator(nn.Module):
 
 
 def context_prompt_init(embed, d):
-    """A random (1, d) vector with the token embeddings' scale (an embedding scale such as
-    Gemma's sqrt(d) included). On the meta device (shapes only, e.g. count_parameters at 7B)
-    there is no scale to read: an empty meta tensor."""
+    """A random (1, d) vector with the token embeddings' scale (Gemma's sqrt(d) included); on the
+    meta device (shapes only) an empty meta tensor."""
     if embed.weight.is_meta:
         return torch.empty(1, d, device="meta")
     scale = float(getattr(embed, "embed_scale", 1.0))
@@ -303,14 +294,12 @@ def keep_output(store, key):
 
 
 def hidden_state_at(encoder, pixel_values, index):
-    """What encoder(pixel_values, output_hidden_states=True).hidden_states[index] holds (index
-    0 = the embeddings, i = the output of block i-1), taken with forward hooks. A list of
-    indices gives those hidden states concatenated on the feature dim, as HF LLaVA does. Why not
-    output_hidden_states: transformers 5 finds the modules to record by the model's class name,
-    which FSDP2's fully_shard changes (FSDPCLIPVisionModel), and then returns hidden_states=None."""
+    """encoder(pixel_values, output_hidden_states=True).hidden_states[index] (0 = the embeddings,
+    i = block i-1's output), taken with forward hooks; a list of indices concatenates them on the
+    feature dim, as HF LLaVA does. Not output_hidden_states: transformers 5 finds the modules to
+    record by class name, which FSDP2's fully_shard changes, and then returns None."""
     layers = encoder_layers(encoder)
-    n = len(layers)
-    indices = [index] if isinstance(index, int) else list(index)
+    n, indices = len(layers), ([index] if isinstance(index, int) else list(index))
     captured, handles = {}, []
     for j in indices:
         i = j + n + 1 if j < 0 else j
@@ -338,8 +327,8 @@ def vision_feature_width(config):
 
 
 def raw_vision_features(llava, pixel_values):
-    """The projector's input, as HF LLaVA computes it: (n_img, P, Dv * n_layers), CLS dropped
-    with the "default" strategy, every token kept with "full"."""
+    """The projector's input as HF LLaVA computes it: (n_img, P, Dv * n_layers), CLS dropped with
+    the "default" strategy, every token kept with "full"."""
     cfg = llava.config
     feats = hidden_state_at(llava.model.vision_tower, pixel_values, cfg.vision_feature_layer)
     if cfg.vision_feature_select_strategy == "default":
@@ -348,7 +337,7 @@ def raw_vision_features(llava, pixel_values):
 
 
 def check_images(llava, input_ids, pixel_values):
-    """(B,) bool: which samples have an image. Their count must match pixel_values."""
+    """(B,) bool: which samples have an image; their count must match pixel_values."""
     has_image = (input_ids == llava.config.image_token_id).any(1)
     n_img = int(has_image.sum())
     if isinstance(pixel_values, dict):  # CARPE-MoE: one tensor per expert, each (n_img, 3, S_e, S_e)
@@ -360,9 +349,8 @@ def check_images(llava, input_ids, pixel_values):
 
 
 def embed_inputs(llava, input_ids, image_embeds=None):
-    """Token embeddings (through the text model's own embedding module, so a scale such as
-    Gemma's applies as in HF) with the image embeddings (n_img, P, d) scattered over the image
-    tokens, as HF LLaVA does: (B, T, d)."""
+    """Token embeddings (the text model's own module, so Gemma's scale applies) with the image
+    embeddings (n_img, P, d) scattered over the image tokens, as HF LLaVA does: (B, T, d)."""
     inputs_embeds = llava.model.language_model.get_input_embeddings()(input_ids)  # (B, T, d)
     if image_embeds is None:
         return inputs_embeds
@@ -389,11 +377,9 @@ def positions_from_mask(attention_mask):
 
 def run_language_model(language_model, inputs_embeds, attention_mask, position_ids, layer_indices,
                        past_key_values=None):
-    """One LM pass. -> H_llm (B, T, d) after the final norm, [output (B, T, d) of each layer in
-    layer_indices], kept by forward hooks (output_hidden_states=True would keep every layer's).
-    With past_key_values the pass extends that cache."""
-    captured = {}
-    layers = decoder_layers(language_model)
+    """One LM pass (extending past_key_values if given) -> H_llm (B, T, d) after the final norm,
+    [output (B, T, d) of each layer in layer_indices] (forward hooks: not every layer's kept)."""
+    captured, layers = {}, decoder_layers(language_model)
     handles = [layers[i].register_forward_hook(keep_output(captured, slot)) for slot, i in enumerate(layer_indices)]
     try:
         out = language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
@@ -405,12 +391,9 @@ def run_language_model(language_model, inputs_embeds, attention_mask, position_i
 
 
 def enable_checkpointing(language_model):
-    """Checkpoint each decoder layer (non-reentrant: its activations are recomputed in the
-    backward). HF also hooks the input embeddings to require grad, which would send every pass
-    through a backward of the frozen LM, needed or not (a text-only micro-batch; LEVI, whose LM
-    inputs never depend on a trainable tensor); that hook is removed: the LM backpropagates
-    where a trainable tensor sits upstream (and LlavaWrapper.main_pass_inputs keeps FSDP2's
-    ranks in step)."""
+    """Checkpoint each decoder layer (non-reentrant). HF's hook making the input embeddings
+    require grad is removed: it would run a frozen-LM backward on every pass, needed or not
+    (LlavaWrapper.main_pass_inputs adds one only where the ranks or the compile need it)."""
     language_model.activation_checkpointing_enable({"use_reentrant": False})
     language_model.disable_input_require_grads()
 
@@ -452,9 +435,8 @@ class TrainableSet:
                 p.requires_grad_(trainable)
 
     def param_groups(self, lr_adapter=2e-5, lr=2e-4, weight_decay=0.0):
-        """Two AdamW groups: the adapter(s) at lr_adapter, every other trainable tensor at lr.
-        Frozen-for-now parameters (the context prompt in epoch 1) are included: without a grad,
-        AdamW skips them."""
+        """Two AdamW groups: the adapter(s) at lr_adapter, every other trainable tensor at lr; the
+        frozen-for-now context prompt and encoder are included (AdamW skips them without a grad)."""
         adapter, rest = [], []
         for name, p in self.named_parameters():
             if self.is_trainable_name(name):  # adapters: LLaVA's projector and the MoE experts' LLM adapters
@@ -467,11 +449,9 @@ class TrainableSet:
         return {name: p.detach() for name, p in self.named_parameters() if self.is_trainable_name(name)}
 
     def load_trainable_state_dict(self, state):
-        """Copy a trainable_state_dict in; a missing, unexpected or mis-shaped tensor is an
-        error that names it (a checkpoint of another base or config)."""
+        """Copy a trainable_state_dict in; a missing, unexpected or mis-shaped tensor is an error naming it."""
         params = {name: p for name, p in self.named_parameters() if self.is_trainable_name(name)}
-        missing = sorted(set(params) - set(state))
-        extra = sorted(set(state) - set(params))
+        missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
         if missing or extra:
             raise ValueError(f"checkpoint does not fit this model (another method, base or config?): "
                              f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
@@ -523,9 +503,8 @@ def trainable_part(name):
 
 
 def count_parameters(model):
-    """Trainable / frozen parameter counts of CARPE, CARPE-MoE or a baseline, by part. Works on
-    the meta device (meta_llava + the model built under `with torch.device("meta")`): the 7B
-    figures without 7B of memory."""
+    """Trainable / frozen parameter counts of CARPE, CARPE-MoE or a baseline, by part; works on the
+    meta device (the 7B figures without 7B of memory)."""
     parts, trainable, frozen = {}, 0, 0
     for name, p in model.named_parameters():  # a shared tensor once (its first name)
         if model.is_trainable_name(name):
@@ -539,9 +518,8 @@ def count_parameters(model):
 
 class LlavaWrapper(TrainableSet, nn.Module):
     """A model around a LLaVA (self.llava) with cached greedy decoding. A subclass defines
-    prepare(input_ids, attention_mask, pixel_values) -> Prepared, query_layers (the LM layers
-    its integrator blocks read), integrator_blocks() and vision_hidden(...) (the hidden state
-    that gets the vision weight)."""
+    prepare(...) -> Prepared, query_layers (the LM layers its integrator blocks read),
+    integrator_blocks() and vision_hidden(...) (the hidden state that gets the vision weight)."""
 
     @property
     def language_model(self):
@@ -558,33 +536,23 @@ class LlavaWrapper(TrainableSet, nn.Module):
 
     def main_pass_inputs(self, inputs_embeds):
         """inputs_embeds (B, T, d) for the main LM pass; under FSDP2 or gradient checkpointing,
-        made to require grad when a micro-batch has no image but the image path trains.
-        (Checkpointing: a compiled checkpointed layer whose inputs need no gradient is traced as an
-        inference graph, which refuses the recompute region's RNG ops; this keeps every training
-        micro-batch on the one training graph, as HF's own input-grad hook did.)
-
-        Why: a rank whose micro-batch has images backpropagates through every decoder layer (the
-        projector's gradient crosses the LM), and FSDP2 all-gathers each sharded layer again for
-        that backward. A rank whose micro-batch is text-only has nothing trainable upstream of the
-        LM, so autograd skips the LM's backward and its all-gathers: the ranks' collectives no
-        longer match and the step hangs. Making the inputs a grad-requiring leaf gives that rank
-        the same backward (its gradient is discarded).
-        Why here and not by leaving the frozen LM unsharded (FSDP's ignored_params): that costs
-        the LM's 6.48B bf16 parameters whole on every GPU, +10.5 GiB per GPU at 8 GPUs against
-        the 1.5 GiB shard, to save ~48 GiB of all-gather traffic per step per GPU that FSDP2
-        overlaps with compute anyway; and this fix holds however the LM is wrapped. Its cost:
-        one frozen-LM backward on a text-only micro-batch, which the image ranks run in the same
-        step anyway, and only under FSDP. (LEVI trains nothing upstream of the LM: no rank ever
-        backpropagates through it, nothing to match.)"""
+        made a grad-requiring leaf when a micro-batch has no image but the image path trains.
+        FSDP2: an image micro-batch backpropagates through every decoder layer (the projector's
+        gradient crosses the LM) and all-gathers each layer again; a text-only one has nothing
+        trainable upstream, so autograd would skip that backward and the ranks' collectives would
+        no longer match (a hang). Leaving the LM unsharded instead would cost its 6.48B bf16
+        parameters whole on every GPU (+10.5 GiB at 8 GPUs); this costs one frozen-LM backward on
+        a text-only micro-batch, which the image ranks run in that step anyway. Checkpointing: a
+        compiled checkpointed layer whose inputs need no gradient is traced as an inference graph,
+        which refuses the recompute's RNG ops; this keeps every training micro-batch on the one
+        training graph, as HF's input-grad hook did. (LEVI trains nothing upstream of the LM.)"""
         needs_backward = lm_is_sharded(self.language_model) or self.language_model.is_activation_checkpointing
-        if (torch.is_grad_enabled() and not inputs_embeds.requires_grad and needs_backward
-                and self.lm_input_trains()):
-            inputs_embeds = inputs_embeds.detach().requires_grad_()
+        if torch.is_grad_enabled() and not inputs_embeds.requires_grad and needs_backward and self.lm_input_trains():
+            return inputs_embeds.detach().requires_grad_()
         return inputs_embeds
 
-    # --- loading, sharing and asking: pretrained.py does the work. Each import is deferred
-    # because the loader needs the MoE experts, the conversation templates and the presets, which
-    # sit above carpe.py (imports point down only).
+    # --- loading, sharing and asking: pretrained.py does the work; the imports are deferred
+    # because it sits above carpe.py (imports point down only).
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=None):
         import pretrained
@@ -603,8 +571,7 @@ class LlavaWrapper(TrainableSet, nn.Module):
         return pretrained.ask(self, image, question, max_new_tokens=max_new_tokens, return_dict=return_dict, **kwargs)
 
     def start_generation(self, input_ids, attention_mask, pixel_values, max_new_tokens):
-        """Everything computed once per prompt: the context weights, the MoE route, the
-        cross-attention K/V over the image, empty KV caches."""
+        """Once per prompt: the context weights, the MoE route, the cross-attention K/V, empty KV caches."""
         prep = self.prepare(input_ids, attention_mask, pixel_values)
         B, T = input_ids.shape
         blocks = self.integrator_blocks()
@@ -613,8 +580,7 @@ class LlavaWrapper(TrainableSet, nn.Module):
                                integrator_caches=[block.new_cache(B, T + max_new_tokens) for block in blocks])
 
     def generation_step(self, state, inputs_embeds, attention_mask, position_ids):
-        """One cached LM step and one cached step of each integrator block over the new tokens;
-        the mixed logits of the last position: (B, V)."""
+        """One cached LM + integrator-blocks step over the new tokens -> the last position's mixed logits (B, V)."""
         h_llm, captured = run_language_model(self.language_model, inputs_embeds, attention_mask,
                                              position_ids, self.query_layers, state.lm_cache)
         h_vision = self.vision_hidden(h_llm, captured, state.memory_kvs, state.prepared.has_image,
@@ -625,9 +591,8 @@ class LlavaWrapper(TrainableSet, nn.Module):
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, pixel_values=None, max_new_tokens=32,
                  eos_token_id=None, pad_token_id=None, return_dict=False):
-        """Greedy decoding of left-padded prompts; finished rows are filled with the pad token,
-        as HF generate does. Returns (B, T + new) token ids like HF generate, or with
-        return_dict=True a GenerateOutput that also carries the context weights and the MoE route."""
+        """Greedy decoding of left-padded prompts, finished rows filled with the pad token as HF
+        generate does: (B, T + new) token ids, or with return_dict=True a GenerateOutput."""
         B, T = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -671,12 +636,9 @@ class CARPE(LlavaWrapper):
     def __init__(self, llava, config: CarpeConfig = None, vision_moe=None):
         super().__init__()
         check_base(llava)
-        config = config or CarpeConfig()
-        self.config = config
+        self.config = config = config or CarpeConfig()
         self.llava = llava
-        text_config = llava.config.text_config
-        d = text_config.hidden_size
-        n_layers = text_config.num_hidden_layers
+        d, n_layers = llava.config.text_config.hidden_size, llava.config.text_config.num_hidden_layers
         assert -n_layers <= config.query_layer < n_layers, \
             f"query_layer={config.query_layer} is outside the LM's {n_layers} layers"
         untie_head(llava)
@@ -684,8 +646,8 @@ class CARPE(LlavaWrapper):
         self.vision_integrator = VisionIntegrator(vision_feature_width(llava.config), d, config)
         self.context_prompt = nn.Parameter(context_prompt_init(self.language_model.get_input_embeddings(), d))  # (1, d)
         self.context_encoder = nn.Linear(d, 2)
-        nn.init.zeros_(self.context_encoder.weight)
-        nn.init.zeros_(self.context_encoder.bias)
+        for p in self.context_encoder.parameters():
+            nn.init.zeros_(p)
         self.vision_moe = vision_moe  # moe.VisionMoE or None
         # the new modules take the base's device and dtype (train.py keeps trainable tensors in fp32)
         self.to(device=llava.lm_head.weight.device)
@@ -721,8 +683,7 @@ class CARPE(LlavaWrapper):
         """Run the text-only context pass. Returns h_ctx (B, d)."""
         keep = self.prompt_mask(input_ids, attention_mask, labels)  # (B, T)
         lengths = keep.sum(1)  # (B,)
-        L = int(lengths.max()) + 1  # + the context prompt
-        B = input_ids.size(0)
+        B, L = input_ids.size(0), int(lengths.max()) + 1  # L: + the context prompt
         # left-pad the kept tokens so the context prompt sits at the last position of every row
         ids = torch.zeros(B, L, dtype=input_ids.dtype, device=input_ids.device)
         mask = torch.zeros(B, L, dtype=torch.long, device=input_ids.device)
@@ -752,8 +713,7 @@ class CARPE(LlavaWrapper):
 
     # --- image encoding and everything else before the main pass ------------------------------
     def encode_images(self, pixel_values, h_ctx_images):
-        """-> image_embeds (n_img, P, d) for the LM, memory (n_img, P, d) for the integrator,
-        balance_loss, route (n_img,)."""
+        """-> image_embeds (n_img, P, d) for the LM, memory (n_img, P, d), balance_loss, route (n_img,)."""
         if self.vision_moe is not None:
             return self.vision_moe(pixel_values, h_ctx_images)
         feats = raw_vision_features(self.llava, pixel_values)  # (n_img, P, Dv)
@@ -804,12 +764,10 @@ class CARPE(LlavaWrapper):
         return [p for m in modules for p in m.parameters()]
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, labels=None, context_mask=None):
-        """input_ids (B, T); attention_mask (B, T); pixel_values (n_img, 3, H, W) for the samples
-        with image tokens (a dict per expert under MoE); labels (B, T) with -100 = unsupervised.
-        context_mask (B, T) bool, optional: the tokens the context pass reads, overriding the
-        default (the prompt before the first supervised token, or all non-pad tokens); image
-        tokens are always excluded. Lets a full recompute reproduce generate(), whose context
-        is the prompt alone."""
+        """input_ids, attention_mask (B, T); pixel_values (n_img, 3, H, W) for the samples with
+        image tokens (a dict per expert under MoE); labels (B, T), -100 = unsupervised.
+        context_mask (B, T) bool: overrides the tokens the context pass reads (image tokens always
+        excluded), so a full recompute can reproduce generate(), whose context is the prompt alone."""
         # 1. context pass -> weights (B, 2); images -> inputs_embeds (B, T, d), memory (B, P, d)
         prep = self.prepare(input_ids, attention_mask, pixel_values, labels, context_mask)
         mask = prep.attention_mask  # (B, T)
@@ -840,19 +798,16 @@ class CARPE(LlavaWrapper):
 
 
 def repeated_blocks(model):
-    """The repeated blocks worth compiling one by one (regional compilation): each LM decoder
-    layer, each vision-tower layer, model.integrator_blocks() (CARPE's one, LEVI's five) and, for
-    CARPE-MoE, the layers of the other expert towers. model: CARPE, a baseline, or a bare
-    LlavaForConditionalGeneration. Each module is listed once (the MoE clip expert is the base's
-    own tower)."""
+    """The repeated blocks to compile one by one (regional compilation), each once: LM decoder
+    layers, vision-tower layers, model.integrator_blocks() and CARPE-MoE's other expert towers'
+    layers. model: CARPE, a baseline, or a bare LlavaForConditionalGeneration."""
     llava = model if isinstance(model, LlavaForConditionalGeneration) else model.llava
     blocks = list(decoder_layers(llava.model.language_model)) + list(encoder_layers(llava.model.vision_tower))
     if model is not llava:
         blocks += model.integrator_blocks()
     if getattr(model, "vision_moe", None) is not None:
         blocks += [layer for encoder in model.vision_moe.encoders.values() for layer in encoder_layers(encoder)]
-    seen = set()
-    return [b for b in blocks if not (id(b) in seen or seen.add(id(b)))]
+    return list({id(b): b for b in blocks}.values())  # each once, in first-seen order
 
 
 # -----------------------------------------------------------------------------
@@ -882,9 +837,8 @@ def make_image_transform(processor):
 
 
 def llava15_7b_config():
-    """The LlavaConfig of llava-hf/llava-1.5-7b-hf, written out (no download): Vicuna-7B v1.5
-    (Llama) + CLIP ViT-L/14-336, a 2-layer GELU projector, features of the second-to-last
-    tower layer with CLS dropped. For shapes: build it on the meta device and count."""
+    """The LlavaConfig of llava-hf/llava-1.5-7b-hf, written out (no download): Vicuna-7B v1.5 +
+    CLIP ViT-L/14-336, a 2-layer GELU projector, tower layer -2 features with CLS dropped."""
     text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                        num_attention_heads=32, num_key_value_heads=32, hidden_act="silu", max_position_embeddings=4096,
                        rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -897,15 +851,14 @@ def llava15_7b_config():
 
 
 def meta_llava(config=None):
-    """A LlavaForConditionalGeneration with every tensor on the meta device (shapes, no memory):
-    the 7B base by default."""
+    """A LlavaForConditionalGeneration on the meta device (shapes, no memory); the 7B base by default."""
     with torch.device("meta"):
         return LlavaForConditionalGeneration(config or llava15_7b_config())
 
 
 def looks_like_path(name):
-    """Whether `name` is clearly a local path rather than a Hub id ("name" or "namespace/name"):
-    absolute, starting with "." or "~", more than one separator, or under an existing folder."""
+    """Whether `name` is clearly a local path, not a Hub id ("name" or "namespace/name"): absolute,
+    starting with "." or "~", more than one separator, or under an existing folder."""
     name = str(name)
     parent = os.path.dirname(name)
     return (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
@@ -913,8 +866,7 @@ def looks_like_path(name):
 
 
 def check_base_folder(base):
-    """base with "~" expanded; a path that is no folder is an error naming it (Hugging Face would
-    call it a malformed repo id)."""
+    """base with "~" expanded; a path that is no folder is an error naming it (not HF's repo-id error)."""
     base = os.path.expanduser(str(base))
     if os.path.isdir(base) or not looks_like_path(base):
         return base
@@ -925,10 +877,9 @@ def check_base_folder(base):
 
 
 def load_base(base, device="cpu", dtype=None):
-    """(llava, processor) for a LLaVA-1.5-style base: a Hugging Face id or folder. dtype: a torch dtype, None = float32, or "auto" = as
-    saved. Weights come through safetensors; never trust_remote_code. The processor uses the
-    PIL image backend (transformers 5 would pick torchvision when it is installed), the one
-    training and evaluation were written against."""
+    """(llava, processor) for a LLaVA-1.5-style base: a Hugging Face id or folder. dtype: a torch
+    dtype, None = float32, or "auto" = as saved. Safetensors only, never trust_remote_code. The
+    processor uses the PIL image backend (transformers 5 would pick torchvision when installed)."""
     base = check_base_folder(base)
     config = AutoConfig.from_pretrained(base)
     if not isinstance(config, LlavaConfig):
@@ -944,6 +895,4 @@ def load_base(base, device="cpu", dtype=None):
     if ids != [config.image_token_id]:
         raise ValueError(f"{base}: the tokenizer encodes {processor.image_token!r} as {ids}, but "
                          f"config.image_token_id is {config.image_token_id}")
-    llava.to(device=device)
-    llava.eval()
-    return llava, processor
+    return llava.to(device=device).eval(), processor

@@ -26,40 +26,34 @@ Choices made where the paper is silent:
    repetition), before its adapters, so the prompt layout never depends on the route.
  - Features: the second-to-last layer of every expert by default (LLaVA's convention; the clip
    expert follows the base config's vision_feature_layer), prefix tokens (CLS) dropped.
- - Preprocessing: each expert's own image processor (its preprocessor_config.json, read by
-   AutoImageProcessor with the PIL backend; the clip expert uses the base LLaVA's), after LLaVA's
-   pad-to-square with that processor's mean colour int(255 * m) (LLaVA's expand2square). So the
-   input size is the processor's: siglip 384 (27x27 -> pooled to 24x24), clip and cumo 336; the
-   paper's dinov2 entry asks for 336 (24x24 through interpolated position embeddings) instead of
-   its processor's 224 crop (16x16, which would be stretched to 24x24). ExpertConfig.image_size
-   overrides a processor's size (resize and crop both set to it). Size, mean and std are written
-   by hand only for small random experts built from a config (ExpertConfig.tiny), through a PIL
-   CLIP image processor that resizes straight to the square size.
- - Router gradient mode (MoEConfig.router_grad): "ratio" (default) multiplies the chosen expert's
-   outputs by p / p.detach(), where p is the chosen expert's router probability: the forward value
-   is exactly the expert's output (the factor is exactly 1.0) and d out / d p = out / p reaches the
-   router. "gate" multiplies by p itself (Switch Transformer style; the forward value changes).
+ - Preprocessing: LLaVA's pad-to-square (expand2square, mean colour int(255 * m)), then each
+   expert's own image processor (AutoImageProcessor, PIL backend; the clip expert uses the base
+   LLaVA's). So the input size is the processor's: siglip 384 (27x27 -> pooled to 24x24), clip and
+   cumo 336; the paper's dinov2 entry asks for 336 (24x24 through interpolated position
+   embeddings), not its processor's 224 crop. ExpertConfig.image_size overrides a processor's
+   size (resize and crop). Hand-written size, mean and std only for random experts built from a
+   config (ExpertConfig.tiny), through a PIL CLIP image processor resizing straight to the square.
+ - Router gradient (MoEConfig.router_grad), p = the chosen expert's router probability: "ratio"
+   (default) multiplies its outputs by p / p.detach() (exactly 1.0: the forward value is unchanged,
+   and d out / d p = out / p reaches the router); "gate" by p itself (Switch style).
  - The router is fp32 math on h_ctx (autocast off); a zero-bias nn.Linear with PyTorch's default
    weight init (a zero init would tie every sample to expert 0).
  - Balance loss: Switch-style n_experts * sum_e f_e * P_e over the images of the local batch
    (f_e = share of images routed to e, P_e = mean router probability of e); CARPE adds
    balance_weight (0.01) times it to the loss.
- - Adapters: each expert has a 2-layer MLP into the LLM space (`llm_adapters.<name>`, trained at the
-   adapter lr) and a 2-layer MLP raw adapter for the integrator (`raw_adapters.<name>`).
-   The clip expert's LLM adapter is the base's multi_modal_projector itself (a shared submodule: in
-   CARPE it is named, trained and saved once, as llava.model.multi_modal_projector.*, because CARPE
-   registers llava before vision_moe and named_parameters() keeps the first name of a shared
-   tensor). VisionMoE holds its own raw adapters for all experts; CARPE's
-   vision_integrator.raw_adapter is unused under MoE (it stays in the checkpoint, untouched).
-   Likewise the clip encoder is the base's vision_tower (shared, frozen).
+ - Adapters: each expert has a 2-layer MLP into the LLM space (`llm_adapters.<name>`, adapter lr)
+   and a 2-layer MLP raw adapter for the integrator (`raw_adapters.<name>`). The clip expert's LLM
+   adapter is the base's multi_modal_projector itself (shared: CARPE names, trains and saves it once,
+   as llava.model.multi_modal_projector.*, since named_parameters() keeps a shared tensor's first
+   name), and its encoder the base's vision_tower. CARPE's vision_integrator.raw_adapter is unused
+   under MoE (it stays in the checkpoint, untouched).
  - Encoders are frozen and run under no_grad (nothing upstream of their output trains). Their
    features are taken with a forward hook on the block (carpe.hidden_state_at), not
    output_hidden_states, which FSDP2's class swap silently breaks in transformers 5.
- - Experts that no sample of the batch chose get zero (not None) adapter gradients through a
-   0 * sum(params) term in the balance loss, so every rank reduces the same tensors (FSDP2's
-   reduce-scatter sizes must match across ranks). Under FSDP2 the frozen encoders must stay
-   outside FSDP (ignored_params): a rank that routes nothing to an expert never calls its encoder,
-   so a separately sharded tower would miss its all-gather on that rank.
+ - Experts no sample of the batch chose get zero (not None) adapter gradients through a
+   0 * sum(params) term in the balance loss, so every rank reduce-scatters the same tensors. Under
+   FSDP2 the frozen encoders stay outside FSDP (ignored_params): a rank that routes nothing to an
+   expert never calls its encoder, so a sharded tower would miss its all-gather there.
  - New modules (adapters, router, random experts) are initialised under MoEConfig.seed without
    touching the global RNG.
 
@@ -334,15 +328,10 @@ def cumo_vision_config():
 
 class CLIPSparseMoE(nn.Module):
     """Per token: gate softmax (fp32) -> top-k of n CLIP MLPs -> weights renormalised to sum to 1.
-
-    Two formulations of the same sum, in the same order (expert 0, 1, ...):
-     - eager, sparse: each expert runs on the tokens that chose it (torch.where, data-dependent
-       sizes), k of n experts' FLOPs per token;
-     - compiled, dense: every expert runs on every token and the unchosen get weight 0 (static
-       shapes: torch.compile traces it with fullgraph=True, where the sparse form's data-dependent
-       token counts cannot be guarded). A product with weight 0 is an exact 0, so the sum is the
-       sparse one; it costs n / k times the MoE layers' MLP FLOPs (CuMo: 4 / 2, the whole tower
-       ~1.76x, a frozen tower that runs only for the images routed to it)."""
+    The same sum in the same expert order, two ways: eager, sparse (each expert on the tokens that
+    chose it: data-dependent sizes); compiled, dense (every expert on every token, weight 0 for the
+    unchosen: static shapes for fullgraph=True; an exact 0 product, so the same sum, at n / k times
+    the MoE MLPs' FLOPs: CuMo 4 / 2, the whole tower ~1.76x)."""
 
     def __init__(self, vision_config, n_experts=4, top_k=2):
         super().__init__()
@@ -356,10 +345,7 @@ class CLIPSparseMoE(nn.Module):
         probs = torch.softmax(self.gate(x).float(), dim=-1)  # (T, E) fp32
         weights, chosen = probs.topk(self.top_k, dim=-1)  # (T, k)
         weights = weights / weights.sum(-1, keepdim=True)
-        if torch.compiler.is_compiling():
-            out = self.dense(x, weights, chosen)
-        else:
-            out = self.sparse(x, weights, chosen)
+        out = (self.dense if torch.compiler.is_compiling() else self.sparse)(x, weights, chosen)  # (T, D)
         return out.view(shape)
 
     def sparse(self, x, weights, chosen):
@@ -657,10 +643,8 @@ class VisionMoE(nn.Module):
             enc = self.encoders[e.name]
             width = enc.config.hidden_size
             self.expert_grids[e.name] = image_transform.sides[e.name] // enc.config.patch_size
-            if e.family == "base_clip":
-                self.llm_adapters[e.name] = llava.model.multi_modal_projector  # shared, not a copy
-            else:
-                self.llm_adapters[e.name] = MLP(width, d, d)
+            shared = e.family == "base_clip"  # the clip expert's LLM adapter IS the base's projector (not a copy)
+            self.llm_adapters[e.name] = llava.model.multi_modal_projector if shared else MLP(width, d, d)
             self.raw_adapters[e.name] = MLP(width, d, d)
         self.router = nn.Linear(d, len(config.experts))
         nn.init.zeros_(self.router.bias)
@@ -758,16 +742,13 @@ class VisionMoE(nn.Module):
         return image_embeds, memory, balance_loss, route
 
     def zero_touch_unused(self, route):
-        """0 * (sum of the adapters of the experts no sample chose): their gradients become zeros
-        instead of None. Under FSDP2 every rank must reduce-scatter the same tensors (else gloo /
-        NCCL see mismatched sizes), and DDP then needs no unused-parameter search for them."""
+        """0 * (sum of the adapters of the experts no sample chose): zero gradients, not None, so
+        every FSDP2 rank reduce-scatters the same tensors (and DDP needs no unused-parameter search)."""
         used = set(route.unique().tolist())
         params = [p for e, name in enumerate(self.expert_names) if e not in used
                   for module in (self.llm_adapters[name], self.raw_adapters[name])
                   for p in module.parameters() if p.requires_grad]
-        if not params:
-            return 0.0
-        return 0.0 * sum(p.float().sum() for p in params)
+        return 0.0 * sum(p.float().sum() for p in params)  # 0.0 when every expert was chosen
 
     def routing_histogram(self, route):
         """route (n,) with -1 for samples without image -> {expert name: count}, router order."""
@@ -802,9 +783,8 @@ def route_histogram(routes, expert_names):
 
 def build_vision_moe(llava, moe_config: MoEConfig, device="cpu", dtype=None, image_processor=None):
     """The VisionMoE for `llava`: the clip expert reuses llava's vision tower and projector; the
-    other experts are loaded with from_pretrained / load_cumo (never trust_remote_code) or, when
-    their ExpertConfig has `tiny`, built from config with random weights (offline).
-    image_processor: the base's image processor, for a clip expert without hand-written
+    others are loaded (from_pretrained / load_cumo, never trust_remote_code) or, with `tiny`, built
+    with random weights. image_processor: the base's, for a clip expert without hand-written
     preprocessing; None = AutoImageProcessor on the folder / id llava was loaded from."""
     base_dtype = llava.model.multi_modal_projector.linear_1.weight.dtype
     dtype = dtype or base_dtype  # of the added encoders; the new adapters and router follow the base projector
@@ -836,10 +816,9 @@ def build_vision_moe(llava, moe_config: MoEConfig, device="cpu", dtype=None, ima
 
 
 def check_input_size(expert: ExpertConfig, encoder, side):
-    """Refuse, naming the expert, an input size its encoder cannot take. Towers without position
-    interpolation (CLIP, SigLIP) take their own size only, whether or not the patch divides it
-    (SigLIP so400m/14-384: a 27x27 grid, the last 6 pixels unused); DINOv2 interpolates, so any
-    multiple of its patch."""
+    """Refuse, naming the expert, an input size its encoder cannot take: CLIP and SigLIP take their
+    own size only (SigLIP so400m/14-384: 27x27 patches, 6 pixels unused); DINOv2 interpolates, so
+    any multiple of its patch."""
     patch, own = encoder.config.patch_size, encoder.config.image_size
     if (expert.family == "dinov2" and side % patch) or (expert.family != "dinov2" and side != own):
         raise ValueError(f"expert {expert.name!r}: its preprocessing makes {side}px images; its encoder takes "
