@@ -8,42 +8,30 @@ train.py: train CARPE (or a baseline) on the LLaVA-Instruct + ImageNet mix (pape
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
         --rdzv-id carpe train.py ... --fsdp                                 # 2 nodes: HSDP, batch still 64
 
-The recipe: global batch 64 (micro batch x grad accumulation x world size; the micro batch shrinks to
-64 / world when larger, so the global batch is 64 at any world size dividing it), AdamW with weight
-decay 0, cosine schedule with 3% linear warmup, lr 2e-5 for the adapter (projector) and 2e-4 for
-the rest, the context prompt and encoder frozen for epoch 1, 2 epochs (3 with --moe).
+The recipe: global batch 64 at any world size dividing it (batch_layout), AdamW with weight decay 0,
+cosine schedule with 3% linear warmup, lr 2e-5 for the adapter (projector) and 2e-4 for the rest,
+the context prompt and encoder frozen for epoch 1, 2 epochs (3 with --moe).
 
 Choices where the paper is silent:
  - Gradient clipping at 1.0 (LLaVA's HF Trainer default); the loss of a step = mean over its
    micro-batches of each micro-batch's mean token loss (as HF Trainer / LLaVA do).
  - --max-steps stops training and sets the schedule length (HF semantics); without it the
    schedule spans --epochs. The tail of an epoch that does not fill a global batch is dropped.
- - Distributed: DDP (find_unused_parameters, since a micro-batch without images leaves the
-   projector and integrator without gradient) or FSDP2 (fully_shard per LM decoder layer, then
-   the rest as one unit; the vision tower is not a unit of its own, since HF's hidden-state
-   recording breaks under an FSDP-wrapped CLIP tower); on several nodes HSDP (sharded within a
-   node, replicated across nodes). The context prompt and encoder are kept out of both: they are
-   tiny, their requires_grad flips after epoch 1, and their gradients are averaged by hand.
+ - Distributed: DDP (find_unused_parameters: a micro-batch without images leaves the projector and
+   integrator without gradient) or FSDP2 (wrap_model; HSDP on several nodes). The context prompt
+   and encoder stay out of both (their requires_grad flips after epoch 1): gradients averaged by hand.
  - GPU: the frozen base in bf16, trainable tensors in fp32, bf16 autocast; under FSDP a
    MixedPrecisionPolicy(bf16 params, fp32 reduce). CPU: fp32 throughout.
- - Finite or nothing: a step whose loss or gradient norm is not finite (or spikes, with
-   --max-loss-ratio) is skipped and counted; --max-skipped-steps in a row stop the run, naming the
-   last checkpoint whose weights trained on finitely. Weights are checked finite before a save.
- - Preemption: SIGTERM or SIGINT (SLURM's time limit or preemption, Kubernetes, Ctrl-C) lets the step in
-   progress finish; every rank learns of it in that step's all-reduce, so all stop after the same
-   step, write its checkpoint together, release the lock and exit with PREEMPTED_EXIT_CODE (75).
-   Under torchrun the worker's 75 shows in torchrun's report and torchrun itself exits 1; a SIGTERM
-   sent to torchrun is forwarded to the ranks, which get --shutdown-timeout seconds (default 30)
-   before torchrun's SIGKILL: set it above a step plus a checkpoint save.
- - The run folder is locked for the run; a used one needs --resume or --overwrite. Checkpoints
-   (common.py) carry file digests; --resume falls back past a damaged one, applies the flags in
-   APPLIED_ON_RESUME and refuses, in one line, a change of those in FIXED_ON_RESUME.
- - --dist-timeout (60 minutes) bounds every collective: the first launch's local-rank-0-only work
-   (checking and packing a cold LLaVA json) outlasts NCCL's own 10, and a dead rank still fails the
-   run within the hour instead of holding the allocation.
+ - Finite or nothing: a non-finite (or, with --max-loss-ratio, spiking) step is skipped and counted;
+   --max-skipped-steps in a row stop the run (stop_run). Weights are checked finite before a save.
+ - Preemption (StopRequest): SIGTERM / SIGINT ends the run after the step in progress, with a
+   checkpoint, exit code 75. Under torchrun set --shutdown-timeout (default 30 s) above a step plus
+   a checkpoint save, or torchrun's SIGKILL comes first (torchrun itself then exits 1).
+ - The run folder is locked; a used one needs --resume or --overwrite. --resume falls back past a
+   damaged checkpoint, applies APPLIED_ON_RESUME and refuses a change of FIXED_ON_RESUME.
  - The final weights go to <out>/run_config.json + <out>/model.safetensors (pretrained.load and
-   common.load_run read them). The run config records the base as given (a Hub id or a folder), or "preset:tiny" /
-   "preset:small" when the preset supplied it, so a moved run folder still finds it.
+   common.load_run read them), with the base as given (a Hub id or a folder) or "preset:tiny" /
+   "preset:small", so a moved run folder still finds it.
 """
 import argparse
 import gc
@@ -88,15 +76,13 @@ PRESETS = {
     # small: SmolLM2-135M-Instruct + Fashion-MNIST on CPU (small.py), its own chat template
     "small": dict(small.TRAIN_PRESET),
 }
-# per-method exceptions to a preset: on the tiny preset, LEVI's five fresh blocks at CARPE's 1:1 mix
-# and 6e-3 forget the conversations (their loss rises over the first steps), so LEVI keeps the
-# paper's 1:7 mix and the lower rates there
+# per-method exceptions to a preset: on tiny, LEVI's five fresh blocks at CARPE's 1:1 mix and 6e-3 forget
+# the conversations (their loss rises over the first steps), so LEVI keeps the paper's 1:7 and lower rates
 PRESET_METHOD_OVERRIDES = {("tiny", "levi"): dict(mix="1:7", lr_adapter=2e-4, lr=2e-3)}
 DEFAULT_MODEL_MAX_LENGTH = 2048  # LLaVA-1.5's
 
-# What a resume does with each flag. FIXED: they change the data order, the schedule or the
-# optimizer's layout, so a resume refuses a change. APPLIED: a resume uses the new value (and
-# the run config records it). The model flags are checked through the model's config (carpe / moe).
+# What a resume does with each flag. FIXED (data order, schedule, optimizer layout): a change is refused.
+# APPLIED: the new value is used (and recorded). The model flags are checked through the model's config.
 FIXED_ON_RESUME = ("preset", "batch_size", "seed", "mix", "epochs", "max_steps", "closed_k", "model_max_length",
                    "warmup_ratio", "skip_bad_samples", "template", "fsdp")
 APPLIED_ON_RESUME = ("data", "image_root", "imagenet", "imagenet_classes", "micro_batch_size", "lr_adapter", "lr",
@@ -107,10 +93,8 @@ MODEL_FLAGS = ("base", "method", "moe", "experts", "balance_weight", "fixed_weig
                "integrator_heads")
 RUN_FLAGS = ("out", "resume", "overwrite")  # where the run goes, not what it computes
 
-# A run stopped by SIGTERM or SIGINT (a scheduler's preemption or time limit, Ctrl-C) ends after the
-# step in progress, with a checkpoint, and exits with EX_TEMPFAIL of sysexits.h ("temporary failure,
-# retry"): a job script tells "checkpoint written, run again with --resume" from a crash (1) and from
-# a process the signal itself killed (128 + 15 = 143: nothing saved since the last checkpoint).
+# The exit code of a run stopped by SIGTERM / SIGINT after a checkpoint: sysexits.h's EX_TEMPFAIL, so a job
+# script tells "run again with --resume" from a crash (1) or a process the signal killed (143: nothing saved).
 PREEMPTED_EXIT_CODE = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -273,10 +257,8 @@ def use_tiny_world(args):
 
 
 def batch_layout(batch_size, micro_batch_size, world):
-    """The global batch is --batch-size at every world size that divides it: each rank takes
-    batch / world samples per step, in micro-batches of --micro-batch-size, or of batch / world
-    when that is fewer (64 over 16 ranks: micro-batches of 4, not 8), and accumulates the rest.
-    -> (micro-batch size, micro-batches per rank per step)."""
+    """Each rank takes batch / world samples per step in micro-batches of min(--micro-batch-size,
+    batch / world) (64 over 16 ranks: 4, not 8). -> (micro-batch size, micro-batches per rank per step)."""
     per_rank, rest = divmod(batch_size, world)
     if rest or per_rank == 0:
         raise SystemExit(f"--batch-size {batch_size} cannot be split evenly over {world} ranks: "
@@ -339,10 +321,8 @@ def create_model(args, llava, processor, device):
 
 
 def optimizer_groups(args, model):
-    """The model's two lr groups. Under FSDP2 the context prompt and encoder stay plain tensors
-    (outside the sharded units) while the rest become DTensors, and AdamW's multi-tensor path
-    (the CUDA default) refuses a group that mixes the two: there they get a group of their own,
-    at the same lr."""
+    """The model's two lr groups. Under FSDP2 the context tensors (plain, not DTensors) get a group of
+    their own at the same lr: AdamW's multi-tensor path (the CUDA default) refuses a mixed group."""
     groups = model.param_groups(args.lr_adapter, args.lr)
     if not args.fsdp:
         return groups
@@ -365,10 +345,8 @@ def make_optimizer(args, model, total_steps):
 
 
 def fsdp_mesh(device, world):
-    """One node: a flat mesh, every layer sharded over all ranks. Several nodes (torchrun's
-    LOCAL_WORLD_SIZE below WORLD_SIZE): HSDP, sharded within a node and replicated across nodes,
-    so each layer's all-gather stays on the node's fast links and only the gradients cross nodes
-    (one all-reduce per step)."""
+    """One node: a flat mesh. Several nodes (LOCAL_WORLD_SIZE < WORLD_SIZE): HSDP, sharded within a node
+    (all-gathers stay on its fast links) and replicated across nodes (one gradient all-reduce per step)."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if local >= world or world % local:
         return init_device_mesh(device.type, (world,))
@@ -377,8 +355,9 @@ def fsdp_mesh(device, world):
 
 
 def wrap_model(args, model, device, world):
-    """FSDP2 / compile / DDP. -> (the module to call forward on, the context tensors). `model`
-    stays the raw module: its parameters are what the optimizer and the checkpoints see."""
+    """FSDP2 (one unit per LM decoder layer, then the rest; not the vision tower, whose HF hidden-state
+    recording breaks under FSDP) / compile / DDP. -> (the module to call forward on, the context tensors).
+    `model` stays the raw module: its parameters are what the optimizer and the checkpoints see."""
     context_params = [p for name, p in model.named_parameters() if carpe.is_context_name(name)]
     forward_model = model
     if args.fsdp:
@@ -399,9 +378,8 @@ def wrap_model(args, model, device, world):
         model.set_reduce_scatter_unused_params(True)
     if args.compile:  # per repeated block, in place (after fully_shard, as FSDP2 expects)
         kernels.compile_blocks(carpe.repeated_blocks(model), backend=args.compile_backend)
-    if world > 1 and not args.fsdp:
-        context_ids = {id(p) for p in context_params}
-        ignore = [name for name, p in forward_model.named_parameters() if id(p) in context_ids]
+    if world > 1 and not args.fsdp:  # compile_blocks works in place, so the names are the model's
+        ignore = [name for name, _ in model.named_parameters() if carpe.is_context_name(name)]
         DDP._set_params_and_buffers_to_ignore_for_model(forward_model, ignore)
         forward_model = DDP(forward_model, device_ids=[device.index] if device.type == "cuda" else None,
                             find_unused_parameters=True)
@@ -423,8 +401,7 @@ class TrainerState:
     consecutive_skips: int = 0
     last_update: int = 0  # the latest step whose update reached the weights
     recent_losses: list = field(default_factory=list)  # the losses of the last updated steps (spike guard)
-    context_trainable: bool = False  # the epoch-1 freeze in effect at the last step (the optimizer holds
-    # state only for tensors that had a gradient, so a resume sets this before loading that state)
+    context_trainable: bool = False  # the epoch-1 freeze at the last step (set before loading the optimizer)
 
 
 @dataclass
@@ -477,11 +454,9 @@ def reduce_stats(stats):
 
 
 class StopRequest:
-    """SIGTERM / SIGINT handlers that only note the signal. The loop finishes the step in progress;
-    the note travels in that step's all-reduce (reduce_stats), so a signal seen by one rank stops
-    every rank after the same step, and they write the checkpoint together. Repeats are ignored:
-    torchrun forwards to its ranks the signal they already got from SLURM or the terminal (kill -9
-    stops at once). DataLoader workers forked later inherit the handler, so they keep serving."""
+    """SIGTERM / SIGINT handlers that only note the signal; the note travels in the step's all-reduce
+    (reduce_stats), so every rank stops after the same step. Repeats are ignored (torchrun forwards the
+    signal its ranks already got); DataLoader workers forked later inherit the handler and keep serving."""
 
     def __init__(self):
         self.signal = None  # the name of the first signal received
@@ -528,8 +503,7 @@ class Run:
 
 
 def claim_run_folder(args, rank):
-    """Rank 0 locks --out for the run and refuses a used folder without --resume / --overwrite.
-    -> the lock file (None on other ranks)."""
+    """Rank 0 locks --out and refuses a used folder without --resume / --overwrite. -> the lock (rank 0) or None."""
     if rank != 0:
         return None
     lock = common.lock_run_folder(args.out)
@@ -638,14 +612,10 @@ def set_context_trainable(run, trainable):
 
 def load_optimizer_state(run, ckpt):
     """Optimizer + scheduler state of a checkpoint, then the learning rates of the current flags."""
-    # AdamW holds state only for the tensors that had a gradient when the checkpoint was written:
-    # the context tensors have none after epoch 1's steps. FSDP2's loader is strict about every
-    # tensor that requires a gradient, so set the freeze of that moment first; the loop then sets
-    # the freeze of the epoch it enters (and AdamW creates their state at their first step, as in
-    # an uninterrupted run).
+    # AdamW holds state only for tensors that had a gradient (not the context ones in epoch 1), and
+    # FSDP2's loader is strict about every tensor that requires one: set the freeze of that moment first
     set_context_trainable(run, run.state.context_trainable)
-    # the rates of --lr / --lr-adapter: LambdaLR keeps them as base_lrs, while each group's "lr" is
-    # already scaled by the first warmup factor (reading that would resume at lr / warmup steps)
+    # the rates of --lr / --lr-adapter: base_lrs (each group's "lr" is already scaled by the warmup)
     base_lrs = list(run.scheduler.base_lrs)
     if run.args.fsdp:
         set_optimizer_state_dict(run.model, run.optimizer, optim_state_dict=ckpt.optimizer["optimizer"],
@@ -653,7 +623,7 @@ def load_optimizer_state(run, ckpt):
     else:
         run.optimizer.load_state_dict(ckpt.optimizer["optimizer"])
     run.scheduler.load_state_dict(ckpt.optimizer["scheduler"])
-    # both state dicts carry the saved base learning rates: the flags given now win
+    # both state dicts carry the saved rates: the flags given now win
     run.scheduler.base_lrs = base_lrs
     for g, base, lr_lambda in zip(run.optimizer.param_groups, base_lrs, run.scheduler.lr_lambdas):
         g["initial_lr"], g["lr"] = base, base * lr_lambda(run.scheduler.last_epoch)
@@ -671,19 +641,15 @@ def optimizer_state(run):
 
 def setup(args, rank, world, local_rank, device):
     """Everything before the first step: data, model, resume, wrapping, optimizer."""
-    # the base as the run config records it: as the user gave it (or the preset's Hub id), or
-    # "preset:tiny" / "preset:small" for a preset's cached world (never a cache path a moved run cannot find)
+    # the base as given (or the preset's Hub id), or "preset:tiny" / "preset:small": never a cache path
     recorded_base = args.base or f"preset:{args.preset}"
-    if args.preset == "tiny":
-        if local_rank == 0:  # draw the synthetic data and pre-train the tiny base on first use
-            tiny.ensure_tiny_world(args.cache_dir)
+    if args.preset in ("tiny", "small"):  # build the preset's cached world on first use, once per node
+        ensure, use = (tiny.ensure_tiny_world, use_tiny_world) if args.preset == "tiny" else \
+            (small.ensure_small_world, use_small_world)
+        if local_rank == 0:
+            ensure(args.cache_dir)
         barrier()
-        use_tiny_world(args)
-    elif args.preset == "small":
-        if local_rank == 0:  # build small.py's stages 1-3 (LM, tower, aligned LVLM) on first use
-            small.ensure_small_world(args.cache_dir)
-        barrier()
-        use_small_world(args)
+        use(args)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -777,8 +743,7 @@ def bad_step_reason(loss, grad_norm, state, max_loss_ratio):
 
 
 def stop_run(run, reason):
-    """Stop a run whose weights went bad: the checkpoints from the last applied update on hold
-    them (renamed .rejected); name the newest one before it."""
+    """Stop a run whose weights went bad: reject the checkpoints from the last applied update on; name the one before."""
     u = run.state.last_update
     earlier = [p for p in common.list_checkpoints(run.args.out) if common.checkpoint_step(p) < u]
     if run.resumed_from and common.checkpoint_step(run.resumed_from) < u:
