@@ -1,6 +1,7 @@
 """
-common.py: what train.py, eval.py, bench.py and tiny.py share: distributed set-up, atomic writes,
-the learning-rate schedule, run folders (loading a trained run) and WiSE-FT weight interpolation.
+common.py: what train.py, eval.py, bench.py and tiny.py share: distributed set-up (the FSDP2 / HSDP
+mesh, preemption signals), atomic writes (a full disk named), the learning-rate schedule, checkpoints,
+run folders (loading a trained run), folder locks, log mirrors and WiSE-FT weight interpolation.
 """
 import datetime
 import errno
@@ -15,13 +16,16 @@ import random
 import re
 import resource
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 from safetensors import safe_open
@@ -54,6 +58,41 @@ def setup_distributed(timeout_s=None):
         timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     return rank, world, local_rank, device
+
+
+def fsdp_mesh(device, world):
+    """One node: a flat mesh. Several nodes (LOCAL_WORLD_SIZE < WORLD_SIZE): HSDP, sharded within a node
+    (all-gathers stay on its fast links) and replicated across nodes (one gradient all-reduce per step)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if local >= world or world % local:
+        return init_device_mesh(device.type, (world,))
+    print0(f"FSDP2 mesh: HSDP, replicated over {world // local} nodes x sharded over {local} ranks each")
+    return init_device_mesh(device.type, (world // local, local), mesh_dim_names=("replicate", "shard"))
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # SLURM's time limit and preemption, Kubernetes, Ctrl-C
+
+
+class StopRequest:
+    """SIGTERM / SIGINT handlers that only note the signal; the note travels in the step's all-reduce
+    (reduce_stats), so every rank stops after the same step. Repeats are ignored (torchrun forwards the
+    signal its ranks already got); DataLoader workers forked later inherit the handler and keep serving."""
+
+    def __init__(self):
+        self.signal = None  # the name of the first signal received
+        self.previous = {}
+
+    def note(self, signum, frame):
+        self.signal = self.signal or signal.Signals(signum).name
+
+    def install(self):
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals there only
+            self.previous = {sig: signal.signal(sig, self.note) for sig in STOP_SIGNALS}
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
 
 
 def barrier():

@@ -39,8 +39,6 @@ import json
 import math
 import os
 import random
-import signal
-import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
@@ -49,7 +47,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -62,8 +59,8 @@ import kernels
 import moe
 import small
 import tiny
-from common import (all_reduce_sum, barrier, clip_grad_norm, cosine_schedule, gather_trainable, peak_memory_gb,
-                    print0, setup_distributed, weights_checksum)
+from common import (StopRequest, all_reduce_sum, barrier, clip_grad_norm, cosine_schedule, fsdp_mesh, gather_trainable,
+                    peak_memory_gb, print0, setup_distributed, weights_checksum)
 
 PRESETS = {
     # tiny: a 1:1 mix and 3 epochs so that the few hundred synthetic samples hold enough
@@ -96,7 +93,6 @@ RUN_FLAGS = ("out", "resume", "overwrite")  # where the run goes, not what it co
 # The exit code of a run stopped by SIGTERM / SIGINT after a checkpoint: sysexits.h's EX_TEMPFAIL, so a job
 # script tells "run again with --resume" from a crash (1) or a process the signal killed (143: nothing saved).
 PREEMPTED_EXIT_CODE = 75
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def parse_args(argv=None):
@@ -344,16 +340,6 @@ def make_optimizer(args, model, total_steps):
     return optimizer, scheduler
 
 
-def fsdp_mesh(device, world):
-    """One node: a flat mesh. Several nodes (LOCAL_WORLD_SIZE < WORLD_SIZE): HSDP, sharded within a node
-    (all-gathers stay on its fast links) and replicated across nodes (one gradient all-reduce per step)."""
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    if local >= world or world % local:
-        return init_device_mesh(device.type, (world,))
-    print0(f"FSDP2 mesh: HSDP, replicated over {world // local} nodes x sharded over {local} ranks each")
-    return init_device_mesh(device.type, (world // local, local), mesh_dim_names=("replicate", "shard"))
-
-
 def wrap_model(args, model, device, world):
     """FSDP2 (one unit per LM decoder layer, then the rest; not the vision tower, whose HF hidden-state
     recording breaks under FSDP) / compile / DDP. -> (the module to call forward on, the context tensors).
@@ -451,28 +437,6 @@ def reduce_stats(stats):
         dist.all_gather_object(per_rank, stats.replaced_ids)
         total.replaced_ids = [item for ids in per_rank for item in ids]
     return total
-
-
-class StopRequest:
-    """SIGTERM / SIGINT handlers that only note the signal; the note travels in the step's all-reduce
-    (reduce_stats), so every rank stops after the same step. Repeats are ignored (torchrun forwards the
-    signal its ranks already got); DataLoader workers forked later inherit the handler and keep serving."""
-
-    def __init__(self):
-        self.signal = None  # the name of the first signal received
-        self.previous = {}
-
-    def note(self, signum, frame):
-        self.signal = self.signal or signal.Signals(signum).name
-
-    def install(self):
-        if threading.current_thread() is threading.main_thread():  # Python delivers signals there only
-            self.previous = {sig: signal.signal(sig, self.note) for sig in STOP_SIGNALS}
-
-    def restore(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        self.previous = {}
 
 
 # -----------------------------------------------------------------------------
